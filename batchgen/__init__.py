@@ -1,0 +1,62 @@
+"""batchgen: bulk chat-completion jobs and benchmarks against vLLM and OpenAI-compatible servers."""
+
+from batchgen._version import __version__
+from batchgen.builder import ChatCompletionBuilder
+from batchgen.client import Client
+from batchgen.errors import (
+    APIConnectionError,
+    APIError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    BatchgenError,
+    ConfigError,
+    IncompleteResponseError,
+    InputError,
+    NotFoundError,
+    OutputError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResponseTooLargeError,
+    ServerError,
+    ToolArgumentsError,
+    UnprocessableEntityError,
+    ValidationError,
+)
+from batchgen.retry import RetryPolicy
+from batchgen.stream import Stream
+from batchgen.types import ChatCompletionChunk, ChatCompletionResponse, Choice, Function, ToolCall, Usage
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "BadRequestError",
+    "BatchgenError",
+    "ChatCompletionBuilder",
+    "ChatCompletionChunk",
+    "ChatCompletionResponse",
+    "Choice",
+    "Client",
+    "ConfigError",
+    "Function",
+    "IncompleteResponseError",
+    "InputError",
+    "NotFoundError",
+    "OutputError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "ResponseTooLargeError",
+    "RetryPolicy",
+    "ServerError",
+    "Stream",
+    "ToolArgumentsError",
+    "ToolCall",
+    "UnprocessableEntityError",
+    "Usage",
+    "ValidationError",
+    "__version__",
+]

@@ -1,0 +1,22 @@
+"""Named defaults, in one place so the client, the CLI and the docs agree."""
+
+DEFAULT_BASE_URL = "http://localhost:8000/v1"
+API_KEY_ENV_VARS = ("BATCHGEN_API_KEY", "OPENAI_API_KEY")
+
+DEFAULT_TIMEOUT = 600.0  # seconds for one attempt; long generations are normal
+DEFAULT_MAX_RETRIES = 5
+DEFAULT_BACKOFF_BASE = 0.5
+DEFAULT_BACKOFF_MAX = 8.0
+DEFAULT_MAX_RETRY_AFTER = 60.0  # honour server-directed delays up to a minute
+DEFAULT_MAX_CONNECTIONS = 100
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+
+DEFAULT_CONCURRENCY = 64
+DEFAULT_FLUSH_SECONDS = 2.0
+DEFAULT_FLUSH_ROWS = 10_000
+DEFAULT_READ_BATCH = 1024
+
+# Headers sent with every request: they tie server logs to batch rows and let fake servers
+# script per-attempt faults.
+REQUEST_ID_HEADER = "x-request-id"
+ATTEMPT_HEADER = "x-batchgen-attempt"

@@ -1,0 +1,323 @@
+"""`Client`: the chat-completions API over aiohttp, with validation and retries.
+
+`client.chat.completions.create(...)` mirrors the OpenAI call; `.builder()` gives the fluent form;
+`client.complete(body)` is the hot path the worker pool uses (one validated body in, one response out,
+streamed or not, retried as the policy says).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aiohttp
+import orjson
+
+from batchgen import _constants as C
+from batchgen.errors import APIError, ConfigError, IncompleteResponseError
+from batchgen.parsing import error_from_body, parse_completion
+from batchgen.retry import RetryPolicy, backoff_delay, parse_retry_after, should_retry
+from batchgen.stream import Stream
+from batchgen.transport import make_session, map_aiohttp_errors, read_body
+from batchgen.types import ChatCompletionResponse
+from batchgen.validation import validate_request
+
+if TYPE_CHECKING:
+    from batchgen.builder import ChatCompletionBuilder
+
+__all__ = ["Client", "resolve_api_key"]
+
+T = TypeVar("T")
+
+
+def resolve_api_key(api_key: str | None, env_vars: tuple[str, ...] = C.API_KEY_ENV_VARS) -> str | None:
+    """The explicit key, else the first of `env_vars` that is set and non-empty."""
+    if api_key:
+        return api_key
+    for name in env_vars:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+class Completions:
+    """`client.chat.completions`: `create(...)` and `builder()`."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    async def create(
+        self,
+        *,
+        model: str,
+        messages: list[dict[str, Any]],
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        response_format: dict[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+        stream: bool = False,
+        **fields: Any,
+    ) -> Any:
+        """Send one chat completion. Returns a `ChatCompletionResponse`, or a `Stream` when `stream=True`.
+
+        Parameters left at None are not sent. `extra` and `**fields` are merged into the body as-is
+        (vLLM fields such as `chat_template_kwargs`, `min_p`, `structured_outputs`).
+
+        Raises:
+            ValidationError: a field has a bad value (before any network call).
+            APIError: the request failed after the allowed retries.
+        """
+        body = build_body(
+            model=model,
+            messages=messages,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            top_p=top_p,
+            top_k=top_k,
+            stop=stop,
+            seed=seed,
+            tools=tools,
+            tool_choice=tool_choice,
+            response_format=response_format,
+            stream=stream or None,
+            **fields,
+        )
+        if extra:
+            body.update(extra)
+        return await self.send(body)
+
+    async def send(self, body: dict[str, Any]) -> Any:
+        """Validate and send a prepared body; streams when `body["stream"]` is true."""
+        if body.get("stream"):
+            body.setdefault("stream_options", {"include_usage": True})
+        validate_request(body)
+        if body.get("stream"):
+            return await self._client.open_stream(body)
+        return await self._client.complete(body, validated=True)
+
+    def builder(self) -> ChatCompletionBuilder:
+        """A fluent builder: `.model(...).messages(...).temperature(...).send()`."""
+        from batchgen.builder import ChatCompletionBuilder
+
+        return ChatCompletionBuilder(self)
+
+
+def build_body(**fields: Any) -> dict[str, Any]:
+    """A request body from keyword fields, leaving out those that are None."""
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+class Chat:
+    def __init__(self, client: Client) -> None:
+        self.completions = Completions(client)
+
+
+class Client:
+    """An OpenAI-compatible chat-completions client for vLLM and friends.
+
+    Args:
+        base_url: the server's API root, e.g. `http://localhost:8000/v1`.
+        api_key: sent as `Authorization: Bearer ...`; falls back to `BATCHGEN_API_KEY`, then
+            `OPENAI_API_KEY`. Never printed.
+        timeout: seconds allowed for one attempt (a whole stream included).
+        max_retries: retries after the first attempt for retryable failures.
+        headers: extra headers sent with every request.
+        read_timeout: seconds allowed between two reads (catches a stalled stream); None = no limit.
+        backoff_base / backoff_max / max_retry_after: see `RetryPolicy`.
+        max_connections: the connection pool size (set it to the wanted concurrency).
+        max_response_bytes: a larger body fails the request without retry.
+
+    Example:
+        async with Client("http://localhost:8000/v1") as client:
+            r = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
+            print(r.content)
+    """
+
+    def __init__(
+        self,
+        base_url: str = C.DEFAULT_BASE_URL,
+        api_key: str | None = None,
+        *,
+        timeout: float = C.DEFAULT_TIMEOUT,
+        max_retries: int = C.DEFAULT_MAX_RETRIES,
+        headers: Mapping[str, str] | None = None,
+        read_timeout: float | None = None,
+        backoff_base: float = C.DEFAULT_BACKOFF_BASE,
+        backoff_max: float = C.DEFAULT_BACKOFF_MAX,
+        max_retry_after: float = C.DEFAULT_MAX_RETRY_AFTER,
+        max_connections: int = C.DEFAULT_MAX_CONNECTIONS,
+        max_response_bytes: int = C.DEFAULT_MAX_RESPONSE_BYTES,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"base_url must start with http:// or https://, got {base_url!r}")
+        if timeout <= 0:
+            raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
+        self.base_url = base_url.rstrip("/")
+        self.retry_policy = RetryPolicy(
+            max_retries=max_retries, backoff_base=backoff_base, backoff_max=backoff_max, max_retry_after=max_retry_after
+        )
+        self.timeout = timeout
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self.max_response_bytes = max_response_bytes
+        self._chat_url = self.base_url + "/chat/completions"
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = resolve_api_key(api_key)
+        if key:
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._headers.update(headers or {})
+        self._session: aiohttp.ClientSession | None = None
+        self.retries_total = 0  # read by progress displays
+        self.chat = Chat(self)
+
+    def __repr__(self) -> str:  # never shows the key
+        return f"Client(base_url={self.base_url!r})"
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = make_session(
+                max_connections=self.max_connections, timeout=self.timeout, read_timeout=self.read_timeout
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        """Close the connection pool. The client may not be used afterwards."""
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # -- discovery -------------------------------------------------------------------------
+    async def list_models(self) -> list[dict[str, Any]]:
+        """The model cards of `GET /models` (vLLM: one per served name and LoRA)."""
+        data = await self._with_retries(lambda attempt: self._get_json("/models"), None)
+        models = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(models, list):
+            raise IncompleteResponseError("GET /models did not return a model list")
+        return [m for m in models if isinstance(m, dict)]
+
+    async def _get_json(self, path: str) -> Any:
+        with map_aiohttp_errors():
+            async with self.session.get(self.base_url + path, headers=self._headers) as response:
+                body = await read_body(response, self.max_response_bytes)
+                if response.status != 200:
+                    raise error_from_body(response.status, body)
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise IncompleteResponseError(f"GET {path}: body is not JSON") from exc
+
+    # -- the request path ------------------------------------------------------------------
+    async def complete(
+        self, body: dict[str, Any], *, request_id: str | None = None, validated: bool = False
+    ) -> ChatCompletionResponse:
+        """Send one request body and return the whole answer, retrying as the policy allows.
+
+        A streamed body (`"stream": true`) is read to the end and assembled; its `ttft_s` is set.
+        """
+        if not validated:
+            validate_request(body)
+        payload = orjson.dumps(body)
+        started = time.perf_counter()
+        if body.get("stream"):
+            response = await self._with_retries(lambda n: self._stream_attempt(payload, request_id, n), request_id)
+        else:
+            response = await self._with_retries(lambda n: self._plain_attempt(payload, request_id, n), request_id)
+        response.latency_s = time.perf_counter() - started
+        return response
+
+    async def open_stream(self, body: dict[str, Any], *, request_id: str | None = None) -> Stream:
+        """Open a stream; connection failures and error statuses before the first byte are retried."""
+        payload = orjson.dumps(body)
+        return await self._with_retries(lambda n: self._open_stream_attempt(payload, request_id, n), request_id)
+
+    def _request_headers(self, request_id: str | None, attempt: int) -> dict[str, str]:
+        headers = dict(self._headers)
+        headers[C.ATTEMPT_HEADER] = str(attempt)
+        if request_id is not None:
+            headers[C.REQUEST_ID_HEADER] = request_id
+        return headers
+
+    async def _with_retries(self, attempt_fn: Callable[[int], Awaitable[T]], request_id: str | None) -> T:
+        retries = 0
+        while True:
+            try:
+                result = await attempt_fn(retries + 1)
+            except APIError as exc:
+                exc.attempts = retries + 1
+                if not should_retry(exc, retries, self.retry_policy):
+                    raise
+                retries += 1
+                self.retries_total += 1
+                await asyncio.sleep(backoff_delay(retries, self.retry_policy, getattr(exc, "retry_after", None)))
+                continue
+            if isinstance(result, (ChatCompletionResponse, Stream)):
+                result.attempts = retries + 1
+            return result
+
+    async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
+        body = await read_body(response, self.max_response_bytes)
+        raise error_from_body(
+            response.status,
+            body,
+            request_id=response.headers.get("x-request-id"),
+            retry_after=parse_retry_after(response.headers),
+        )
+
+    async def _plain_attempt(self, payload: bytes, request_id: str | None, attempt: int) -> ChatCompletionResponse:
+        with map_aiohttp_errors():
+            async with self.session.post(
+                self._chat_url, data=payload, headers=self._request_headers(request_id, attempt)
+            ) as response:
+                if response.status != 200:
+                    await self._raise_for_status(response)
+                data = await read_body(response, self.max_response_bytes)
+        try:
+            raw = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise IncompleteResponseError(f"200 response body is not valid JSON ({exc})") from exc
+        return parse_completion(raw)
+
+    async def _open_stream_attempt(self, payload: bytes, request_id: str | None, attempt: int) -> Stream:
+        started = time.perf_counter()
+        with map_aiohttp_errors():
+            response = await self.session.post(
+                self._chat_url, data=payload, headers=self._request_headers(request_id, attempt)
+            )
+            try:
+                if response.status != 200:
+                    await self._raise_for_status(response)
+            except BaseException:
+                response.release()
+                raise
+        content_type = response.headers.get("content-type", "")
+        if not content_type.startswith("text/event-stream"):
+            response.release()
+            raise IncompleteResponseError(f"asked for a stream but got content-type {content_type or '(none)'}")
+        return Stream(response, attempts=attempt, started=started)
+
+    async def _stream_attempt(self, payload: bytes, request_id: str | None, attempt: int) -> ChatCompletionResponse:
+        stream = await self._open_stream_attempt(payload, request_id, attempt)
+        async for _ in stream:
+            pass
+        assert stream.response is not None  # set by the iterator on [DONE], else it raised
+        return stream.response

@@ -1,0 +1,238 @@
+"""Pure parsing of what servers send: chat completions, stream chunks and error bodies.
+
+Accepts every vLLM era (see the project's wire-format notes): reasoning under `reasoning` or
+`reasoning_content`, nested or flat error envelopes, any optional key missing or null.
+Anything that is not a chat completion raises `IncompleteResponseError` with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from batchgen.errors import APIStatusError, IncompleteResponseError, status_error
+from batchgen.types import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    Choice,
+    Function,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
+
+__all__ = ["error_from_body", "error_from_event", "parse_chunk", "parse_completion", "parse_usage"]
+
+_MAX_ERROR_TEXT = 500  # keep error rows readable when a proxy returns a whole HTML page
+
+
+def _bad(where: str, value: Any, expected: str) -> IncompleteResponseError:
+    return IncompleteResponseError(
+        f"malformed response: {where} is {type(value).__name__}, expected {expected}"
+    )
+
+
+def _opt_str(value: Any, where: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise _bad(where, value, "a string or null")
+
+
+def _opt_int(value: Any, where: str) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise _bad(where, value, "an integer or null")
+
+
+def _reasoning(message: dict[str, Any], where: str) -> str | None:
+    # vLLM renamed reasoning_content to reasoning (v0.12 sent both, v0.16+ only the new one).
+    value = message.get("reasoning")
+    if value is None:
+        value = message.get("reasoning_content")
+    return _opt_str(value, where + ".reasoning")
+
+
+def parse_usage(value: Any) -> Usage | None:
+    """Read a `usage` object; None when the server sent none."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _bad("usage", value, "an object")
+    details = value.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(
+        prompt_tokens=_opt_int(value.get("prompt_tokens"), "usage.prompt_tokens"),
+        completion_tokens=_opt_int(value.get("completion_tokens"), "usage.completion_tokens"),
+        total_tokens=_opt_int(value.get("total_tokens"), "usage.total_tokens"),
+        cached_tokens=_opt_int(cached, "usage.prompt_tokens_details.cached_tokens"),
+    )
+
+
+def _tool_calls(value: Any, where: str) -> list[ToolCall]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _bad(where, value, "a list")
+    calls = []
+    for i, item in enumerate(value):
+        fn = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(fn, dict):
+            raise _bad(f"{where}[{i}].function", fn, "an object")
+        arguments = fn.get("arguments")
+        if not isinstance(arguments, str):
+            # Some servers send parsed objects; keep a JSON string so the column type never changes.
+            arguments = "" if arguments is None else orjson.dumps(arguments).decode()
+        calls.append(
+            ToolCall(
+                id=_opt_str(item.get("id"), f"{where}[{i}].id"),
+                type=item.get("type") or "function",
+                function=Function(name=_opt_str(fn.get("name"), f"{where}[{i}].function.name"), arguments=arguments),
+            )
+        )
+    return calls
+
+
+def _choice(value: Any, position: int) -> Choice:
+    where = f"choices[{position}]"
+    if not isinstance(value, dict):
+        raise _bad(where, value, "an object")
+    message = value.get("message")
+    if not isinstance(message, dict):
+        raise _bad(where + ".message", message, "an object")
+    stop_reason = value.get("stop_reason")
+    return Choice(
+        index=value.get("index", position),
+        role=_opt_str(message.get("role"), where + ".message.role"),
+        content=_opt_str(message.get("content"), where + ".message.content"),
+        reasoning_content=_reasoning(message, where + ".message"),
+        tool_calls=_tool_calls(message.get("tool_calls"), where + ".message.tool_calls"),
+        finish_reason=_opt_str(value.get("finish_reason"), where + ".finish_reason"),
+        stop_reason=stop_reason if isinstance(stop_reason, (str, int)) else None,
+        logprobs=value.get("logprobs"),
+    )
+
+
+def parse_completion(raw: Any) -> ChatCompletionResponse:
+    """Turn a decoded `/v1/chat/completions` body into a `ChatCompletionResponse`.
+
+    Raises:
+        IncompleteResponseError: the body is not a chat completion (no choices, wrong types).
+    """
+    if not isinstance(raw, dict):
+        raise _bad("the body", raw, "a JSON object")
+    choices = raw.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise IncompleteResponseError("malformed response: no choices in a 200 response")
+    return ChatCompletionResponse(
+        raw=raw,
+        id=_opt_str(raw.get("id"), "id"),
+        object=_opt_str(raw.get("object"), "object"),
+        created=_opt_int(raw.get("created"), "created"),
+        model=_opt_str(raw.get("model"), "model"),
+        choices=[_choice(c, i) for i, c in enumerate(choices)],
+        usage=parse_usage(raw.get("usage")),
+    )
+
+
+def _tool_call_deltas(value: Any) -> list[ToolCallDelta]:
+    if not value:  # None or [] (vLLM <= 0.23 sends empty lists on plain deltas)
+        return []
+    if not isinstance(value, list):
+        raise _bad("delta.tool_calls", value, "a list")
+    deltas = []
+    for position, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise _bad(f"delta.tool_calls[{position}]", item, "an object")
+        fn = item.get("function") or {}
+        arguments = fn.get("arguments")
+        if arguments is not None and not isinstance(arguments, str):
+            arguments = orjson.dumps(arguments).decode()
+        deltas.append(
+            ToolCallDelta(
+                index=item.get("index", position),
+                id=item.get("id"),
+                type=item.get("type"),
+                name=fn.get("name"),
+                arguments=arguments,
+            )
+        )
+    return deltas
+
+
+def parse_chunk(raw: Any) -> ChatCompletionChunk:
+    """Turn one decoded SSE event into a `ChatCompletionChunk` (the first choice's delta)."""
+    if not isinstance(raw, dict):
+        raise _bad("a stream event", raw, "a JSON object")
+    choices = raw.get("choices") or []
+    usage = parse_usage(raw.get("usage"))
+    if not choices:  # the usage chunk: "choices": []
+        return ChatCompletionChunk(raw, raw.get("id"), raw.get("model"), None, None, None, None, usage=usage)
+    if not isinstance(choices, list) or not isinstance(choices[0], dict):
+        raise _bad("chunk choices", choices, "a list of objects")
+    choice = choices[0]
+    delta = choice.get("delta") or {}
+    if not isinstance(delta, dict):
+        raise _bad("delta", delta, "an object")
+    return ChatCompletionChunk(
+        raw=raw,
+        id=raw.get("id"),
+        model=raw.get("model"),
+        index=choice.get("index", 0),
+        role=delta.get("role"),
+        content=_opt_str(delta.get("content"), "delta.content"),
+        reasoning_content=_reasoning(delta, "delta"),
+        tool_calls=_tool_call_deltas(delta.get("tool_calls")),
+        finish_reason=_opt_str(choice.get("finish_reason"), "finish_reason"),
+        usage=usage,
+    )
+
+
+def _text(value: Any) -> str:
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    return text if len(text) <= _MAX_ERROR_TEXT else text[:_MAX_ERROR_TEXT] + "…"
+
+
+def _from_error_object(status: int, err: Any, **details: Any) -> APIStatusError:
+    if isinstance(err, dict):
+        code = err.get("code")
+        return status_error(
+            status,
+            _text(err.get("message") or err.get("type") or "(no message)"),
+            type=err.get("type"),
+            code=code,
+            param=err.get("param"),
+            **details,
+        )
+    return status_error(status, _text(err), **details)
+
+
+def error_from_body(status: int, body: bytes, **details: Any) -> APIStatusError:
+    """Build a readable status error from any error body a server or proxy may send.
+
+    Handles the nested `{"error": {...}}` envelope (vLLM >= 0.10.1, OpenAI), the flat
+    `{"object": "error", ...}` one (older vLLM), `{"error": "Unauthorized"}`, FastAPI's
+    `{"detail": ...}`, and non-JSON or empty bodies.
+    """
+    if not body.strip():
+        return status_error(status, "(empty response body)", **details)
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return status_error(status, _text(body.decode("utf-8", "replace").strip()), **details)
+    if isinstance(data, dict):
+        if "error" in data:
+            return _from_error_object(status, data["error"], **details)
+        if "message" in data:  # flat envelope
+            return _from_error_object(status, data, **details)
+        if "detail" in data:
+            return status_error(status, _text(data["detail"]), **details)
+    return status_error(status, _text(data), **details)
+
+
+def error_from_event(data: dict[str, Any]) -> APIStatusError:
+    """An `{"error": ...}` event inside a 200 stream: the status comes from the error's code."""
+    err = data.get("error")
+    code = err.get("code") if isinstance(err, dict) else None
+    status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+    return _from_error_object(status, err)

@@ -1,0 +1,84 @@
+"""The aiohttp edge: one session factory, one place that translates aiohttp errors, bounded reads.
+
+Nothing outside this module catches aiohttp exceptions: `map_aiohttp_errors` turns each into the
+most specific `APIError` (the httpx `map_httpcore_exceptions` pattern) and chains the original.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import aiohttp
+
+from batchgen.errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    IncompleteResponseError,
+    ResponseTooLargeError,
+)
+
+__all__ = ["make_session", "map_aiohttp_errors", "read_body"]
+
+# Most specific first: isinstance order matters (ServerTimeoutError is also a connection error).
+ERROR_MAP: tuple[tuple[type[BaseException], type[APIError]], ...] = (
+    (aiohttp.ServerTimeoutError, APITimeoutError),
+    (asyncio.TimeoutError, APITimeoutError),
+    (aiohttp.ClientPayloadError, IncompleteResponseError),
+    (aiohttp.ClientConnectionError, APIConnectionError),
+    (aiohttp.ClientResponseError, IncompleteResponseError),  # unparseable status line / headers
+    (aiohttp.ClientError, APIConnectionError),
+)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@contextmanager
+def map_aiohttp_errors() -> Iterator[None]:
+    """Re-raise aiohttp and timeout errors as batchgen `APIError`s, chained with `from`."""
+    try:
+        yield
+    except APIError:
+        raise
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        for source, target in ERROR_MAP:
+            if isinstance(exc, source):
+                if target is APITimeoutError:
+                    raise APITimeoutError("request timed out (" + _describe(exc) + ")") from exc
+                raise target(_describe(exc)) from exc
+        raise APIConnectionError(_describe(exc)) from exc  # pragma: no cover - ClientError is mapped above
+
+
+def make_session(
+    *, max_connections: int, timeout: float, read_timeout: float | None, connect_timeout: float | None = None
+) -> aiohttp.ClientSession:
+    """A session whose connector limit matches the wanted concurrency.
+
+    aiohttp's default `limit=100` would silently cap higher concurrency, so it is always set.
+    """
+    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=300)
+    client_timeout = aiohttp.ClientTimeout(total=timeout, sock_read=read_timeout, sock_connect=connect_timeout)
+    # Compression is rarely worth it for JSON on a LAN, and auto_decompress costs CPU on the hot path.
+    return aiohttp.ClientSession(connector=connector, timeout=client_timeout, raise_for_status=False)
+
+
+async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """Read a whole body, refusing more than `limit` bytes (a runaway proxy must not eat memory)."""
+    length = response.content_length
+    if length is not None and length > limit:
+        raise ResponseTooLargeError(f"response body of {length} bytes is over the {limit}-byte limit")
+    if length is not None:
+        return await response.read()
+    parts: list[bytes] = []
+    size = 0
+    async for data in response.content.iter_any():
+        size += len(data)
+        if size > limit:
+            raise ResponseTooLargeError(f"response body is over the {limit}-byte limit")
+        parts.append(data)
+    return b"".join(parts)
