@@ -1,0 +1,145 @@
+"""Stream rows from one Parquet file, a directory of them, or a glob pattern, as `SourceRow`s.
+
+Only footers are read when the source is opened (schemas, row counts); rows are decoded one
+record batch at a time, and `read_ids` reads just the id column.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchgen.errors import InputError
+from batchgen.io.readers import DEFAULT_BATCH_SIZE, InputSource, SourceRow, check_batch_args
+
+__all__ = ["ParquetSource", "list_parquet_files"]
+
+
+def list_parquet_files(path: str) -> list[Path]:
+    """The Parquet files a path names: itself, the `*.parquet` files of a directory, or a glob's matches.
+
+    Directory and glob results are sorted by path so row indexes are stable across runs. In a
+    directory, names starting with "." or "_" are skipped: Spark and Hive put markers and
+    temporary files there.
+
+    Raises:
+        InputError: a missing file, or a directory / pattern that names no Parquet file.
+    """
+    if "*" in path:
+        files = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
+        if not files:
+            raise InputError(f"{path}: the pattern matches no Parquet files")
+        return files
+    target = Path(path)
+    if target.is_dir():
+        files = sorted(p for p in target.glob("*.parquet") if p.is_file() and not p.name.startswith((".", "_")))
+        if not files:
+            raise InputError(f"{path}: the directory holds no *.parquet files")
+        return files
+    if not target.exists():
+        raise InputError(f"{path}: input file not found")
+    return [target]
+
+
+def _read_footer(path: Path) -> pq.FileMetaData:
+    try:
+        return pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
+
+
+class ParquetSource(InputSource):
+    """Parquet input; the row index continues across files in sorted order.
+
+    Args:
+        path: a `.parquet` file, a directory of them, or a glob pattern.
+
+    Raises:
+        InputError: see `list_parquet_files`; also unreadable footers, files whose schemas
+            differ, and inputs with no rows ("... is empty").
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.format = "parquet"
+        self.files = list_parquet_files(path)
+        footers = [_read_footer(f) for f in self.files]
+        # The pandas metadata describes a DataFrame index we never rebuild; keeping it would leak
+        # a stale description into the output file.
+        schema = footers[0].schema.to_arrow_schema().remove_metadata()
+        for file, footer in zip(self.files[1:], footers[1:], strict=True):
+            other = footer.schema.to_arrow_schema().remove_metadata()
+            if not other.equals(schema):
+                raise InputError(
+                    f"{file} has a different schema from {self.files[0]}: "
+                    f"[{_describe(other)}] vs [{_describe(schema)}]; all files of one input must match"
+                )
+        self.passthrough_schema = schema
+        self.columns = list(schema.names)
+        # Rows per row group per file, so `start` can skip whole row groups without reading them.
+        self._row_groups = [[footer.row_group(i).num_rows for i in range(footer.num_row_groups)] for footer in footers]
+        self._total = sum(footer.num_rows for footer in footers)
+        if self._total == 0:
+            raise InputError(f"{path} is empty: no data rows")
+
+    def total_rows(self) -> int:
+        """The row count from the footers (no data is read)."""
+        return self._total
+
+    def iter_batches(self, batch_size: int = DEFAULT_BATCH_SIZE, start: int = 0) -> Iterator[list[SourceRow]]:
+        """Yield rows from `start` on; batches never span two files, so some may be shorter than `batch_size`."""
+        check_batch_args(batch_size, start)
+        offset = 0  # index of the first row of the current file
+        for file, groups in zip(self.files, self._row_groups, strict=True):
+            file_rows = sum(groups)
+            if offset + file_rows <= start:
+                offset += file_rows
+                continue
+            # Skip whole row groups that end before `start`, then trim the rest in the first batches.
+            first_group, index = 0, offset
+            while index + groups[first_group] <= start:
+                index += groups[first_group]
+                first_group += 1
+            skip = start - index if start > index else 0
+            for batch in self._batches(file, batch_size, row_groups=list(range(first_group, len(groups)))):
+                if skip >= batch.num_rows:
+                    skip -= batch.num_rows
+                    continue
+                if skip:
+                    batch, index, skip = batch.slice(skip), index + skip, 0
+                rows = batch.to_pylist()
+                yield [SourceRow(index + i, f"row {index + i}", values) for i, values in enumerate(rows)]
+                index += len(rows)
+            offset += file_rows
+
+    def read_ids(self, column: str) -> Iterator[tuple[int, Any]]:
+        """Yield `(index, value)` reading only `column` from each file.
+
+        Raises:
+            InputError: the input has no such column.
+        """
+        if column not in self.columns:
+            raise InputError(f"{self.path}: no column {column!r}; the columns are {', '.join(self.columns)}")
+        index = 0
+        for file in self.files:
+            for batch in self._batches(file, 65_536, columns=[column]):
+                for value in batch.column(0).to_pylist():
+                    yield index, value
+                    index += 1
+
+    def _batches(self, file: Path, batch_size: int, **options: Any) -> Iterator[pa.RecordBatch]:
+        try:
+            with pq.ParquetFile(file) as reader:
+                yield from reader.iter_batches(batch_size=batch_size, **options)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{file}: cannot read Parquet data ({exc})") from exc
+
+
+def _describe(schema: pa.Schema) -> str:
+    return ", ".join(f"{field.name}: {field.type}" for field in schema)
+

@@ -1,0 +1,165 @@
+"""Open an input file (Parquet, JSONL or OpenAI batch JSONL) as a stream of decoded rows.
+
+`open_input` picks the format and returns an `InputSource`; the per-format sources live in
+`batchgen.io.parquet` and `batchgen.io.jsonl`. A problem with the file as a whole raises
+`InputError`; a problem with one row becomes a `SourceRow` with `error` set, so one bad line
+never stops a million-row job.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from batchgen.errors import InputError
+
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "FORMATS",
+    "InputSource",
+    "SourceRow",
+    "check_batch_args",
+    "detect_format",
+    "open_input",
+]
+
+FORMATS = ("parquet", "jsonl", "openai-batch")
+DEFAULT_BATCH_SIZE = 1024
+
+# Suffixes that name a format on their own; "openai-batch" shares `.jsonl`, so it is never guessed.
+_SUFFIX_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".ndjson.gz": "jsonl"}
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRow:
+    """One input row, decoded or not.
+
+    Args:
+        index: 0-based row number among data rows (blank JSONL lines are not rows); it is the
+            row's position in the final output.
+        where: a locator for messages: "line 17" (1-based file line, JSONL) or "row 17" (0-based, Parquet).
+        values: the decoded columns, or None when the row could not be decoded. An error row may
+            still carry values (a column of the wrong type, an OpenAI batch line with a bad `url`)
+            so the pipeline can find the row's id for its error record.
+        error: why the row is unusable, naming the line and the problem; None when the row is fine.
+    """
+
+    index: int
+    where: str
+    values: dict[str, Any] | None
+    error: str | None = None
+
+
+class InputSource(ABC):
+    """An opened input: its shape up front, then its rows in batches, streamed.
+
+    Attributes:
+        path: the path (or directory / glob pattern) as given.
+        format: "parquet", "jsonl" or "openai-batch".
+        columns: Parquet: the schema names. JSONL: the keys in first-seen order over the rows the
+            passthrough types were inferred from.
+        passthrough_schema: the Arrow types of the columns carried into the output.
+    """
+
+    path: str
+    format: str
+    columns: list[str]
+    passthrough_schema: pa.Schema
+
+    @abstractmethod
+    def total_rows(self) -> int | None:
+        """The number of rows, cheaply (no full decode), or None when it cannot be known cheaply."""
+
+    @abstractmethod
+    def iter_batches(self, batch_size: int = DEFAULT_BATCH_SIZE, start: int = 0) -> Iterator[list[SourceRow]]:
+        """Yield the rows in input order, at most `batch_size` per list, beginning at row index `start`.
+
+        Never holds more than about one batch in memory. Raises `InputError` if the file becomes
+        unreadable part-way (a truncated gzip stream, a corrupt Parquet page).
+        """
+
+    @abstractmethod
+    def read_ids(self, column: str) -> Iterator[tuple[int, Any]]:
+        """Yield `(index, value of column)` for every decodable row, reading as little as the format allows."""
+
+    def passthrough_values(self, row: SourceRow) -> dict[str, Any]:
+        """The row's passthrough columns, ready for `pa.Table.from_pylist` with `passthrough_schema`.
+
+        Missing keys become None. Sources that store some columns differently from how they
+        decode them (JSONL's JSON-text columns) override this.
+        """
+        values = row.values or {}
+        return {name: values.get(name) for name in self.passthrough_schema.names}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={self.path!r}, format={self.format!r}, columns={self.columns!r})"
+
+
+def check_batch_args(batch_size: int, start: int) -> None:
+    """Reject a `batch_size` below 1 or a negative `start` (shared by every source's `iter_batches`)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+
+
+def detect_format(path: str | os.PathLike[str]) -> str:
+    """The input format implied by a path: a directory or a glob pattern means Parquet, else the suffix.
+
+    Raises:
+        InputError: the suffix names no supported format.
+    """
+    text = os.fspath(path)
+    if "*" in text or Path(text).is_dir():
+        return "parquet"
+    name = Path(text).name.lower()
+    for suffix, fmt in _SUFFIX_FORMATS.items():
+        if name.endswith(suffix):
+            return fmt
+    raise InputError(
+        f"{text}: cannot tell the input format from the name; use a .parquet file, a directory or glob of "
+        f"them, or a .jsonl / .ndjson / .jsonl.gz file, or pass the format explicitly (one of {', '.join(FORMATS)})"
+    )
+
+
+def open_input(path: str | os.PathLike[str], fmt: str | None = None) -> InputSource:
+    """Open an input for streaming.
+
+    Args:
+        path: a `.parquet` file, a directory (all its `*.parquet` files, sorted), a glob pattern
+            containing `*` (the sorted matches, read as Parquet), or a `.jsonl` / `.ndjson` /
+            `.jsonl.gz` file.
+        fmt: "parquet", "jsonl" or "openai-batch"; None infers it from `path` ("openai-batch"
+            is never inferred, since such files are ordinary `.jsonl` files).
+
+    Returns:
+        The opened source. Parquet footers are read now; JSONL sources read their first rows
+        now to learn the columns and their types.
+
+    Raises:
+        InputError: unknown format, missing or unreadable file, no Parquet files in a directory
+            or glob, Parquet files with different schemas, or an input with no data rows.
+
+    Example:
+        source = open_input("prompts.jsonl")
+        for batch in source.iter_batches(batch_size=512): ...
+    """
+    # Imported here: both modules subclass InputSource from this one.
+    from batchgen.io.jsonl import JsonlSource, OpenAIBatchSource
+    from batchgen.io.parquet import ParquetSource
+
+    fmt = detect_format(path) if fmt is None else fmt
+    text = os.fspath(path)
+    if fmt == "parquet":
+        return ParquetSource(text)
+    if fmt == "jsonl":
+        return JsonlSource(text)
+    if fmt == "openai-batch":
+        return OpenAIBatchSource(text)
+    raise InputError(f"{text}: unknown input format {fmt!r}; expected one of {', '.join(FORMATS)}")
