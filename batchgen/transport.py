@@ -34,7 +34,10 @@ ERROR_MAP: tuple[tuple[type[BaseException], type[APIError]], ...] = (
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
+    try:
+        text = str(exc).strip()
+    except Exception:  # a half-built aiohttp error can fail in __str__; the type still says enough
+        text = ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

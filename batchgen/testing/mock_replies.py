@@ -1,0 +1,562 @@
+"""Pure, deterministic construction of the mock vLLM server's answers: request checks, replies, bodies, SSE chunks.
+
+Nothing here does I/O, so the wire shapes can be read (and tested) apart from the aiohttp plumbing in
+`mock_server.py`. Shapes follow the current vLLM format (≥0.16, see `wire-format.md` §1-3): every key of
+a non-stream body present, reasoning only under `reasoning`, `exclude_unset`-style key sets in chunks.
+
+Reply rules (a token is a whitespace-separated word):
+
+* Text: ``"echo: " + <last user message's words>``. It is cut at ``max_completion_tokens``/``max_tokens``
+  with ``finish_reason="length"``, else it ends with ``"stop"``. With ``ignore_eos``, ``min_tokens`` or
+  ``MockConfig.output_tokens`` the reply has exactly N tokens (N = max tokens, else ``output_tokens``,
+  else ``min_tokens``) made by repeating the user's words (or lorem-ipsum filler when there are none).
+* Reasoning: ``chat_template_kwargs.enable_thinking: true`` or a ``reasoning_effort`` other than
+  ``"none"`` adds ``reasoning = "Thinking about: <words>"``; content then starts with ``"\\n\\n"``.
+  Reasoning tokens count toward ``completion_tokens`` and the max-tokens budget.
+* Tools: with ``tools``, ``tool_choice="required"`` or a named function always calls (named → finish
+  ``"stop"``, as vLLM does); ``"auto"`` (the default) calls when the last user text contains the word
+  "weather" or an offered function's name (that function is called, else the first). ``"none"`` never
+  calls. A call has ``content: null``, finish ``"tool_calls"`` and arguments
+  ``json.dumps({"query": <last user text>}, ensure_ascii=False)``; the budget does not apply to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+__all__ = [
+    "MAX_MODEL_LEN",
+    "ChatPlan",
+    "Choice",
+    "RequestRejected",
+    "StreamEvent",
+    "ToolCall",
+    "completion_body",
+    "count_tokens",
+    "error_body",
+    "models_body",
+    "parse_body",
+    "plan_chat",
+    "stream_events",
+    "tokenize",
+]
+
+MAX_MODEL_LEN: Final = 8192
+VALID_ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool"})
+REASONING_EFFORTS: Final = frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})
+FILLER_WORDS: Final = tuple("lorem ipsum dolor sit amet consectetur adipiscing elit sed do".split())
+DONE_EVENT: Final = b"data: [DONE]\n\n"
+_TOKEN_RE: Final = re.compile(r"\s*\S+")
+
+
+class RequestRejected(Exception):
+    """A request the mock refuses, with the status and nested vLLM error body to send back."""
+
+    def __init__(self, status: int, message: str, *, error_type: str, param: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(message, error_type, param, status)
+
+
+def error_body(message: str, error_type: str, param: str | None, code: int) -> dict[str, Any]:
+    """The nested error envelope of vLLM ≥0.10.1: ``{"error": {message, type, param, code}}``."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _bad_request(message: str, param: str | None) -> RequestRejected:
+    return RequestRejected(400, message, error_type="BadRequestError", param=param)
+
+
+def tokenize(text: str) -> list[str]:
+    """Split text into word tokens that keep their leading whitespace, so ``"".join`` restores it."""
+    return _TOKEN_RE.findall(text)
+
+
+def count_tokens(text: str) -> int:
+    return len(text.split())
+
+
+def message_text(content: object) -> str:
+    """The text of a message's content: a string, or the text parts of a list joined by spaces."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = (p.get("text") for p in content if isinstance(p, dict))
+        return " ".join(t for t in texts if isinstance(t, str))
+    return ""
+
+
+# ---------------------------------------------------------------- request checks
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """Decode a request body; anything but a JSON object is a 400."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _bad_request(f"Invalid JSON body: {exc}", None) from None
+    if not isinstance(body, dict):
+        raise _bad_request("Input should be a valid dictionary (the request body must be an object)", None)
+    return body
+
+
+def _is_number(v: object) -> bool:
+    # bool is an int subclass, but pydantic rejects it for numeric fields in strict-ish vLLM models.
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# field -> (predicate, what the field should be). A null value means "unset" and is always accepted.
+_FIELD_CHECKS: Final[Mapping[str, tuple[Callable[[object], bool], str]]] = {
+    "model": (lambda v: isinstance(v, str), "a valid string"),
+    "temperature": (_is_number, "a valid number"),
+    "top_p": (_is_number, "a valid number"),
+    "max_tokens": (lambda v: _is_int(v) and v >= 1, "a positive integer"),  # type: ignore[operator]
+    "max_completion_tokens": (lambda v: _is_int(v) and v >= 1, "a positive integer"),  # type: ignore[operator]
+    "min_tokens": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),  # type: ignore[operator]
+    "n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),  # type: ignore[operator]
+    "seed": (_is_int, "a valid integer"),
+    "stream": (lambda v: isinstance(v, bool), "a valid boolean"),
+    "ignore_eos": (lambda v: isinstance(v, bool), "a valid boolean"),
+    "stream_options": (lambda v: isinstance(v, dict), "a valid dictionary"),
+    "chat_template_kwargs": (lambda v: isinstance(v, dict), "a valid dictionary"),
+    "tools": (lambda v: isinstance(v, list), "a valid list"),
+    "request_id": (lambda v: isinstance(v, str), "a valid string"),
+    "reasoning_effort": (lambda v: v in REASONING_EFFORTS, "one of " + ", ".join(sorted(REASONING_EFFORTS))),
+}
+
+
+def _check_fields(body: Mapping[str, Any]) -> None:
+    for field, (is_valid, expected) in _FIELD_CHECKS.items():
+        value = body.get(field)
+        if value is not None and not is_valid(value):
+            shown = repr(value)[:80]
+            raise _bad_request(f"Input should be {expected} (parameter={field}, value={shown})", field)
+
+
+def _check_messages(body: Mapping[str, Any]) -> None:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad_request("Field required: `messages` must be a non-empty list", "messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in VALID_ROLES:
+            roles = ", ".join(sorted(VALID_ROLES))
+            raise _bad_request(f"messages[{i}]: role must be one of {roles}", "messages")
+        if not isinstance(message.get("content"), (str, list, type(None))):
+            raise _bad_request(f"messages[{i}]: content must be a string or a list of parts", "messages")
+
+
+def _check_model(body: Mapping[str, Any], models: Sequence[str]) -> str:
+    model = body.get("model")
+    if model is None:
+        return models[0]
+    if model not in models:
+        raise RequestRejected(404, f"The model `{model}` does not exist.", error_type="NotFoundError", param="model")
+    return str(model)
+
+
+def _tool_names(body: Mapping[str, Any]) -> list[str]:
+    tools = body.get("tools")
+    if tools is None:
+        return []
+    names = [t.get("function", {}).get("name") for t in tools if isinstance(t, dict)]
+    if not tools or len(names) != len(tools) or not all(isinstance(n, str) and n for n in names):
+        raise _bad_request("`tools` must be a non-empty list of function tools with a name", "tools")
+    return names
+
+
+def _check_tool_choice(body: Mapping[str, Any], names: Sequence[str]) -> None:
+    choice = body.get("tool_choice")
+    if choice is None or choice == "none":
+        return
+    if not names:
+        raise _bad_request("When using `tool_choice`, `tools` must be set.", "tool_choice")
+    if choice in ("auto", "required"):
+        return
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
+        raise _bad_request("`tool_choice` must be none, auto, required or a named function", "tool_choice")
+    if name not in names:
+        raise _bad_request(f"Tool '{name}' has not been passed in `tools`.", "tool_choice")
+
+
+def _check_stream_options(body: Mapping[str, Any]) -> None:
+    if body.get("stream_options") and not body.get("stream"):
+        raise _bad_request("Stream options can only be defined when `stream=True`.", "stream_options")
+
+
+def _max_tokens(body: Mapping[str, Any]) -> int | None:
+    # max_completion_tokens wins over the deprecated max_tokens, as in vLLM.
+    value = body.get("max_completion_tokens")
+    return value if value is not None else body.get("max_tokens")
+
+
+def _check_lengths(body: Mapping[str, Any], prompt_tokens: int) -> None:
+    if prompt_tokens >= MAX_MODEL_LEN:
+        raise _bad_request(
+            f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, your request has "
+            f"{prompt_tokens} input tokens. Please reduce the length of the input messages. "
+            f"(parameter=input_tokens, value={prompt_tokens})",
+            "input_tokens",
+        )
+    requested = _max_tokens(body)
+    if requested is not None and prompt_tokens + requested > MAX_MODEL_LEN:
+        raise _bad_request(
+            f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This model's maximum "
+            f"context length is {MAX_MODEL_LEN} tokens and your request has {prompt_tokens} input tokens "
+            f"({requested} > {MAX_MODEL_LEN} - {prompt_tokens}). (parameter=max_tokens, value={requested})",
+            "max_tokens",
+        )
+    min_tokens = body.get("min_tokens")
+    if requested is not None and min_tokens is not None and min_tokens > requested:
+        raise _bad_request(
+            f"min_tokens must be less than or equal to max_tokens={requested}, got {min_tokens}.", "min_tokens"
+        )
+
+
+# ---------------------------------------------------------------- reply planning
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str
+
+    @property
+    def pieces(self) -> list[str]:
+        """The argument text as streamed: one word per delta."""
+        return tokenize(self.arguments)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One generated answer. Token tuples hold the text exactly as it is streamed."""
+
+    index: int
+    reasoning: tuple[str, ...]
+    content: tuple[str, ...] | None  # None: tool-call-only answer, or cut inside the reasoning
+    tool_call: ToolCall | None
+    finish_reason: str
+
+    @property
+    def completion_tokens(self) -> int:
+        tool_tokens = len(self.tool_call.pieces) if self.tool_call else 0
+        return len(self.reasoning) + len(self.content or ()) + tool_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPlan:
+    """Everything needed to answer one valid chat request, as a body or as a stream."""
+
+    id: str
+    created: int
+    model: str
+    prompt_tokens: int
+    choices: tuple[Choice, ...]
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.completion_tokens for c in self.choices)
+
+
+@dataclass(frozen=True, slots=True)
+class _Budget:
+    limit: int
+    exact: bool  # fill the reply up to `limit` instead of stopping at the natural end
+    exact_finish: str
+
+
+def _budget(body: Mapping[str, Any], output_tokens: int | None, prompt_tokens: int) -> _Budget:
+    room = MAX_MODEL_LEN - prompt_tokens
+    min_tokens = body.get("min_tokens") or 0
+    exact = body.get("ignore_eos") is True or min_tokens > 0 or output_tokens is not None
+    requested = _max_tokens(body)
+    if requested is not None:
+        return _Budget(requested, exact, "length")
+    wanted = output_tokens if output_tokens is not None else (min_tokens or None)
+    if wanted is None or wanted > room:
+        # Without max_tokens vLLM lets generation run to the end of the context window.
+        return _Budget(room, exact, "length")
+    return _Budget(wanted, exact, "stop")
+
+
+def _spaced(words: Sequence[str], after_reasoning: bool) -> tuple[str, ...]:
+    tokens = [w if i == 0 else " " + w for i, w in enumerate(words)]
+    if tokens and after_reasoning:
+        tokens[0] = "\n\n" + tokens[0]  # vLLM content usually starts with the blank line after </think>
+    return tuple(tokens)
+
+
+def _text_parts(
+    words: Sequence[str], thinking: bool, budget: _Budget
+) -> tuple[tuple[str, ...], tuple[str, ...] | None, str]:
+    reasoning = tokenize("Thinking about: " + " ".join(words)) if thinking else []
+    if budget.exact:
+        fill = itertools.cycle(words or FILLER_WORDS)
+        content_words = ["echo:", *itertools.islice(fill, max(0, budget.limit - len(reasoning) - 1))]
+        content_words = content_words[: max(0, budget.limit - len(reasoning))]
+        finish = budget.exact_finish
+    else:
+        content_words, finish = ["echo:", *words], "stop"
+    if len(reasoning) + len(content_words) > budget.limit:
+        finish = "length"
+        reasoning = reasoning[: budget.limit]
+        content_words = content_words[: budget.limit - len(reasoning)]
+    content = _spaced(content_words, bool(reasoning)) if content_words else None
+    return tuple(reasoning), content, finish
+
+
+def _pick_tool(body: Mapping[str, Any], names: Sequence[str], user_text: str) -> tuple[str, str] | None:
+    """The (function name, finish_reason) to call, or None for a text answer (rules in the module doc)."""
+    choice = body.get("tool_choice", "auto") if names else "none"
+    if choice == "required":
+        return names[0], "tool_calls"
+    if isinstance(choice, dict):
+        return choice["function"]["name"], "stop"
+    if choice != "auto":
+        return None
+    lowered = user_text.lower()
+    mentioned = [n for n in names if n.lower() in lowered]
+    if mentioned:
+        return mentioned[0], "tool_calls"
+    return (names[0], "tool_calls") if re.search(r"\bweather\b", lowered) else None
+
+
+def _thinking(body: Mapping[str, Any]) -> bool:
+    kwargs = body.get("chat_template_kwargs") or {}
+    if kwargs.get("enable_thinking") is False:
+        return False
+    effort = body.get("reasoning_effort")
+    return kwargs.get("enable_thinking") is True or (effort is not None and effort != "none")
+
+
+def _last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message_text(message.get("content"))
+    return ""
+
+
+def _hex(seed: bytes, salt: str = "") -> str:
+    return hashlib.sha256(seed + salt.encode()).hexdigest()[:32]
+
+
+def plan_chat(
+    body: Mapping[str, Any],
+    *,
+    models: Sequence[str],
+    output_tokens: int | None,
+    request_id: str | None,
+    created: int,
+) -> ChatPlan:
+    """Check a parsed request the way vLLM does and decide the full answer; raises `RequestRejected`.
+
+    Check order follows vLLM: schema (types, messages), model (404), tools, stream options, lengths.
+    """
+    _check_fields(body)
+    _check_messages(body)
+    model = _check_model(body, models)
+    names = _tool_names(body)
+    _check_tool_choice(body, names)
+    _check_stream_options(body)
+    messages = body["messages"]
+    prompt_tokens = sum(count_tokens(message_text(m.get("content"))) for m in messages)
+    _check_lengths(body, prompt_tokens)
+
+    digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
+    user_text = _last_user_text(messages)
+    words = user_text.split()
+    thinking = _thinking(body)
+    tool = _pick_tool(body, names, user_text)
+    budget = _budget(body, output_tokens, prompt_tokens)
+    choices = []
+    for index in range(body.get("n") or 1):
+        if tool is not None:
+            arguments = json.dumps({"query": user_text}, ensure_ascii=False)
+            call = ToolCall(id=f"chatcmpl-tool-{_hex(digest, f'tool:{index}')}", name=tool[0], arguments=arguments)
+            reasoning = tuple(tokenize("Thinking about: " + " ".join(words))) if thinking else ()
+            choices.append(Choice(index, reasoning, None, call, tool[1]))
+        else:
+            choices.append(Choice(index, *_text_parts(words, thinking, budget), tool_call=None))
+
+    options = body.get("stream_options") or {}
+    include_usage = options.get("include_usage") is True
+    return ChatPlan(
+        id="chatcmpl-" + (request_id or body.get("request_id") or _hex(digest)),
+        created=created,
+        model=model,
+        prompt_tokens=prompt_tokens,
+        choices=tuple(choices),
+        stream=body.get("stream") is True,
+        include_usage=include_usage,
+        # 2026-main semantics: continuous stats need include_usage too (wire-format.md §2).
+        continuous_usage=include_usage and options.get("continuous_usage_stats") is True,
+    )
+
+
+# ---------------------------------------------------------------- non-stream bodies
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
+
+
+def _message(choice: Choice) -> dict[str, Any]:
+    tool_calls = []
+    if choice.tool_call is not None:
+        call = choice.tool_call
+        tool_calls.append({"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
+    return {
+        "role": "assistant",
+        "content": None if choice.content is None else "".join(choice.content),
+        "refusal": None,
+        "annotations": None,
+        "audio": None,
+        "function_call": None,
+        "tool_calls": tool_calls,  # [] on plain answers, as v0.5-v0.23 send
+        "reasoning": "".join(choice.reasoning) or None,
+    }
+
+
+def completion_body(plan: ChatPlan) -> dict[str, Any]:
+    """The non-stream body: every key of vLLM's pydantic model present, null where unset."""
+    choices = [
+        {
+            "index": c.index,
+            "message": _message(c),
+            "logprobs": None,
+            "finish_reason": c.finish_reason,
+            "stop_reason": None,
+            "token_ids": None,
+        }
+        for c in plan.choices
+    ]
+    usage: dict[str, Any] = _usage(plan.prompt_tokens, plan.completion_tokens)
+    usage["prompt_tokens_details"] = None
+    return {
+        "id": plan.id,
+        "object": "chat.completion",
+        "created": plan.created,
+        "model": plan.model,
+        "choices": choices,
+        "service_tier": None,
+        "system_fingerprint": None,
+        "usage": usage,
+        "prompt_logprobs": None,
+        "prompt_token_ids": None,
+        "kv_transfer_params": None,
+    }
+
+
+def models_body(models: Sequence[str], created: int) -> dict[str, Any]:
+    """`GET /v1/models`: one card per served name; extra names are aliases of the base, so parent is null."""
+    cards = [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "vllm",
+            "root": models[0],
+            "parent": None,
+            "max_model_len": MAX_MODEL_LEN,
+            "permission": [],
+        }
+        for name in models
+    ]
+    return {"object": "list", "data": cards}
+
+
+# ---------------------------------------------------------------- stream chunks
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """One complete SSE frame. `paced` marks the first frame of a generation step (the server waits ttft/itl)."""
+
+    data: bytes
+    paced: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    delta: dict[str, Any]
+    tokens: int
+    finish: str | None = None
+
+
+def _choice_steps(choice: Choice) -> list[_Step]:
+    steps = [_Step({"reasoning": t}, 1) for t in choice.reasoning]
+    steps += [_Step({"content": t}, 1) for t in choice.content or ()]
+    if choice.tool_call is not None:
+        call = choice.tool_call
+        # The header delta names the function and has no "arguments" key (DeltaFunctionCall exclude_none).
+        header = {"id": call.id, "type": "function", "index": 0, "function": {"name": call.name}}
+        steps.append(_Step({"tool_calls": [header]}, 0))
+        steps += [_Step({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}, 1) for p in call.pieces]
+    if choice.finish_reason == "length" and steps:
+        # A length cut ends on a real token, which rides in the finish chunk: clients must keep its text.
+        last = steps.pop()
+        steps.append(_Step(last.delta, last.tokens, "length"))
+    else:
+        # Otherwise the final step is the EOS token: empty content, or {} when there was no content.
+        steps.append(_Step({"content": ""} if choice.content is not None else {}, 0, choice.finish_reason))
+    return steps
+
+
+def _frame(obj: Mapping[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def stream_events(plan: ChatPlan) -> Iterator[StreamEvent]:
+    """The SSE frames of `plan` in vLLM order: role chunks, steps (choices round-robin), finish, usage, [DONE]."""
+    head = {"id": plan.id, "object": "chat.completion.chunk", "created": plan.created, "model": plan.model}
+    running = [0] * len(plan.choices)
+
+    def chunk(choice: dict[str, Any], index: int) -> dict[str, Any]:
+        obj: dict[str, Any] = {**head, "choices": [choice]}
+        if plan.continuous_usage:
+            obj["usage"] = _usage(plan.prompt_tokens, running[index])
+        return obj
+
+    for c in plan.choices:
+        role = {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        yield StreamEvent(_frame({**chunk(role, c.index), "prompt_token_ids": None}), paced=False)
+
+    per_choice = [_choice_steps(c) for c in plan.choices]
+    for position in range(max(len(s) for s in per_choice)):
+        first_in_step = True
+        for c, steps in zip(plan.choices, per_choice):
+            if position >= len(steps):
+                continue
+            step = steps[position]
+            running[c.index] += step.tokens
+            body: dict[str, Any] = {"index": c.index, "delta": step.delta, "logprobs": None, "finish_reason": step.finish}
+            if step.finish is not None:
+                body["stop_reason"] = None
+            body["token_ids"] = None
+            yield StreamEvent(_frame(chunk(body, c.index)), paced=first_in_step)
+            first_in_step = False
+
+    if plan.include_usage:
+        # Dumped with exclude_none by vLLM: no prompt_tokens_details key, and choices is empty.
+        yield StreamEvent(_frame({**head, "choices": [], "usage": _usage(plan.prompt_tokens, plan.completion_tokens)}), False)
+    yield StreamEvent(DONE_EVENT, paced=False)
