@@ -1,6 +1,7 @@
 """batchgen: bulk chat-completion jobs and benchmarks against vLLM and OpenAI-compatible servers."""
 
 from batchgen._version import __version__
+from batchgen.api import generate
 from batchgen.builder import ChatCompletionBuilder
 from batchgen.client import Client
 from batchgen.errors import (
@@ -24,6 +25,8 @@ from batchgen.errors import (
     UnprocessableEntityError,
     ValidationError,
 )
+from batchgen.config import RunConfig, load_config
+from batchgen.pipeline import RunResult, run
 from batchgen.retry import RetryPolicy
 from batchgen.stream import Stream
 from batchgen.types import ChatCompletionChunk, ChatCompletionResponse, Choice, Function, ToolCall, Usage
@@ -51,6 +54,8 @@ __all__ = [
     "RateLimitError",
     "ResponseTooLargeError",
     "RetryPolicy",
+    "RunConfig",
+    "RunResult",
     "ServerError",
     "Stream",
     "ToolArgumentsError",
@@ -59,4 +64,7 @@ __all__ = [
     "Usage",
     "ValidationError",
     "__version__",
+    "generate",
+    "load_config",
+    "run",
 ]

@@ -105,13 +105,12 @@ class ParquetSource(InputSource):
             while index + groups[first_group] <= start:
                 index += groups[first_group]
                 first_group += 1
-            skip = start - index if start > index else 0
             for batch in self._batches(file, batch_size, row_groups=list(range(first_group, len(groups)))):
-                if skip >= batch.num_rows:
-                    skip -= batch.num_rows
+                if index + batch.num_rows <= start:
+                    index += batch.num_rows
                     continue
-                if skip:
-                    batch, index, skip = batch.slice(skip), index + skip, 0
+                if index < start:
+                    batch, index = batch.slice(start - index), start
                 rows = batch.to_pylist()
                 yield [SourceRow(index + i, f"row {index + i}", values) for i, values in enumerate(rows)]
                 index += len(rows)

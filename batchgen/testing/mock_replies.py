@@ -1,4 +1,4 @@
-"""Pure, deterministic construction of the mock vLLM server's answers: request checks, replies, bodies, SSE chunks.
+"""Pure, deterministic construction of the mock vLLM server's answers: checks, replies, bodies, SSE chunks.
 
 Nothing here does I/O, so the wire shapes can be read (and tested) apart from the aiohttp plumbing in
 `mock_server.py`. Shapes follow the current vLLM format (≥0.16, see `wire-format.md` §1-3): every key of
@@ -117,23 +117,39 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _is_non_negative_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_effort(v: object) -> bool:
+    return isinstance(v, str) and v in REASONING_EFFORTS
+
+
+def _is_instance(kind: type) -> Callable[[object], bool]:
+    return lambda v: isinstance(v, kind)
+
+
 # field -> (predicate, what the field should be). A null value means "unset" and is always accepted.
 _FIELD_CHECKS: Final[Mapping[str, tuple[Callable[[object], bool], str]]] = {
-    "model": (lambda v: isinstance(v, str), "a valid string"),
+    "model": (_is_instance(str), "a valid string"),
     "temperature": (_is_number, "a valid number"),
     "top_p": (_is_number, "a valid number"),
-    "max_tokens": (lambda v: _is_int(v) and v >= 1, "a positive integer"),  # type: ignore[operator]
-    "max_completion_tokens": (lambda v: _is_int(v) and v >= 1, "a positive integer"),  # type: ignore[operator]
-    "min_tokens": (lambda v: _is_int(v) and v >= 0, "a non-negative integer"),  # type: ignore[operator]
-    "n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),  # type: ignore[operator]
+    "max_tokens": (_is_positive_int, "a positive integer"),
+    "max_completion_tokens": (_is_positive_int, "a positive integer"),
+    "min_tokens": (_is_non_negative_int, "a non-negative integer"),
+    "n": (_is_positive_int, "an integer >= 1"),
     "seed": (_is_int, "a valid integer"),
-    "stream": (lambda v: isinstance(v, bool), "a valid boolean"),
-    "ignore_eos": (lambda v: isinstance(v, bool), "a valid boolean"),
-    "stream_options": (lambda v: isinstance(v, dict), "a valid dictionary"),
-    "chat_template_kwargs": (lambda v: isinstance(v, dict), "a valid dictionary"),
-    "tools": (lambda v: isinstance(v, list), "a valid list"),
-    "request_id": (lambda v: isinstance(v, str), "a valid string"),
-    "reasoning_effort": (lambda v: v in REASONING_EFFORTS, "one of " + ", ".join(sorted(REASONING_EFFORTS))),
+    "stream": (_is_instance(bool), "a valid boolean"),
+    "ignore_eos": (_is_instance(bool), "a valid boolean"),
+    "stream_options": (_is_instance(dict), "a valid dictionary"),
+    "chat_template_kwargs": (_is_instance(dict), "a valid dictionary"),
+    "tools": (_is_instance(list), "a valid list"),
+    "request_id": (_is_instance(str), "a valid string"),
+    "reasoning_effort": (_is_effort, "one of " + ", ".join(sorted(REASONING_EFFORTS))),
 }
 
 
@@ -162,18 +178,26 @@ def _check_model(body: Mapping[str, Any], models: Sequence[str]) -> str:
     if model is None:
         return models[0]
     if model not in models:
-        raise RequestRejected(404, f"The model `{model}` does not exist.", error_type="NotFoundError", param="model")
+        message = f"The model `{model}` does not exist."
+        raise RequestRejected(404, message, error_type="NotFoundError", param="model")
     return str(model)
+
+
+def _function_name(item: object) -> str | None:
+    """`item["function"]["name"]` of a tool or named tool_choice, or None if it has no such string."""
+    function = item.get("function") if isinstance(item, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) and name else None
 
 
 def _tool_names(body: Mapping[str, Any]) -> list[str]:
     tools = body.get("tools")
     if tools is None:
         return []
-    names = [t.get("function", {}).get("name") for t in tools if isinstance(t, dict)]
-    if not tools or len(names) != len(tools) or not all(isinstance(n, str) and n for n in names):
+    names = [_function_name(t) for t in tools]
+    if not tools or None in names:
         raise _bad_request("`tools` must be a non-empty list of function tools with a name", "tools")
-    return names
+    return [n for n in names if n is not None]
 
 
 def _check_tool_choice(body: Mapping[str, Any], names: Sequence[str]) -> None:
@@ -184,8 +208,8 @@ def _check_tool_choice(body: Mapping[str, Any], names: Sequence[str]) -> None:
         raise _bad_request("When using `tool_choice`, `tools` must be set.", "tool_choice")
     if choice in ("auto", "required"):
         return
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
-    if not isinstance(name, str):
+    name = _function_name(choice)
+    if name is None:
         raise _bad_request("`tool_choice` must be none, auto, required or a named function", "tool_choice")
     if name not in names:
         raise _bad_request(f"Tool '{name}' has not been passed in `tools`.", "tool_choice")
@@ -221,7 +245,8 @@ def _check_lengths(body: Mapping[str, Any], prompt_tokens: int) -> None:
     min_tokens = body.get("min_tokens")
     if requested is not None and min_tokens is not None and min_tokens > requested:
         raise _bad_request(
-            f"min_tokens must be less than or equal to max_tokens={requested}, got {min_tokens}.", "min_tokens"
+            f"min_tokens must be less than or equal to max_tokens={requested}, got {min_tokens}.",
+            "min_tokens",
         )
 
 
@@ -307,9 +332,9 @@ def _text_parts(
 ) -> tuple[tuple[str, ...], tuple[str, ...] | None, str]:
     reasoning = tokenize("Thinking about: " + " ".join(words)) if thinking else []
     if budget.exact:
-        fill = itertools.cycle(words or FILLER_WORDS)
-        content_words = ["echo:", *itertools.islice(fill, max(0, budget.limit - len(reasoning) - 1))]
-        content_words = content_words[: max(0, budget.limit - len(reasoning))]
+        wanted = max(0, budget.limit - len(reasoning))
+        fill = itertools.islice(itertools.cycle(words or FILLER_WORDS), max(0, wanted - 1))
+        content_words = ["echo:", *fill][:wanted]
         finish = budget.exact_finish
     else:
         content_words, finish = ["echo:", *words], "stop"
@@ -327,7 +352,7 @@ def _pick_tool(body: Mapping[str, Any], names: Sequence[str], user_text: str) ->
     if choice == "required":
         return names[0], "tool_calls"
     if isinstance(choice, dict):
-        return choice["function"]["name"], "stop"
+        return str(_function_name(choice)), "stop"
     if choice != "auto":
         return None
     lowered = user_text.lower()
@@ -356,6 +381,39 @@ def _hex(seed: bytes, salt: str = "") -> str:
     return hashlib.sha256(seed + salt.encode()).hexdigest()[:32]
 
 
+def _validate(body: Mapping[str, Any], models: Sequence[str]) -> tuple[str, list[str], int]:
+    """Check a request in vLLM's order (schema, model, tools, stream options, lengths).
+
+    Returns the served model, the offered tool names and the prompt token count; raises `RequestRejected`.
+    """
+    _check_fields(body)
+    _check_messages(body)
+    model = _check_model(body, models)
+    names = _tool_names(body)
+    _check_tool_choice(body, names)
+    _check_stream_options(body)
+    prompt_tokens = sum(count_tokens(message_text(m.get("content"))) for m in body["messages"])
+    _check_lengths(body, prompt_tokens)
+    return model, names, prompt_tokens
+
+
+def _choice(
+    index: int, body: Mapping[str, Any], names: Sequence[str], budget: _Budget, digest: bytes
+) -> Choice:
+    user_text = _last_user_text(body["messages"])
+    words = user_text.split()
+    thinking = _thinking(body)
+    tool = _pick_tool(body, names, user_text)
+    if tool is None:
+        reasoning, content, finish = _text_parts(words, thinking, budget)
+        return Choice(index, reasoning, content, None, finish)
+    name, finish = tool
+    arguments = json.dumps({"query": user_text}, ensure_ascii=False)  # vLLM's spacing: {"query": "..."}
+    call = ToolCall(id=f"chatcmpl-tool-{_hex(digest, f'tool:{index}')}", name=name, arguments=arguments)
+    reasoning = tuple(tokenize("Thinking about: " + " ".join(words))) if thinking else ()
+    return Choice(index, reasoning, None, call, finish)
+
+
 def plan_chat(
     body: Mapping[str, Any],
     *,
@@ -364,36 +422,15 @@ def plan_chat(
     request_id: str | None,
     created: int,
 ) -> ChatPlan:
-    """Check a parsed request the way vLLM does and decide the full answer; raises `RequestRejected`.
+    """Check a parsed request the way vLLM does and decide its whole answer; raises `RequestRejected`.
 
-    Check order follows vLLM: schema (types, messages), model (404), tools, stream options, lengths.
+    `request_id` is the X-Request-Id header (it wins over the body's `request_id`, as in vLLM); without
+    either, the id is a hash of the body, so equal requests get equal ids.
     """
-    _check_fields(body)
-    _check_messages(body)
-    model = _check_model(body, models)
-    names = _tool_names(body)
-    _check_tool_choice(body, names)
-    _check_stream_options(body)
-    messages = body["messages"]
-    prompt_tokens = sum(count_tokens(message_text(m.get("content"))) for m in messages)
-    _check_lengths(body, prompt_tokens)
-
+    model, names, prompt_tokens = _validate(body, models)
     digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
-    user_text = _last_user_text(messages)
-    words = user_text.split()
-    thinking = _thinking(body)
-    tool = _pick_tool(body, names, user_text)
     budget = _budget(body, output_tokens, prompt_tokens)
-    choices = []
-    for index in range(body.get("n") or 1):
-        if tool is not None:
-            arguments = json.dumps({"query": user_text}, ensure_ascii=False)
-            call = ToolCall(id=f"chatcmpl-tool-{_hex(digest, f'tool:{index}')}", name=tool[0], arguments=arguments)
-            reasoning = tuple(tokenize("Thinking about: " + " ".join(words))) if thinking else ()
-            choices.append(Choice(index, reasoning, None, call, tool[1]))
-        else:
-            choices.append(Choice(index, *_text_parts(words, thinking, budget), tool_call=None))
-
+    choices = tuple(_choice(i, body, names, budget, digest) for i in range(body.get("n") or 1))
     options = body.get("stream_options") or {}
     include_usage = options.get("include_usage") is True
     return ChatPlan(
@@ -401,7 +438,7 @@ def plan_chat(
         created=created,
         model=model,
         prompt_tokens=prompt_tokens,
-        choices=tuple(choices),
+        choices=choices,
         stream=body.get("stream") is True,
         include_usage=include_usage,
         # 2026-main semantics: continuous stats need include_usage too (wire-format.md §2).
@@ -424,7 +461,8 @@ def _message(choice: Choice) -> dict[str, Any]:
     tool_calls = []
     if choice.tool_call is not None:
         call = choice.tool_call
-        tool_calls.append({"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
+        function = {"name": call.name, "arguments": call.arguments}
+        tool_calls.append({"id": call.id, "type": "function", "function": function})
     return {
         "role": "assistant",
         "content": None if choice.content is None else "".join(choice.content),
@@ -490,7 +528,7 @@ def models_body(models: Sequence[str], created: int) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class StreamEvent:
-    """One complete SSE frame. `paced` marks the first frame of a generation step (the server waits ttft/itl)."""
+    """One complete SSE frame; `paced` marks the first frame of a generation step (wait ttft/itl first)."""
 
     data: bytes
     paced: bool
@@ -527,7 +565,7 @@ def _frame(obj: Mapping[str, Any]) -> bytes:
 
 
 def stream_events(plan: ChatPlan) -> Iterator[StreamEvent]:
-    """The SSE frames of `plan` in vLLM order: role chunks, steps (choices round-robin), finish, usage, [DONE]."""
+    """The SSE frames of `plan` in vLLM order: role chunks, steps (choices round-robin), usage, [DONE]."""
     head = {"id": plan.id, "object": "chat.completion.chunk", "created": plan.created, "model": plan.model}
     running = [0] * len(plan.choices)
 
@@ -538,7 +576,8 @@ def stream_events(plan: ChatPlan) -> Iterator[StreamEvent]:
         return obj
 
     for c in plan.choices:
-        role = {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        delta = {"role": "assistant", "content": ""}
+        role = {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}
         yield StreamEvent(_frame({**chunk(role, c.index), "prompt_token_ids": None}), paced=False)
 
     per_choice = [_choice_steps(c) for c in plan.choices]
@@ -549,7 +588,12 @@ def stream_events(plan: ChatPlan) -> Iterator[StreamEvent]:
                 continue
             step = steps[position]
             running[c.index] += step.tokens
-            body: dict[str, Any] = {"index": c.index, "delta": step.delta, "logprobs": None, "finish_reason": step.finish}
+            body: dict[str, Any] = {
+                "index": c.index,
+                "delta": step.delta,
+                "logprobs": None,
+                "finish_reason": step.finish,
+            }
             if step.finish is not None:
                 body["stop_reason"] = None
             body["token_ids"] = None
@@ -558,5 +602,6 @@ def stream_events(plan: ChatPlan) -> Iterator[StreamEvent]:
 
     if plan.include_usage:
         # Dumped with exclude_none by vLLM: no prompt_tokens_details key, and choices is empty.
-        yield StreamEvent(_frame({**head, "choices": [], "usage": _usage(plan.prompt_tokens, plan.completion_tokens)}), False)
+        usage = _usage(plan.prompt_tokens, plan.completion_tokens)
+        yield StreamEvent(_frame({**head, "choices": [], "usage": usage}), paced=False)
     yield StreamEvent(DONE_EVENT, paced=False)

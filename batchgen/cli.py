@@ -1,0 +1,152 @@
+"""The `batchgen` command line: `run`, `bench` and `mock-server`; parsing and reporting only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from batchgen._version import __version__
+from batchgen.errors import BatchgenError
+
+__all__ = ["main"]
+
+RUN_EPILOG = """\
+Every flag is also a key of the YAML config (--max-tokens is max_tokens:); flags win.
+Extra config-only keys: api_key_file, read_timeout, backoff_base, max_retry_after,
+max_response_bytes, flush_seconds (default 2), flush_rows (default 10000).
+
+Input columns: a messages column (list of {role, content, ...}, or its JSON text) or a prompt
+column (text; a `system` column or --system-prompt adds a system message). Columns named like a
+request field (temperature, max_tokens, max_completion_tokens, top_p, top_k, min_p, stop, seed, n,
+presence_penalty, frequency_penalty, repetition_penalty, tools, tool_choice, response_format,
+logprobs, top_logprobs, chat_template_kwargs, reasoning_effort, structured_outputs) override the
+config for their row when not null; an `extra` column (object or JSON text) is merged last.
+
+Output: the input columns (one clashing with an output column is renamed input_<name>), then
+id, content, reasoning_content, tool_calls, finish_reason, usage, model, response_id, error,
+error_type, status_code, attempts, latency_s, ttft_s; one row per input row, in input order.
+Progress is saved to OUTPUT.batchgen/ as it goes: rerun the same command to resume.
+
+Exit codes: 0 every row succeeded; 1 completed with error rows; 2 config or input error
+(nothing sent); 3 the server could not be used; 130 interrupted (rerun to resume).
+"""
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def _add_run_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "run",
+        help="run a bulk generation job",
+        description="Send every row of an input file to a chat-completions server and write the answers.",
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # only flags given on the command line override the YAML
+    )
+    parser.add_argument("config", nargs="?", help="YAML job config (optional)")
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--input", metavar="PATH", help=".parquet, .jsonl, .jsonl.gz, a directory or a glob of Parquet files")
+    io.add_argument("--input-format", choices=["parquet", "jsonl", "openai-batch"], help="default: from the suffix")
+    io.add_argument("--output", metavar="PATH", help=".parquet or .jsonl")
+    io.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
+    io.add_argument("--overwrite", action="store_true", help="discard earlier results and start over")
+    io.add_argument("--retry-failed", action="store_true", help="re-send only the rows that ended as errors")
+    io.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
+    server = parser.add_argument_group("server")
+    server.add_argument("--base-url", metavar="URL", help="default http://localhost:8000/v1; 'mock' = built-in mock server")
+    server.add_argument("--api-key-env", metavar="VAR", help="env var holding the API key (default BATCHGEN_API_KEY, then OPENAI_API_KEY)")
+    server.add_argument("--model", metavar="NAME", help="default: the first model GET /v1/models lists")
+    server.add_argument("--concurrency", type=int, metavar="N", help="requests in flight (default 64)")
+    server.add_argument("--max-retries", type=int, metavar="N", help="retries per row (default 5)")
+    server.add_argument("--timeout", type=float, metavar="SECONDS", help="per attempt (default 600)")
+    server.add_argument("--stream", action="store_true", help="use SSE and record time to first token (ttft_s)")
+    sampling = parser.add_argument_group("defaults for every row (a column of the same name wins)")
+    sampling.add_argument("--temperature", type=float)
+    sampling.add_argument("--max-tokens", type=int)
+    sampling.add_argument("--top-p", type=float)
+    sampling.add_argument("--top-k", type=int)
+    sampling.add_argument("--stop", action="append", metavar="TEXT", help="repeatable")
+    sampling.add_argument("--seed", type=int)
+    sampling.add_argument("--extra", type=_json_object, metavar="JSON", help='extra body fields, e.g. \'{"min_p": 0.05}\'')
+    mapping = parser.add_argument_group("mapping columns to requests")
+    mapping.add_argument("--messages-column", metavar="NAME", help="default messages")
+    mapping.add_argument("--prompt-column", metavar="NAME", help="default prompt")
+    mapping.add_argument("--system-prompt", metavar="TEXT")
+    mapping.add_argument("--id-column", metavar="NAME", help="default id, else custom_id, else the row number")
+    parser.set_defaults(handler=_run_command)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from batchgen.config import load_config, read_yaml
+    from batchgen.pipeline import EXIT_CONFIG, run
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "handler", "command")}
+    settings = read_yaml(args.config) if getattr(args, "config", None) else {}
+    settings.update(flags)
+    cfg = load_config(settings, source=getattr(args, "config", None) or "flags")
+    try:
+        result = run(cfg)
+    except BatchgenError as exc:
+        print(f"batchgen: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if result.stats.done or result.stats.skipped:
+        print(result.stats.summary(result.output), file=sys.stderr)
+    print(f"batchgen: {result.message}", file=sys.stderr)
+    return result.exit_code
+
+
+def _add_mock_parser(commands: Any) -> None:
+    from batchgen.testing import mock_server
+
+    parser = commands.add_parser(
+        "mock-server",
+        help="serve a fake vLLM OpenAI-compatible API (no GPU)",
+        description="A deterministic vLLM-like server for demos, tests and benchmarks.",
+    )
+    mock_server.add_arguments(parser)
+    parser.set_defaults(handler=mock_server.main)
+
+
+def _add_bench_parser(commands: Any) -> None:
+    try:
+        from batchgen.bench.cli import add_bench_parser
+    except ImportError:  # the bench package is optional while it is being built
+        return
+    add_bench_parser(commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchgen", description="Bulk chat-completion jobs against vLLM and OpenAI-compatible servers.")
+    parser.add_argument("--version", action="version", version=f"batchgen {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run_parser(commands)
+    _add_bench_parser(commands)
+    _add_mock_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.handler(args))
+    except BatchgenError as exc:
+        print(f"batchgen: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,202 @@
+"""`RunConfig`: every setting of a `batchgen run` job, validated once, before any I/O.
+
+A YAML file and command-line flags use the same flat keys (`--max-tokens` is `max_tokens:`);
+flags win. Unknown keys are errors that suggest the closest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from batchgen import _constants as C
+from batchgen.errors import ConfigError
+
+__all__ = ["INPUT_FORMATS", "MOCK_URL", "RunConfig", "load_config", "read_yaml"]
+
+INPUT_FORMATS = ("parquet", "jsonl", "openai-batch")
+MOCK_URL = "mock"  # base_url value that starts the built-in mock server in-process
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunConfig:
+    """A `batchgen run` job. Every field is also a YAML key and a `--flag`.
+
+    Example:
+        RunConfig(input="prompts.parquet", output="out.parquet", model="qwen3-8b", max_tokens=256)
+    """
+
+    input: str
+    output: str
+    input_format: str | None = None
+    base_url: str = C.DEFAULT_BASE_URL
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    api_key: str | None = None  # works, but warns: keys belong in the environment or a file
+    model: str | None = None
+    concurrency: int = C.DEFAULT_CONCURRENCY
+    max_retries: int = C.DEFAULT_MAX_RETRIES
+    timeout: float = C.DEFAULT_TIMEOUT
+    read_timeout: float | None = None
+    backoff_base: float = C.DEFAULT_BACKOFF_BASE
+    max_retry_after: float = C.DEFAULT_MAX_RETRY_AFTER
+    max_response_bytes: int = C.DEFAULT_MAX_RESPONSE_BYTES
+    stream: bool = False
+    temperature: float | None = None
+    max_tokens: int | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: list[str] | None = None
+    seed: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    system_prompt: str | None = None
+    id_column: str | None = None
+    limit: int | None = None
+    overwrite: bool = False
+    retry_failed: bool = False
+    progress: bool = True
+    flush_seconds: float = C.DEFAULT_FLUSH_SECONDS
+    flush_rows: int = C.DEFAULT_FLUSH_ROWS
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ConfigError("input is required (--input PATH)")
+        if not self.output:
+            raise ConfigError("output is required (--output PATH ending in .parquet or .jsonl)")
+        if not self.output.endswith((".parquet", ".jsonl")):
+            raise ConfigError(f"output must end in .parquet or .jsonl, got {self.output!r}")
+        if self.input_format is not None and self.input_format not in INPUT_FORMATS:
+            raise ConfigError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
+        if self.base_url != MOCK_URL and not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"base_url must start with http:// or https:// (or be {MOCK_URL!r}), got {self.base_url!r}")
+        for name in ("concurrency", "flush_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
+        for name in ("timeout", "flush_seconds"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"limit must be >= 0, got {self.limit}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a mapping of request fields, got {self.extra!r}")
+        if self.overwrite and self.retry_failed:
+            raise ConfigError("overwrite and retry_failed cannot be used together")
+
+    def defaults(self) -> dict[str, Any]:
+        """The request fields every row starts from (None values are left out)."""
+        base = {
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "stop": self.stop,
+            "seed": self.seed,
+        }
+        fields = {k: v for k, v in base.items() if v is not None}
+        fields.update(self.extra)
+        return fields
+
+    def resolve_api_key(self) -> str | None:
+        """The key from `api_key_file`, `api_key_env`, the config (with a warning), or the default env vars."""
+        if self.api_key_file:
+            try:
+                return Path(self.api_key_file).expanduser().read_text().strip() or None
+            except OSError as exc:
+                raise ConfigError(f"cannot read api_key_file {self.api_key_file!r}: {exc.strerror}") from exc
+        if self.api_key_env:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise ConfigError(f"api_key_env names {self.api_key_env!r}, but that variable is not set")
+            return value
+        if self.api_key:
+            print(
+                "batchgen: warning: an API key is written in the config; prefer api_key_env or api_key_file",
+                file=sys.stderr,
+            )
+            return self.api_key
+        return None
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML job file into a flat mapping."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {str(path)!r} must be a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a YAML value against the field's type; YAML already gives ints, floats and bools."""
+    kind = str(FIELDS[name].type)
+    if value is None:
+        return None
+    if name == "stop":
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ConfigError(f"stop must be a string or a list of strings, got {value!r}")
+    if kind.startswith("bool"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+    elif kind.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+    elif kind.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    elif kind.startswith("str"):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def load_config(settings: Mapping[str, Any], *, source: str = "config") -> RunConfig:
+    """Build a `RunConfig` from a flat mapping (YAML merged with flags).
+
+    Raises:
+        ConfigError: an unknown key (with the closest known one), a wrong type, or a bad value.
+    """
+    values: dict[str, Any] = {}
+    for raw_key, value in settings.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, FIELDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown setting {raw_key!r}{hint}")
+        values[key] = _coerce(key, value)
+    if values.get("extra") is None:
+        values.pop("extra", None)
+    try:
+        return RunConfig(**values)
+    except TypeError as exc:
+        missing = [name for name in ("input", "output") if name not in values]
+        raise ConfigError(f"{source}: missing required setting(s): {', '.join(missing) or exc}") from exc

@@ -1,0 +1,286 @@
+"""Stream rows from a JSONL file (plain or gzip) or an OpenAI batch file, as `SourceRow`s.
+
+A line that cannot be used (invalid JSON or UTF-8, not an object, a truncated last line, a
+value that does not fit its column) becomes an error row naming the line; the stream goes on.
+
+Passthrough columns and their Arrow types are inferred from the first `INFER_ROWS` good rows:
+- each key's type is `pa.array(values).type`; a null-only key is `string` (also inside lists
+  and structs, so `[]` in every early row still admits `["a"]` later);
+- a key whose values cannot be unified into one type (`1` and `"a"`, `[1]` and `["a"]`) is
+  stored as `large_string` holding each value's JSON text;
+- keys first seen after those rows are not passthrough columns: they stay in `SourceRow.values`
+  for the request builder, but are not copied into the output;
+- a later value that does not fit its column's type (a string in an `int64` column, `1.5` in an
+  `int64` column) turns its row into an error row that keeps `values`, so its id is still known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+import pyarrow as pa
+
+from batchgen.errors import InputError
+from batchgen.io.readers import DEFAULT_BATCH_SIZE, InputSource, SourceRow, check_batch_args
+
+__all__ = ["INFER_ROWS", "JsonlSource", "OpenAIBatchSource", "count_lines", "infer_passthrough"]
+
+INFER_ROWS = 1024  # fixed, not the batch size, so the output schema never depends on a tuning knob
+_GZIP_MAGIC = b"\x1f\x8b"
+_BOM = b"\xef\xbb\xbf"
+_CHUNK = 1 << 20
+_ARROW_ERRORS = (pa.ArrowException, OverflowError)
+_BATCH_URLS = frozenset({"/v1/chat/completions", "/chat/completions"})
+_MISSING = object()
+
+
+def count_lines(path: str | Path) -> int:
+    """Count lines by scanning 1 MiB binary chunks for newlines, without decoding anything.
+
+    A final line without a newline counts. Blank lines count too (telling them apart would
+    cost a decode), so for a file with blank lines this is an upper bound on the row count.
+    """
+    count, last = 0, b""
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            count += chunk.count(b"\n")
+            last = chunk
+    return count + (1 if last and not last.endswith(b"\n") else 0)
+
+
+def infer_passthrough(rows: list[dict[str, Any]]) -> tuple[list[str], pa.Schema, frozenset[str]]:
+    """Infer `(columns, passthrough schema, JSON-text columns)` from decoded rows (see the module docstring)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    fields, json_columns = [], set()
+    for name in columns:
+        try:
+            type_ = _no_nulls(pa.array([row.get(name) for row in rows]).type)
+        except _ARROW_ERRORS:
+            type_ = pa.large_string()
+            json_columns.add(name)
+        fields.append(pa.field(name, type_))
+    return columns, pa.schema(fields), frozenset(json_columns)
+
+
+def _no_nulls(type_: pa.DataType) -> pa.DataType:
+    """Replace the `null` type (a key with only nulls or empty lists so far) by `string`, recursively."""
+    if pa.types.is_null(type_):
+        return pa.string()
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        item = _no_nulls(type_.value_type)
+        return pa.list_(item) if pa.types.is_list(type_) else pa.large_list(item)
+    if pa.types.is_struct(type_):
+        return pa.struct([field.with_type(_no_nulls(field.type)) for field in type_])
+    return type_
+
+
+def _fits(values: list[Any], type_: pa.DataType) -> bool:
+    """Whether every value converts to `type_` without changing meaning."""
+    try:
+        inferred = pa.array(values)
+        if inferred.type == type_ or pa.types.is_null(inferred.type):
+            return True
+        pa.array(values, type=type_)  # strict: refuses 1 -> string and "1" -> int64
+        inferred.cast(type_)  # safe cast: refuses 1.5 -> int64, which the conversion above truncates
+    except _ARROW_ERRORS:
+        return False
+    return True
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _decode_line(raw: bytes, where: str) -> tuple[Any, str | None]:
+    """`(decoded JSON, None)` or `(None, message naming where and what)`."""
+    try:
+        return orjson.loads(raw), None
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return None, f"{where}: not valid UTF-8 at byte {bad.start}"
+        problem = f"invalid JSON: {exc.msg} (column {exc.colno})"
+        if not raw.endswith(b"\n"):
+            # Only the last line of a file can lack its newline: a writer died mid-line.
+            problem = f"truncated last line (no newline at end of file), {problem}"
+        return None, f"{where}: {problem}"
+
+
+class JsonlSource(InputSource):
+    """JSON Lines input, one object per line; `.gz` files (detected by their magic bytes) are decompressed.
+
+    Args:
+        path: the file. Lines may be of any length; blank lines are skipped but still counted
+            in the "line N" locators.
+
+    Raises:
+        InputError: missing file, a directory, or no data rows ("... is empty").
+    """
+
+    format = "jsonl"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        target = Path(path)
+        if not target.exists():
+            raise InputError(f"{path}: input file not found")
+        if target.is_dir():
+            raise InputError(f"{path}: is a directory; JSONL input must be one file")
+        with open(target, "rb") as file:
+            self._gzip = file.read(2) == _GZIP_MAGIC
+        self.columns, self.passthrough_schema, self.json_columns = self._infer()
+        # JSON-text columns take any value, so only the others need the per-batch fit check.
+        self._checked = [f for f in self.passthrough_schema if f.name not in self.json_columns]
+
+    def total_rows(self) -> int | None:
+        """Lines counted without decoding (see `count_lines`); None for gzip files, which would need a full decompress."""
+        return None if self._gzip else count_lines(self.path)
+
+    def iter_batches(self, batch_size: int = DEFAULT_BATCH_SIZE, start: int = 0) -> Iterator[list[SourceRow]]:
+        """Yield rows from `start` on; lines before `start` are counted, not decoded."""
+        check_batch_args(batch_size, start)
+        batch: list[SourceRow] = []
+        for index, where, raw in self._raw_rows():
+            if index < start:
+                continue
+            batch.append(self._decode_row(index, where, raw))
+            if len(batch) >= batch_size:
+                yield self._check_types(batch)
+                batch = []
+        if batch:
+            yield self._check_types(batch)
+
+    def read_ids(self, column: str) -> Iterator[tuple[int, Any]]:
+        """Yield `(index, value)` for every line that decodes to an object (None where the key is absent)."""
+        for index, where, raw in self._raw_rows():
+            obj, error = _decode_line(raw, where)
+            if error is None and isinstance(obj, dict):
+                yield index, obj.get(column)
+
+    def passthrough_values(self, row: SourceRow) -> dict[str, Any]:
+        """Passthrough values as stored: JSON text for JSON-text columns, None for a value that does not fit."""
+        values = row.values or {}
+        out: dict[str, Any] = {}
+        for field in self.passthrough_schema:
+            value = values.get(field.name)
+            if value is not None and field.name in self.json_columns:
+                value = orjson.dumps(value).decode()
+            elif value is not None and row.error is not None and not _fits([value], field.type):
+                value = None  # the mismatch this error row reports; the rest of the row is still kept
+            out[field.name] = value
+        return out
+
+    def _infer(self) -> tuple[list[str], pa.Schema, frozenset[str]]:
+        good: list[dict[str, Any]] = []
+        any_rows = False
+        for index, where, raw in self._raw_rows():
+            any_rows = True
+            row = self._decode_row(index, where, raw)
+            if row.error is None and row.values is not None:
+                good.append(row.values)
+                if len(good) >= INFER_ROWS:
+                    break
+        if not any_rows:
+            raise InputError(f"{self.path} is empty: no data rows")
+        return infer_passthrough(good)
+
+    def _raw_rows(self) -> Iterator[tuple[int, str, bytes]]:
+        """Yield `(index, "line N", raw line)` for the non-blank lines, streaming."""
+        index = 0
+        try:
+            with self._open() as file:
+                for line_no, raw in enumerate(file, start=1):
+                    if line_no == 1 and raw.startswith(_BOM):
+                        raw = raw[len(_BOM) :]
+                    if raw.isspace() or not raw:
+                        continue
+                    yield index, f"line {line_no}", raw
+                    index += 1
+        except (OSError, EOFError, zlib.error) as exc:
+            # gzip.BadGzipFile is an OSError; EOFError is a gzip stream cut short.
+            raise InputError(f"{self.path}: cannot read the file ({exc})") from exc
+
+    def _open(self) -> IO[bytes]:
+        return gzip.open(self.path, "rb") if self._gzip else open(self.path, "rb")
+
+    def _decode_row(self, index: int, where: str, raw: bytes) -> SourceRow:
+        obj, error = _decode_line(raw, where)
+        if error is not None:
+            return SourceRow(index, where, None, error)
+        if not isinstance(obj, dict):
+            return SourceRow(index, where, None, f"{where}: expected a JSON object, got {_kind(obj)}")
+        values, error = self._validate(obj, where)
+        return SourceRow(index, where, values, error)
+
+    def _validate(self, obj: dict[str, Any], where: str) -> tuple[dict[str, Any] | None, str | None]:
+        """Format-specific checks of a decoded object: `(values, error)`."""
+        return obj, None
+
+    def _check_types(self, batch: list[SourceRow]) -> list[SourceRow]:
+        """Turn rows whose passthrough values do not fit the inferred types into error rows."""
+        for field in self._checked:
+            good = [row for row in batch if row.error is None and row.values is not None]
+            # One conversion per column per batch; only a failing batch is checked row by row.
+            if _fits([row.values.get(field.name) for row in good if row.values is not None], field.type):
+                continue
+            bad = {
+                row.index: _kind(value)
+                for row in good
+                if row.values is not None
+                and (value := row.values.get(field.name)) is not None
+                and not _fits([value], field.type)
+            }
+            batch = [
+                dataclasses.replace(
+                    row,
+                    error=f"{row.where}: column {field.name!r}: value of type {bad[row.index]} does not fit "
+                    f"the column type {field.type} inferred from the first rows",
+                )
+                if row.index in bad
+                else row
+                for row in batch
+            ]
+        return batch
+
+
+class OpenAIBatchSource(JsonlSource):
+    """OpenAI Batch API input: lines `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}`.
+
+    `values` is `{"custom_id": ..., "body": {...}}`; the only passthrough column is `custom_id`.
+    A line with a usable `custom_id` but another bad field keeps its values, so its error
+    record can carry the id.
+    """
+
+    format = "openai-batch"
+
+    def _infer(self) -> tuple[list[str], pa.Schema, frozenset[str]]:
+        if next(self._raw_rows(), None) is None:
+            raise InputError(f"{self.path} is empty: no data rows")
+        return ["custom_id", "body"], pa.schema([pa.field("custom_id", pa.string())]), frozenset()
+
+    def _validate(self, obj: dict[str, Any], where: str) -> tuple[dict[str, Any] | None, str | None]:
+        custom_id = obj.get("custom_id", _MISSING)
+        if custom_id is _MISSING:
+            return None, f"{where}: missing field 'custom_id'"
+        if not isinstance(custom_id, str) or not custom_id:
+            return None, f"{where}: field 'custom_id' must be a non-empty string, got {_kind(custom_id)}"
+        body = obj.get("body", _MISSING)
+        values = {"custom_id": custom_id, "body": None if body is _MISSING else body}
+        for name, ok, wanted in (
+            ("method", obj.get("method", _MISSING) == "POST", '"POST"'),
+            ("url", isinstance(url := obj.get("url"), str) and url in _BATCH_URLS, '"/v1/chat/completions"'),
+            ("body", isinstance(body, dict), "a JSON object"),
+        ):
+            if not ok:
+                got = obj.get(name, _MISSING)
+                shown = "nothing (missing)" if got is _MISSING else orjson.dumps(got).decode()[:80]
+                return values, f"{where}: field {name!r} must be {wanted}, got {shown}"
+        return values, None

@@ -1,0 +1,295 @@
+"""`run(config)`: reader → worker pool → part files → final output, resumable at any point.
+
+Rows stream from the input in batches; each becomes a request (or an error record when the row
+itself is bad); at most `concurrency` requests are in flight; finished records go to crash-safe
+part files every `flush_seconds`; when every row is done the parts are merged into the output in
+input order. The parts are the checkpoint: a rerun skips every row already on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from batchgen.client import Client
+from batchgen.config import MOCK_URL, RunConfig
+from batchgen.errors import APIError, BatchgenError, InputError
+from batchgen.idcheck import find_duplicate_id
+from batchgen.io.parts import PartWriter, finalize, scan_checkpoint
+from batchgen.io.readers import InputSource, SourceRow, open_input
+from batchgen.io.schema import output_schema, state_schema
+from batchgen.progress import Progress, RunStats
+from batchgen.records import outcome_record, problem_record
+from batchgen.rows import RowMapper, RowProblem, RowRequest
+from batchgen.types import ChatCompletionResponse
+from batchgen.worker import Outcome, WorkerPool
+
+__all__ = ["EXIT_CODES", "RunResult", "run", "run_async"]
+
+EXIT_OK = 0
+EXIT_ROW_ERRORS = 1  # the run completed, but some rows are error rows
+EXIT_CONFIG = 2  # bad config or input; nothing was sent
+EXIT_FATAL = 3  # the server could not be used (e.g. model discovery failed)
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM; finished rows are on disk, rerun to resume
+EXIT_CODES = {
+    EXIT_OK: "every row succeeded",
+    EXIT_ROW_ERRORS: "the run completed with some error rows",
+    EXIT_CONFIG: "config or input error (nothing was sent)",
+    EXIT_FATAL: "the server could not be used",
+    EXIT_INTERRUPTED: "interrupted; rerun the same command to resume",
+}
+_END: Any = object()
+
+
+@dataclass(slots=True)
+class RunResult:
+    exit_code: int
+    stats: RunStats
+    output: str
+    message: str
+
+
+def state_dir_for(output: str) -> Path:
+    """Where the part files of a run live until it completes."""
+    return Path(output + ".batchgen")
+
+
+class _Run:
+    """One run's wiring; `execute()` does the work. Split out so each step stays short."""
+
+    def __init__(self, cfg: RunConfig, client: Client, source: InputSource, mapper: RowMapper, log: TextIO) -> None:
+        self.cfg, self.client, self.source, self.mapper, self.log = cfg, client, source, mapper, log
+        self.output = Path(cfg.output)
+        self.state_dir = state_dir_for(cfg.output)
+        self.previous = self.output if self.output.exists() else None
+        passthrough = source.passthrough_schema
+        if mapper.id_column == "id" and "id" in passthrough.names:
+            passthrough = passthrough.remove(passthrough.get_field_index("id"))
+        self.passthrough_names = passthrough.names
+        self.schema, self.renames = output_schema(passthrough)
+        self.stats = RunStats()
+        self.outbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(1024, cfg.concurrency * 4))
+        self.pending: dict[int, dict[str, Any]] = {}  # passthrough values of requests in flight
+        self.new_records = 0
+        self.interrupted = False
+
+    def _passthrough(self, row: SourceRow) -> dict[str, Any]:
+        if row.values is None:
+            return dict.fromkeys(self.renames.get(n, n) for n in self.passthrough_names)
+        values = self.source.passthrough_values(row)
+        return {self.renames.get(n, n): values.get(n) for n in self.passthrough_names}
+
+    async def _rows(self) -> AsyncIterator[SourceRow]:
+        batches: Iterator[list[SourceRow]] = self.source.iter_batches()
+        while True:
+            batch = await asyncio.to_thread(next, batches, None)  # pyarrow / file reads off the loop
+            if batch is None:
+                return
+            for row in batch:
+                yield row
+
+    async def _feed(self, pool: WorkerPool, status: bytearray) -> None:
+        limit = self.cfg.limit
+        async for row in self._rows():
+            if limit is not None and row.index >= limit:
+                break
+            state = status[row.index] if row.index < len(status) else 0
+            if state == 1 or (state == 2 and not self.cfg.retry_failed):
+                self.stats.skipped += 1
+                continue
+            passthrough = self._passthrough(row)
+            item: RowRequest | RowProblem
+            if row.error is not None or row.values is None:
+                row_id = self.mapper.row_id(row.index, row.values) if row.values else None
+                item = RowProblem(row.index, row_id, row.error or f"{row.where}: unreadable", "invalid_input")
+            else:
+                item = self.mapper.map(row.index, row.where, row.values)
+            if isinstance(item, RowProblem):
+                await self.outbox.put(problem_record(item, passthrough))
+                continue
+            self.pending[row.index] = passthrough
+            await pool.submit(item)
+        await pool.close()
+
+    async def _send(self, request: RowRequest) -> ChatCompletionResponse:
+        return await self.client.complete(request.body, request_id=request.row_id, validated=True)
+
+    async def _on_outcome(self, outcome: Outcome) -> None:
+        await self.outbox.put(outcome_record(outcome, self.pending.pop(outcome.request.index)))
+
+    async def _write(self, writer: PartWriter, progress: Progress) -> None:
+        """The single writer: drain the outbox, write a part every flush_seconds or flush_rows."""
+        loop = asyncio.get_running_loop()
+        buffer: list[dict[str, Any]] = []
+        last_flush = loop.time()
+        done = False
+        while not done:
+            try:
+                timeout = max(0.0, self.cfg.flush_seconds - (loop.time() - last_flush))
+                item = self.outbox.get_nowait() if not self.outbox.empty() else await asyncio.wait_for(
+                    self.outbox.get(), timeout
+                )
+            except TimeoutError:
+                item = None
+            if item is _END:
+                done = True
+            elif item is not None:
+                buffer.append(item)
+                self.stats.add(item)
+                progress.update(1, self.client.retries_total)
+            now = loop.time()
+            if buffer and (done or now - last_flush >= self.cfg.flush_seconds or len(buffer) >= self.cfg.flush_rows):
+                records, buffer = buffer, []
+                await asyncio.to_thread(writer.write, records)
+                self.new_records += len(records)
+                last_flush = now
+            elif not buffer:
+                last_flush = now  # nothing pending: the flush clock starts with the next record
+
+    async def execute(self) -> RunResult:
+        total = self.source.total_rows()
+        if self.cfg.limit is not None and total is not None:
+            total = min(total, self.cfg.limit)
+        checkpoint = await asyncio.to_thread(scan_checkpoint, self.state_dir, total, self.previous)
+        writer = PartWriter(self.state_dir, state_schema(self.schema), checkpoint.next_generation)
+        progress = Progress(self.stats, total, enabled=self.cfg.progress, stream=self.log)
+        pool = WorkerPool(self._send, self.cfg.concurrency, on_outcome=self._on_outcome)
+
+        async def produce() -> None:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(pool.run())
+                await self._feed(pool, checkpoint.status)
+
+        producer = asyncio.create_task(produce())
+        write_task = asyncio.create_task(self._write(writer, progress))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self._interrupt, producer)
+        try:
+            await asyncio.wait([producer])
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.remove_signal_handler(sig)
+            await self.outbox.put(_END)
+            await write_task
+            progress.close()
+            self.stats.retries = self.client.retries_total
+        if producer.cancelled():
+            return self._result(EXIT_INTERRUPTED, f"interrupted: {self.stats.done} rows saved; rerun the same command to resume")
+        producer.result()  # re-raise a fatal error (e.g. the input became unreadable part-way)
+        return await self._complete(checkpoint.failed)
+
+    def _interrupt(self, producer: asyncio.Task[None]) -> None:
+        self.interrupted = True
+        producer.cancel()
+
+    async def _complete(self, failed_before: int) -> RunResult:
+        has_parts = self.state_dir.exists() and any(self.state_dir.glob("part-*.parquet"))
+        if self.new_records == 0 and not has_parts and self.previous is not None:
+            failed = failed_before
+            code = EXIT_ROW_ERRORS if failed else EXIT_OK
+            return self._result(code, f"nothing to do: every row is already in {self.output} ({failed} error rows)")
+        rows = await asyncio.to_thread(finalize, self.state_dir, self.output, self.schema, previous_output=self.previous)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        failed = await asyncio.to_thread(_count_errors, self.output)
+        code = EXIT_ROW_ERRORS if failed else EXIT_OK
+        return self._result(code, f"wrote {rows} rows ({failed} error rows) to {self.output}")
+
+    def _result(self, code: int, message: str) -> RunResult:
+        return RunResult(code, self.stats, str(self.output), message)
+
+
+def _count_errors(path: Path) -> int:
+    import polars as pl
+
+    frame = pl.scan_parquet(path) if path.suffix == ".parquet" else pl.scan_ndjson(path)
+    return int(frame.select(pl.col("error").is_not_null().sum()).collect().item())
+
+
+async def _model(client: Client, cfg: RunConfig) -> str:
+    if cfg.model:
+        return cfg.model
+    try:
+        models = await client.list_models()
+    except APIError as exc:
+        raise _FatalError(f"cannot list models at {client.base_url}/models: {exc}; pass --model to skip discovery") from exc
+    if not models or not isinstance(models[0].get("id"), str):
+        raise _FatalError(f"{client.base_url}/models lists no model; pass --model")
+    return str(models[0]["id"])
+
+
+class _FatalError(BatchgenError):
+    pass
+
+
+@contextlib.asynccontextmanager
+async def _server_url(cfg: RunConfig) -> AsyncIterator[str]:
+    """The base URL to use; `mock` starts the built-in mock server for the duration of the run."""
+    if cfg.base_url != MOCK_URL:
+        yield cfg.base_url
+        return
+    from batchgen.testing.mock_server import MockServer
+
+    async with MockServer() as server:
+        yield server.url
+
+
+async def run_async(cfg: RunConfig, *, log: TextIO | None = None) -> RunResult:
+    """Run a job to completion (or interruption) and return its result; see `run`."""
+    log = log or sys.stderr
+    source = open_input(cfg.input, cfg.input_format)
+    mapper = RowMapper(
+        source.columns,
+        fmt=source.format,
+        model="",
+        defaults=cfg.defaults(),
+        messages_column=cfg.messages_column,
+        prompt_column=cfg.prompt_column,
+        system_prompt=cfg.system_prompt,
+        id_column=cfg.id_column,
+        stream=cfg.stream,
+    )
+    if cfg.overwrite:
+        shutil.rmtree(state_dir_for(cfg.output), ignore_errors=True)
+        Path(cfg.output).unlink(missing_ok=True)
+    if mapper.id_column is not None:
+        duplicate = await asyncio.to_thread(find_duplicate_id, source.read_ids(mapper.id_column))
+        if duplicate is not None:
+            value, first, second = duplicate
+            raise InputError(f"duplicate id {value!r} in column {mapper.id_column!r}: rows {first} and {second}")
+    async with _server_url(cfg) as base_url:
+        client = Client(
+            base_url,
+            cfg.resolve_api_key(),
+            timeout=cfg.timeout,
+            read_timeout=cfg.read_timeout,
+            max_retries=cfg.max_retries,
+            backoff_base=cfg.backoff_base,
+            max_retry_after=cfg.max_retry_after,
+            max_connections=cfg.concurrency,
+            max_response_bytes=cfg.max_response_bytes,
+        )
+        async with client:
+            try:
+                mapper.model = await _model(client, cfg)
+            except _FatalError as exc:
+                return RunResult(EXIT_FATAL, RunStats(), cfg.output, str(exc))
+            return await _Run(cfg, client, source, mapper, log).execute()
+
+
+def run(cfg: RunConfig, *, log: TextIO | None = None) -> RunResult:
+    """Run a `batchgen run` job from Python and return its `RunResult` (exit code, stats, message).
+
+    Raises:
+        ConfigError / InputError: before anything is sent.
+    """
+    return asyncio.run(run_async(cfg, log=log))

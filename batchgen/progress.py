@@ -1,0 +1,96 @@
+"""Run counters, the live display (a tqdm bar on a terminal, log lines elsewhere) and the summary."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+__all__ = ["Progress", "RunStats"]
+
+LOG_EVERY_S = 5.0
+
+
+@dataclass(slots=True)
+class RunStats:
+    """What a run did; derived from the records it wrote, never from scattered counters."""
+
+    ok: int = 0
+    failed: int = 0
+    skipped: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, record: dict[str, Any]) -> None:
+        if record["error"] is None:
+            self.ok += 1
+        else:
+            self.failed += 1
+            self.errors[record["error_type"] or "error"] += 1
+        usage = record.get("usage")
+        if usage:
+            self.input_tokens += usage.get("prompt_tokens") or 0
+            self.output_tokens += usage.get("completion_tokens") or 0
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def summary(self, output: str | None) -> str:
+        wall = max(self.elapsed, 1e-9)
+        lines = [
+            f"rows: {self.ok} ok, {self.failed} failed"
+            + (f" ({', '.join(f'{k}: {v}' for k, v in self.errors.most_common())})" if self.errors else "")
+            + (f", {self.skipped} already done" if self.skipped else ""),
+            f"tokens: {self.input_tokens} input, {self.output_tokens} output; retries: {self.retries}",
+            f"time: {wall:.1f} s, {self.done / wall:.1f} rows/s, {self.output_tokens / wall:.1f} output tokens/s",
+        ]
+        if output:
+            lines.append(f"output: {output}")
+        return "\n".join(lines)
+
+
+class Progress:
+    """Shows progress: a tqdm bar when `stream` is a terminal and `enabled`, else a line every few seconds."""
+
+    def __init__(self, stats: RunStats, total: int | None, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.stats = stats
+        self.stream = stream or sys.stderr
+        self.retries = 0
+        self._bar: tqdm[Any] | None = None
+        self._last_log = time.perf_counter()
+        self._total = total
+        if enabled and self.stream.isatty():
+            self._bar = tqdm(total=total, file=self.stream, unit="row", dynamic_ncols=True, smoothing=0.1)
+
+    def _postfix(self) -> str:
+        wall = max(self.stats.elapsed, 1e-9)
+        return f"tok/s={self.stats.output_tokens / wall:.0f} err={self.stats.failed} retries={self.retries}"
+
+    def update(self, rows: int, retries: int) -> None:
+        self.retries = retries
+        if self._bar is not None:
+            self._bar.update(rows)
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self._last_log >= LOG_EVERY_S:
+            self._last_log = now
+            total = f"/{self._total}" if self._total is not None else ""
+            rate = self.stats.done / max(self.stats.elapsed, 1e-9)
+            print(f"batchgen: {self.stats.done}{total} rows, {rate:.1f} rows/s, {self._postfix()}", file=self.stream)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,76 @@
+"""Output records: one flat dict per input row, matching `batchgen.io.schema` (pure).
+
+A success fills the answer columns; a failure fills `error`, `error_type` and `status_code`
+and leaves the answer columns null, so every input row has exactly one record either way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchgen.errors import APIStatusError
+from batchgen.io.schema import INDEX_COLUMN
+from batchgen.rows import RowProblem
+from batchgen.worker import Outcome
+
+__all__ = ["outcome_record", "problem_record"]
+
+_EMPTY_ANSWER = {
+    "content": None,
+    "reasoning_content": None,
+    "tool_calls": None,
+    "finish_reason": None,
+    "usage": None,
+    "model": None,
+    "response_id": None,
+}
+
+
+def outcome_record(outcome: Outcome, passthrough: dict[str, Any]) -> dict[str, Any]:
+    """The record of a request that was sent (answered, or failed after its retries)."""
+    request = outcome.request
+    record: dict[str, Any] = {INDEX_COLUMN: request.index, "id": request.row_id, **passthrough}
+    response = outcome.response
+    if response is not None:
+        usage = response.usage
+        record.update(
+            content=response.content,
+            reasoning_content=response.reasoning_content,
+            tool_calls=[call.to_dict() for call in response.tool_calls],
+            finish_reason=response.finish_reason,
+            usage=None if usage is None else usage.to_dict(),
+            model=response.model,
+            response_id=response.id,
+            error=None,
+            error_type=None,
+            status_code=200,
+            ttft_s=response.ttft_s,
+        )
+    else:
+        error = outcome.error
+        assert error is not None
+        record.update(_EMPTY_ANSWER)
+        record.update(
+            error=str(error),
+            error_type=error.error_type,
+            status_code=error.status_code if isinstance(error, APIStatusError) else None,
+            ttft_s=None,
+        )
+    record["attempts"] = outcome.attempts
+    record["latency_s"] = outcome.latency_s
+    return record
+
+
+def problem_record(problem: RowProblem, passthrough: dict[str, Any]) -> dict[str, Any]:
+    """The record of a row that never became a request (it could not be read or was invalid)."""
+    record: dict[str, Any] = {INDEX_COLUMN: problem.index, "id": problem.row_id, **passthrough}
+    record.update(_EMPTY_ANSWER)
+    record.update(
+        error=problem.message,
+        error_type=problem.error_type,
+        status_code=None,
+        attempts=0,
+        latency_s=None,
+        ttft_s=None,
+    )
+    return record

@@ -1,0 +1,226 @@
+"""Turns one input row into one `/v1/chat/completions` body (pure).
+
+Messages come from a messages column (a list of `{role, content, ...}`, or its JSON text) or from
+a prompt column (plain text, with an optional system prompt). Columns named like request fields
+override the config defaults for their row; an `extra` column is merged last. A bad row gives a
+`RowProblem` that names the column, never an exception that would stop the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from batchgen.errors import InputError, ValidationError
+from batchgen.validation import validate_request
+
+__all__ = ["OVERRIDE_FIELDS", "RowMapper", "RowProblem", "RowRequest"]
+
+# Columns that override the request field of the same name for their row.
+OVERRIDE_FIELDS = (
+    "temperature", "max_tokens", "max_completion_tokens", "top_p", "top_k", "min_p", "stop", "seed", "n",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "tools", "tool_choice", "response_format",
+    "logprobs", "top_logprobs", "chat_template_kwargs", "reasoning_effort", "structured_outputs",
+)  # fmt: skip
+# Fields whose value is an object or list: a JSON string in a column is decoded first.
+JSON_FIELDS = frozenset({"tools", "response_format", "chat_template_kwargs", "structured_outputs", "stop"})
+
+
+@dataclass(frozen=True, slots=True)
+class RowRequest:
+    index: int
+    row_id: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RowProblem:
+    """A row that cannot become a request; it becomes an error row with this message."""
+
+    index: int
+    row_id: str | None  # None when the row's id itself could not be read
+    message: str
+    error_type: str = "invalid_row"
+
+
+def _drop_nulls(value: Any) -> Any:
+    # Arrow structs give every field to every row; absent fields come back as None.
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _as_mapping(value: Any) -> Any:
+    if isinstance(value, list) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        return dict(value)  # an Arrow map column arrives as a list of (key, value) pairs
+    return value
+
+
+class RowMapper:
+    """Maps rows of one input to request bodies.
+
+    Args:
+        columns: the input's columns (checked once, so a missing column stops the run up front).
+        fmt: "parquet", "jsonl" or "openai-batch".
+        model: the model every request uses unless the row's body names one.
+        defaults: request fields from the config (sampling defaults and `extra`).
+        messages_column / prompt_column / system_prompt / id_column: the mapping settings.
+        stream: ask for SSE (and usage in the stream).
+    """
+
+    def __init__(
+        self,
+        columns: Sequence[str],
+        *,
+        fmt: str,
+        model: str,
+        defaults: Mapping[str, Any],
+        messages_column: str = "messages",
+        prompt_column: str = "prompt",
+        system_prompt: str | None = None,
+        id_column: str | None = None,
+        stream: bool = False,
+    ) -> None:
+        self.fmt = fmt
+        self.model = model
+        self.defaults = dict(defaults)
+        self.system_prompt = system_prompt
+        self.stream = stream
+        names = set(columns)
+        if fmt == "openai-batch":
+            self.mode, self.text_column, self.id_column = "body", "body", "custom_id"
+        else:
+            if messages_column in names:
+                self.mode, self.text_column = "messages", messages_column
+            elif prompt_column in names:
+                self.mode, self.text_column = "prompt", prompt_column
+            else:
+                raise InputError(
+                    f"the input has neither a {messages_column!r} nor a {prompt_column!r} column "
+                    f"(columns: {', '.join(columns) or 'none'}); set --messages-column or --prompt-column"
+                )
+            if id_column is not None and id_column not in names:
+                raise InputError(f"id column {id_column!r} is not in the input (columns: {', '.join(columns)})")
+            self.id_column = id_column or next((c for c in ("id", "custom_id") if c in names), None)
+        self.overrides = [f for f in OVERRIDE_FIELDS if f in names and f != self.text_column]
+        self.has_extra = "extra" in names and self.text_column != "extra"
+        self.has_system = "system" in names and self.mode == "prompt"
+
+    def row_id(self, index: int, values: Mapping[str, Any] | None) -> str | None:
+        """The row's id as text; None when the id column holds null."""
+        if self.id_column is None:
+            return str(index)
+        value = None if values is None else values.get(self.id_column)
+        if value is None:
+            return None
+        return value if isinstance(value, str) else str(value)
+
+    def map(self, index: int, where: str, values: Mapping[str, Any]) -> RowRequest | RowProblem:
+        row_id = self.row_id(index, values)
+        if row_id is None:
+            return RowProblem(index, None, f"{where}: column {self.id_column!r} is null; every row needs an id")
+        try:
+            body, from_row = self._body(values)
+            self._finish(body)
+            validate_request(body)
+        except ValidationError as exc:
+            root = exc.field.split("[")[0].split(".")[0]
+            origin = self._origin(root, from_row)
+            return RowProblem(index, row_id, f"{where}: {origin}: {exc}")
+        except _ColumnError as exc:
+            return RowProblem(index, row_id, f"{where}: column {exc.column!r}: {exc.message}")
+        return RowRequest(index, row_id, body)
+
+    def _origin(self, root: str, from_row: set[str]) -> str:
+        if root == "messages" and self.mode != "body":
+            return f"column {self.text_column!r}"
+        if root in from_row:
+            return "column 'body'" if self.mode == "body" else f"column {root!r}"
+        return "config"
+
+    def _body(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], set[str]]:
+        body: dict[str, Any] = {"model": self.model}
+        body.update(self.defaults)
+        from_row: set[str] = set()
+        if self.mode == "body":
+            row_body = values.get("body")
+            if not isinstance(row_body, dict):
+                raise _ColumnError("body", "must be a JSON object")
+            body.update(row_body)  # the row's own request wins; defaults fill the gaps
+            from_row.update(row_body)
+            return body, from_row
+        body["messages"] = self._messages(values)
+        for name in self.overrides:
+            value = values.get(name)
+            if value is None:
+                continue
+            body[name] = self._decode(name, value)
+            from_row.add(name)
+        if self.has_extra:
+            extra = _as_mapping(self._decode("extra", values.get("extra")))
+            if extra is not None:
+                if not isinstance(extra, dict):
+                    raise _ColumnError("extra", f"must be an object of request fields, got {type(extra).__name__}")
+                extra = _drop_nulls(extra)
+                body.update(extra)
+                from_row.update(extra)
+        return body, from_row
+
+    def _finish(self, body: dict[str, Any]) -> None:
+        if self.stream:
+            body["stream"] = True
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        elif self.mode != "body":
+            body.pop("stream", None)
+
+    @staticmethod
+    def _decode(column: str, value: Any) -> Any:
+        if isinstance(value, str) and (column in JSON_FIELDS or column == "extra" or value[:1] in "{["):
+            if column == "stop" and value[:1] != "[":
+                return value
+            try:
+                return orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                raise _ColumnError(column, f"is not valid JSON ({exc})") from exc
+        if column == "tool_choice" and isinstance(value, dict):
+            return _drop_nulls(value)
+        if isinstance(value, (dict, list)):
+            return _drop_nulls(_as_mapping(value))
+        return value
+
+    def _messages(self, values: Mapping[str, Any]) -> Any:
+        column = self.text_column
+        value = values.get(column)
+        if self.mode == "prompt":
+            if not isinstance(value, str) or not value:
+                got = "null" if value is None else repr(value)[:60]
+                raise _ColumnError(column, f"must be a non-empty string, got {got}")
+            system = values.get("system") if self.has_system else None
+            system = system or self.system_prompt
+            messages = [{"role": "user", "content": value}]
+            return [{"role": "system", "content": system}, *messages] if system else messages
+        if value is None:
+            raise _ColumnError(column, "is null; every row needs a conversation")
+        if isinstance(value, str):
+            try:
+                value = orjson.loads(value)
+            except orjson.JSONDecodeError as exc:
+                raise _ColumnError(column, f"is not valid JSON ({exc})") from exc
+        if isinstance(value, list):
+            value = [_drop_nulls(m) if isinstance(m, dict) else m for m in value]
+            if self.system_prompt and not any(isinstance(m, dict) and m.get("role") == "system" for m in value):
+                value = [{"role": "system", "content": self.system_prompt}, *value]
+        return value
+
+
+class _ColumnError(Exception):
+    def __init__(self, column: str, message: str) -> None:
+        super().__init__(message)
+        self.column = column
+        self.message = message

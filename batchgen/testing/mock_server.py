@@ -1,0 +1,600 @@
+"""A mock vLLM OpenAI-compatible server on aiohttp.web, for tests, demos and benchmarks (no GPU needed).
+
+Run it in-process (`make_app`, `MockServer`), in a background thread for sync code
+(`mock_server_thread`), or from a shell: ``python -m batchgen.testing.mock_server --port 8001``.
+Answers are deterministic functions of the request (rules in `mock_replies`), so a test can check
+exactly what reached the server; `MockState` records the requests and the concurrency seen.
+
+Faults: each chat attempt gets one with probability `MockConfig.fault_rate`, drawn from the state's
+seeded RNG. A request can force faults instead with the header ``x-mock-faults: 500,429,disconnect``:
+the k-th kind applies to attempt k (header ``x-batchgen-attempt``, 1-based, default 1) and later
+attempts succeed. Only requests that pass validation get faults, so a 4xx is never masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import os
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from batchgen.testing.mock_replies import (
+    ChatPlan,
+    RequestRejected,
+    StreamEvent,
+    completion_body,
+    error_body,
+    models_body,
+    parse_body,
+    plan_chat,
+    stream_events,
+)
+
+__all__ = [
+    "FAULT_KINDS",
+    "MockConfig",
+    "MockServer",
+    "MockState",
+    "add_arguments",
+    "main",
+    "make_app",
+    "mock_server_thread",
+]
+
+FAULT_KINDS: Final = ("429", "500", "503", "disconnect", "stall", "malformed", "truncated")
+MOCK_VERSION: Final = "0.16.0-mock"
+FORCED_FAULTS_HEADER: Final = "x-mock-faults"
+ATTEMPT_HEADER: Final = "x-batchgen-attempt"
+_SHUTDOWN_GRACE_S: Final = 1.0  # in-flight handlers (a stall, a slow stream) get this long on close
+_MAX_BODY_BYTES: Final = 64 * 1024 * 1024  # vLLM has no small body cap; aiohttp's 1 MiB default would be one
+_MALFORMED_BODY: Final = b'{"id": "x", "choices": '
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MockConfig:
+    """How the mock server behaves. Every field has a default; invalid values raise ValueError.
+
+    Args:
+        models: served model names; the first is the base model (used when a request names none).
+        latency_ms: non-stream only: delay before the answer.
+        ttft_ms / itl_ms: stream only: delay before the first / between later generation steps.
+        output_tokens: reply length when the request has no max_tokens; None = natural echo length.
+        fault_rate: probability that a chat attempt gets a fault, picked uniformly from `faults`.
+        seed: seeds the fault RNG, so a given arrival order gives the same faults.
+        retry_after_s: Retry-After sent with 429 and 503 faults.
+        stall_s: how long a "stall" fault hangs before closing the connection.
+        api_key: when set, /v1/* requires ``Authorization: Bearer <key>`` (else 401, as vLLM).
+
+    Example: ``MockConfig(ttft_ms=20, itl_ms=5, output_tokens=128)``.
+    """
+
+    models: tuple[str, ...] = ("mock-model",)
+    latency_ms: float = 0.0
+    ttft_ms: float = 0.0
+    itl_ms: float = 0.0
+    output_tokens: int | None = None
+    fault_rate: float = 0.0
+    faults: tuple[str, ...] = FAULT_KINDS
+    seed: int = 0
+    retry_after_s: float = 0.05
+    stall_s: float = 30.0
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        # Accept any iterable of names, but store tuples so the config stays hashable and immutable.
+        object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "faults", tuple(self.faults))
+        if not self.models or not all(isinstance(m, str) and m for m in self.models):
+            raise ValueError("models must be a non-empty tuple of non-empty names")
+        unknown = sorted(set(self.faults) - set(FAULT_KINDS))
+        if unknown:
+            raise ValueError(f"unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}")
+        if not 0.0 <= self.fault_rate <= 1.0:
+            raise ValueError(f"fault_rate must be in [0, 1], got {self.fault_rate}")
+        if self.fault_rate > 0 and not self.faults:
+            raise ValueError("fault_rate > 0 needs at least one fault kind")
+        for name in ("latency_ms", "ttft_ms", "itl_ms", "retry_after_s", "stall_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.output_tokens is not None and self.output_tokens < 1:
+            raise ValueError("output_tokens must be >= 1 or None")
+
+
+@dataclass(slots=True, eq=False)
+class MockState:
+    """What the server saw, for tests to assert on. Only the server's event loop mutates it."""
+
+    seed: int = 0
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    request_headers: list[dict[str, str]] = field(default_factory=list)  # lower-cased names
+    in_flight: int = 0
+    max_in_flight: int = 0
+    faults_injected: Counter[str] = field(default_factory=Counter)
+    rng: random.Random = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    def reset(self) -> None:
+        """Forget everything seen and reseed the fault RNG; requests still running stay counted."""
+        self.requests.clear()
+        self.request_headers.clear()
+        self.max_in_flight = self.in_flight
+        self.faults_injected.clear()
+        self.rng.seed(self.seed)
+
+    def record(self, body: dict[str, Any], headers: Mapping[str, str]) -> None:
+        self.requests.append(body)
+        self.request_headers.append({k.lower(): v for k, v in headers.items()})
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        """Count one handler as in flight for the duration of the block."""
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+
+# ---------------------------------------------------------------- fault selection
+
+
+def _bad_header(name: str, message: str) -> RequestRejected:
+    return RequestRejected(400, f"{name}: {message}", error_type="BadRequestError", param=name)
+
+
+def _forced_fault(spec: str, attempt_header: str) -> str | None:
+    kinds = [k.strip() for k in spec.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in FAULT_KINDS]
+    if unknown:
+        raise _bad_header(FORCED_FAULTS_HEADER, f"unknown fault kinds {unknown}")
+    try:
+        attempt = int(attempt_header)
+    except ValueError:
+        attempt = 0
+    if attempt < 1:
+        raise _bad_header(ATTEMPT_HEADER, f"must be an integer >= 1, got {attempt_header!r}")
+    return kinds[attempt - 1] if attempt <= len(kinds) else None
+
+
+def choose_fault(headers: Mapping[str, str], config: MockConfig, rng: random.Random) -> str | None:
+    """The fault for this attempt: forced by header if present, else random at `fault_rate`."""
+    forced = headers.get(FORCED_FAULTS_HEADER)
+    if forced is not None:
+        return _forced_fault(forced, headers.get(ATTEMPT_HEADER, "1"))
+    # Draw only when faults are on, so a fault-free server never touches the RNG.
+    if config.fault_rate > 0 and rng.random() < config.fault_rate:
+        return rng.choice(config.faults)
+    return None
+
+
+# ---------------------------------------------------------------- responses
+
+FaultHandler = Callable[[web.Request, ChatPlan, MockConfig], Awaitable[web.StreamResponse]]
+
+
+def _json(obj: object, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    # vLLM sends compact, raw-UTF-8 JSON with a bare application/json content type; orjson matches.
+    body = orjson.dumps(obj)
+    return web.Response(body=body, status=status, headers=headers, content_type="application/json")
+
+
+async def _sleep_ms(ms: float) -> None:
+    if ms > 0:  # a zero-delay server should not pay for a trip through the event loop per chunk
+        await asyncio.sleep(ms / 1000)
+
+
+def _drop_connection(request: web.Request) -> None:
+    # The client sees a dropped connection. aiohttp then swallows the ConnectionError raised when
+    # it tries to send whatever response the handler returns (web_protocol.finish_response).
+    if request.transport is not None:
+        request.transport.close()
+
+
+async def _open_sse(request: web.Request) -> web.StreamResponse:
+    # Starlette adds the charset to text/* media types, so real vLLM sends exactly this.
+    resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8"})
+    await resp.prepare(request)
+    return resp
+
+
+async def _stream(
+    request: web.Request, events: Iterable[StreamEvent], config: MockConfig, stop_after: int | None = None
+) -> web.StreamResponse:
+    """Send SSE frames, pacing generation steps; with `stop_after`, drop the connection after that many."""
+    resp = await _open_sse(request)
+    steps = 0
+    try:
+        for event in events:
+            if event.paced:
+                if steps == stop_after:
+                    _drop_connection(request)
+                    break
+                await _sleep_ms(config.ttft_ms if steps == 0 else config.itl_ms)
+                steps += 1
+            await resp.write(event.data)  # one write per chunk, so each reaches the client at once
+    except ConnectionError:
+        pass  # the client went away mid-stream (a cancel or a timeout); nothing left to do
+    return resp
+
+
+async def _answer(request: web.Request, plan: ChatPlan, config: MockConfig) -> web.StreamResponse:
+    if plan.stream:
+        return await _stream(request, stream_events(plan), config)
+    await _sleep_ms(config.latency_ms)
+    return _json(completion_body(plan))
+
+
+def _status_fault(status: int, error_type: str, message: str, retry_after: bool) -> FaultHandler:
+    async def respond(request: web.Request, plan: ChatPlan, config: MockConfig) -> web.StreamResponse:
+        headers = {"Retry-After": f"{config.retry_after_s:g}"} if retry_after else None
+        return _json(error_body(message, error_type, None, status), status, headers)
+
+    return respond
+
+
+async def _disconnect(request: web.Request, plan: ChatPlan, config: MockConfig) -> web.StreamResponse:
+    _drop_connection(request)
+    return web.Response()  # never sent: the transport is closed
+
+
+async def _stall(request: web.Request, plan: ChatPlan, config: MockConfig) -> web.StreamResponse:
+    await asyncio.sleep(config.stall_s)
+    return await _disconnect(request, plan, config)
+
+
+async def _malformed(request: web.Request, plan: ChatPlan, config: MockConfig) -> web.StreamResponse:
+    if not plan.stream:
+        return web.Response(body=_MALFORMED_BODY, content_type="application/json")
+    # For a stream: a well-framed stream whose first token event is broken JSON, then [DONE].
+    role_chunks = [e for e in stream_events(plan) if not e.paced][: len(plan.choices)]
+    frames = [*role_chunks, StreamEvent(b"data: " + _MALFORMED_BODY + b"\n\n", paced=True)]
+    return await _stream(request, [*frames, StreamEvent(b"data: [DONE]\n\n", paced=False)], config)
+
+
+async def _truncated(request: web.Request, plan: ChatPlan, config: MockConfig) -> web.StreamResponse:
+    if plan.stream:
+        events = list(stream_events(plan))
+        return await _stream(request, events, config, stop_after=max(1, sum(e.paced for e in events) // 2))
+    body = orjson.dumps(completion_body(plan))
+    resp = web.StreamResponse(status=200)
+    resp.content_type = "application/json"
+    resp.content_length = len(body)  # promise the whole body, send half: the client must notice
+    await resp.prepare(request)
+    await resp.write(body[: len(body) // 2])
+    _drop_connection(request)
+    return resp
+
+
+_FAULTS: Final[Mapping[str, FaultHandler]] = {
+    "429": _status_fault(429, "RateLimitError", "Rate limit exceeded (mock fault)", True),
+    "500": _status_fault(500, "InternalServerError", "Internal server error", False),
+    "503": _status_fault(503, "ServiceUnavailableError", "Service unavailable (mock fault)", True),
+    "disconnect": _disconnect,
+    "stall": _stall,
+    "malformed": _malformed,
+    "truncated": _truncated,
+}
+
+
+# ---------------------------------------------------------------- application
+
+
+class _Routes:
+    """The endpoint handlers, bound to one config and one state."""
+
+    def __init__(self, config: MockConfig, state: MockState) -> None:
+        self._config = config
+        self._state = state
+        self._created = int(time.time())
+
+    def table(self) -> dict[tuple[str, str], Handler]:
+        return {
+            ("POST", "/v1/chat/completions"): self.chat,
+            ("GET", "/v1/models"): self.models,
+            ("GET", "/health"): self.health,
+            ("GET", "/version"): self.version,
+        }
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        with self._state.track():
+            try:
+                plan, fault = await self._accept(request)
+            except RequestRejected as exc:
+                return _json(exc.body, exc.status)
+            if fault is None:
+                return await _answer(request, plan, self._config)
+            self._state.faults_injected[fault] += 1
+            return await _FAULTS[fault](request, plan, self._config)
+
+    async def _accept(self, request: web.Request) -> tuple[ChatPlan, str | None]:
+        """Read, record and check one chat request; returns its plan and the fault to inject, if any."""
+        if request.content_type != "application/json":  # vLLM rejects other media types with a 400
+            message = "Unsupported Media Type: Only 'application/json' is allowed"
+            raise RequestRejected(400, message, error_type="BadRequestError", param=None)
+        body = parse_body(await request.read())
+        self._state.record(body, request.headers)
+        plan = plan_chat(
+            body,
+            models=self._config.models,
+            output_tokens=self._config.output_tokens,
+            request_id=request.headers.get("X-Request-Id"),
+            created=int(time.time()),
+        )
+        return plan, choose_fault(request.headers, self._config, self._state.rng)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        return _json(models_body(self._config.models, self._created))
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(status=200)  # vLLM: 200 with an empty body
+
+    async def version(self, request: web.Request) -> web.StreamResponse:
+        return _json({"version": MOCK_VERSION})
+
+
+@web.middleware
+async def _fastapi_style_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Unknown routes answer like FastAPI (``{"detail": "Not Found"}``), not with aiohttp's text page."""
+    try:
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        return _json({"detail": exc.reason}, exc.status)
+
+
+def _auth_middleware(api_key: str) -> Middleware:
+    expected = f"Bearer {api_key}".encode()
+
+    @web.middleware
+    async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # As vLLM's AuthenticationMiddleware: only /v1 is protected, so /health and /version stay open.
+        if request.method != "OPTIONS" and request.path.startswith("/v1"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return _json({"error": "Unauthorized"}, 401)
+        return await handler(request)
+
+    return check_key
+
+
+def make_app(config: MockConfig | None = None, state: MockState | None = None) -> web.Application:
+    """Build the mock server app. A new state is seeded from `config.seed`; a given one keeps its seed.
+
+    The state is also stored as ``app["mock_state"]``.
+    """
+    config = config if config is not None else MockConfig()
+    state = state if state is not None else MockState(seed=config.seed)
+    middlewares: list[Middleware] = [_fastapi_style_errors]
+    if config.api_key is not None:
+        middlewares.append(_auth_middleware(config.api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=_MAX_BODY_BYTES)
+    for (method, path), handler in _Routes(config, state).table().items():
+        app.router.add_route(method, path, handler)
+    with warnings.catch_warnings():
+        # The plain-string key is part of the public API; aiohttp's AppKey nudge would fail under -W error.
+        warnings.simplefilter("ignore", web.NotAppKeyWarning)
+        app["mock_state"] = state
+    return app
+
+
+# ---------------------------------------------------------------- running it
+
+
+class MockServer:
+    """Runs the mock app on a real socket. ``async with MockServer(MockConfig()) as server: server.url``.
+
+    Args:
+        config: the behaviour; defaults to `MockConfig()`.
+        host: interface to bind.
+        port: 0 picks a free port; `port` holds the real one after `start()`.
+    """
+
+    def __init__(self, config: MockConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.config = config if config is not None else MockConfig()
+        self.host = host
+        self.port = port
+        self.state = MockState(seed=self.config.seed)
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL a client uses, ``http://HOST:PORT/v1``; set by `start()`."""
+        if self._url is None:
+            raise RuntimeError("MockServer.url is only known after start()")
+        return self._url
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError("MockServer is already running")
+        runner = web.AppRunner(
+            make_app(self.config, self.state), access_log=None, shutdown_timeout=_SHUTDOWN_GRACE_S
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self._url = f"http://{host}:{self.port}/v1"
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> MockServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class _ServerThread:
+    """Runs a MockServer on its own event loop in a daemon thread."""
+
+    def __init__(self, server: MockServer) -> None:
+        self.server = server
+        self._ready = threading.Event()
+        self._error: Exception | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="batchgen-mock-server", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=_SHUTDOWN_GRACE_S + 5.0)
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            await self.server.start()
+        except Exception as exc:  # handed to the caller of start(), e.g. "address already in use"
+            self._error = exc
+            return
+        finally:
+            self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await self.server.close()
+
+
+@contextlib.contextmanager
+def mock_server_thread(
+    config: MockConfig | None = None, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[MockServer]:
+    """Runs MockServer in a background thread with its own event loop (for sync code / CLI demo).
+
+    Yields the started server (``.url`` set; read ``.state`` only after requests completed) and
+    stops it cleanly on exit.
+    """
+    runner = _ServerThread(MockServer(config, host, port))
+    runner.start()
+    try:
+        yield runner.server
+    finally:
+        runner.stop()
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _fault_list(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in FAULT_KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown fault kinds {unknown}; known: {','.join(FAULT_KINDS)}")
+    return kinds
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the mock server's flags to `parser` (used by ``python -m`` and by batchgen's CLI)."""
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
+    add("--port", type=int, default=8000, help="port to bind, 0 = any free port (default: %(default)s)")
+    add("--model", dest="models", action="append", metavar="NAME",
+        help="served model name; repeatable, the first is the base model (default: mock-model)")
+    add("--latency-ms", type=float, default=0.0, help="non-stream delay before answering")
+    add("--ttft-ms", type=float, default=0.0, help="stream delay before the first token")
+    add("--itl-ms", type=float, default=0.0, help="stream delay between tokens")
+    add("--output-tokens", type=int, default=None, metavar="N",
+        help="reply length when a request has no max_tokens (default: echo length)")
+    add("--fault-rate", type=float, default=0.0, metavar="P", help="probability of a fault per request")
+    add("--faults", type=_fault_list, default=FAULT_KINDS, metavar=",".join(FAULT_KINDS),
+        help="fault kinds to draw from")
+    add("--seed", type=int, default=0, metavar="N", help="fault RNG seed")
+    add("--retry-after-s", type=float, default=0.05, help="Retry-After of 429/503 faults")
+    add("--stall-s", type=float, default=30.0, help="how long a stall fault hangs")
+    add("--api-key-env", metavar="VAR", default=None,
+        help="require this environment variable's value as the Bearer key on /v1/*")
+
+
+def _config_from_args(args: argparse.Namespace) -> MockConfig:
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ValueError(f"--api-key-env: environment variable {args.api_key_env} is not set or empty")
+    return MockConfig(
+        models=tuple(args.models or ("mock-model",)),
+        latency_ms=args.latency_ms,
+        ttft_ms=args.ttft_ms,
+        itl_ms=args.itl_ms,
+        output_tokens=args.output_tokens,
+        fault_rate=args.fault_rate,
+        faults=args.faults,
+        seed=args.seed,
+        retry_after_s=args.retry_after_s,
+        stall_s=args.stall_s,
+        api_key=api_key,
+    )
+
+
+async def _serve_until_signalled(config: MockConfig, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows, or not the main thread
+            loop.add_signal_handler(signum, stop.set)
+    async with MockServer(config, host, port) as server:
+        models = ", ".join(config.models)
+        message = f"batchgen mock server listening on {server.url} (models: {models})"
+        print(message, file=sys.stderr, flush=True)
+        await stop.wait()
+
+
+def main(args: argparse.Namespace) -> int:
+    """Serve until Ctrl-C or SIGTERM. Returns 0, or 2 when the flags are invalid. Never prints the key."""
+    try:
+        config = _config_from_args(args)
+    except ValueError as exc:
+        print(f"batchgen mock server: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_until_signalled(config, args.host, args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(
+        prog="python -m batchgen.testing.mock_server", description="Run the batchgen mock vLLM server."
+    )
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))
