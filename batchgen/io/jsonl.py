@@ -57,7 +57,8 @@ def count_lines(path: str | Path) -> int:
 def infer_passthrough(rows: list[dict[str, Any]]) -> tuple[list[str], pa.Schema, frozenset[str]]:
     """Infer `(columns, passthrough schema, JSON-text columns)` from decoded rows (see the module docstring)."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    fields, json_columns = [], set()
+    fields: list[pa.Field] = []
+    json_columns: set[str] = set()
     for name in columns:
         try:
             type_ = _no_nulls(pa.array([row.get(name) for row in rows]).type)
@@ -226,29 +227,25 @@ class JsonlSource(InputSource):
 
     def _check_types(self, batch: list[SourceRow]) -> list[SourceRow]:
         """Turn rows whose passthrough values do not fit the inferred types into error rows."""
+        good = [(row.index, row.values) for row in batch if row.error is None and row.values is not None]
+        errors: dict[int, str] = {}
         for field in self._checked:
-            good = [row for row in batch if row.error is None and row.values is not None]
-            # One conversion per column per batch; only a failing batch is checked row by row.
-            if _fits([row.values.get(field.name) for row in good if row.values is not None], field.type):
+            # One conversion per column per batch; only a failing batch is checked value by value.
+            if _fits([values.get(field.name) for index, values in good if index not in errors], field.type):
                 continue
-            bad = {
-                row.index: _kind(value)
-                for row in good
-                if row.values is not None
-                and (value := row.values.get(field.name)) is not None
-                and not _fits([value], field.type)
-            }
-            batch = [
-                dataclasses.replace(
-                    row,
-                    error=f"{row.where}: column {field.name!r}: value of type {bad[row.index]} does not fit "
-                    f"the column type {field.type} inferred from the first rows",
-                )
-                if row.index in bad
-                else row
-                for row in batch
-            ]
-        return batch
+            for index, values in good:
+                value = values.get(field.name)
+                if index not in errors and value is not None and not _fits([value], field.type):
+                    errors[index] = (
+                        f"column {field.name!r}: value of type {_kind(value)} does not fit "
+                        f"the column type {field.type} inferred from the first rows"
+                    )
+        if not errors:
+            return batch
+        return [
+            dataclasses.replace(row, error=f"{row.where}: {errors[row.index]}") if row.index in errors else row
+            for row in batch
+        ]
 
 
 class OpenAIBatchSource(JsonlSource):

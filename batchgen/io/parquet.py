@@ -69,11 +69,12 @@ class ParquetSource(InputSource):
         self.format = "parquet"
         self.files = list_parquet_files(path)
         footers = [_read_footer(f) for f in self.files]
-        # The pandas metadata describes a DataFrame index we never rebuild; keeping it would leak
-        # a stale description into the output file.
-        schema = footers[0].schema.to_arrow_schema().remove_metadata()
+        # Compared by name and type only: writers disagree on "required" vs "optional" for the same data.
+        # Passthrough fields are all nullable, so output rows the pipeline fills itself may hold nulls.
+        # The pandas metadata describes a DataFrame index we never rebuild: it is dropped.
+        schema = _nullable(footers[0].schema.to_arrow_schema())
         for file, footer in zip(self.files[1:], footers[1:], strict=True):
-            other = footer.schema.to_arrow_schema().remove_metadata()
+            other = _nullable(footer.schema.to_arrow_schema())
             if not other.equals(schema):
                 raise InputError(
                     f"{file} has a different schema from {self.files[0]}: "
@@ -137,6 +138,10 @@ class ParquetSource(InputSource):
                 yield from reader.iter_batches(batch_size=batch_size, **options)
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"{file}: cannot read Parquet data ({exc})") from exc
+
+
+def _nullable(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([field.with_nullable(True) for field in schema])
 
 
 def _describe(schema: pa.Schema) -> str:

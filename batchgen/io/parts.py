@@ -30,7 +30,10 @@ from batchgen.io.jsonl import count_lines
 from batchgen.io.schema import INDEX_COLUMN, state_schema
 
 __all__ = [
+    "FAILED",
+    "NOT_DONE",
     "ROW_GROUP_ROWS",
+    "SUCCEEDED",
     "Checkpoint",
     "PartFile",
     "PartWriter",
@@ -44,7 +47,7 @@ ROW_GROUP_ROWS = 4096  # small row groups keep `_index` statistics tight, so the
 _PART_NAME = re.compile(r"^part-(\d+)-(\d+)\.parquet$")
 _ARROW_ERRORS = (pa.ArrowException, OverflowError)
 _RANK = "_rank"  # merge-only column: which part a row came from (-1 = previous output)
-NOT_DONE, SUCCEEDED, FAILED = 0, 1, 2
+NOT_DONE, SUCCEEDED, FAILED = 0, 1, 2  # the values of `Checkpoint.status`
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -299,6 +302,8 @@ def finalize(
                     file.writelines(_json_lines(table))
             file.flush()
             os.fsync(file.fileno())
+        if previous is not None:
+            previous.close()  # before the rename: `previous_output` may be `out_path` itself
         os.replace(tmp, out_path)
     except (OSError, pa.ArrowException) as exc:
         tmp.unlink(missing_ok=True)
@@ -306,6 +311,9 @@ def finalize(
     except BaseException:
         tmp.unlink(missing_ok=True)  # an OutputError from the merge, or an interrupt: leave no debris
         raise
+    finally:
+        if previous is not None:
+            previous.close()
     _fsync_dir(out_path.parent)
     return end
 
@@ -386,6 +394,12 @@ class _RowStream:
         table = pa.concat_tables(pieces)
         self._buffer = table.slice(n)
         return table.slice(0, n)
+
+    def close(self) -> None:
+        """Close the file (idempotent): on some platforms an open file cannot be replaced."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def _previous_rows(path: Path, schema: pa.Schema, chunk: int) -> tuple[_RowStream, int]:

@@ -507,7 +507,7 @@ def completion_body(plan: ChatPlan) -> dict[str, Any]:
 
 def models_body(models: Sequence[str], created: int) -> dict[str, Any]:
     """`GET /v1/models`: one card per served name; extra names are aliases of the base, so parent is null."""
-    cards = [
+    cards: list[dict[str, Any]] = [
         {
             "id": name,
             "object": "model",

@@ -162,6 +162,15 @@ def test_parquet_whole_file_errors(tmp_path: Path) -> None:
         open_input(tmp_path / "zero.parquet")
 
 
+def test_parquet_files_differing_only_in_nullability_match(tmp_path: Path) -> None:
+    required = pa.schema([pa.field("id", pa.string(), nullable=False)])
+    pq.write_table(pa.table({"id": ["a"]}, schema=required), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": ["b", None]}), tmp_path / "b.parquet")
+    source = open_input(tmp_path)
+    assert source.passthrough_schema == pa.schema([pa.field("id", pa.string())])
+    assert [row.values for row in rows_of(source)] == [{"id": "a"}, {"id": "b"}, {"id": None}]
+
+
 def test_parquet_directory_with_different_schemas(tmp_path: Path) -> None:
     pq.write_table(prompt_table(0, 2), tmp_path / "a.parquet")
     pq.write_table(pa.table({"id": ["x"]}), tmp_path / "b.parquet")
