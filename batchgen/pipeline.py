@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from batchgen.client import Client
 from batchgen.config import MOCK_URL, RunConfig
-from batchgen.errors import APIError, BatchgenError, InputError
+from batchgen.errors import APIConnectionError, APIError, BatchgenError, InputError
 from batchgen.idcheck import find_duplicate_id
 from batchgen.io.parts import PartWriter, finalize, scan_checkpoint
 from batchgen.io.readers import InputSource, SourceRow, open_input
@@ -79,6 +79,12 @@ class _Run:
         self.pending: dict[int, dict[str, Any]] = {}  # passthrough values of requests in flight
         self.new_records = 0
         self.interrupted = False
+        # Connection failures in a row mean the server is gone: hold their records back (so a rerun
+        # resends them) and stop the run instead of turning every remaining row into an error row.
+        self.down_threshold = max(2 * cfg.concurrency, 10)
+        self.down_streak: list[dict[str, Any]] = []
+        self.aborted: str | None = None
+        self.producer: asyncio.Task[None] | None = None
 
     def _passthrough(self, row: SourceRow) -> dict[str, Any]:
         if row.values is None:
@@ -122,7 +128,23 @@ class _Run:
         return await self.client.complete(request.body, request_id=request.row_id, validated=True)
 
     async def _on_outcome(self, outcome: Outcome) -> None:
-        await self.outbox.put(outcome_record(outcome, self.pending.pop(outcome.request.index)))
+        record = outcome_record(outcome, self.pending.pop(outcome.request.index))
+        if isinstance(outcome.error, APIConnectionError):
+            self.down_streak.append(record)
+            if len(self.down_streak) >= self.down_threshold and self.aborted is None and self.producer is not None:
+                self.aborted = (
+                    f"the server at {self.client.base_url} stopped answering: {len(self.down_streak)} requests "
+                    f"in a row failed after every retry (last: {outcome.error})"
+                )
+                self.producer.cancel()
+            return
+        await self._release_streak()
+        await self.outbox.put(record)
+
+    async def _release_streak(self) -> None:
+        for held in self.down_streak:
+            await self.outbox.put(held)
+        self.down_streak.clear()
 
     async def _write(self, writer: PartWriter, progress: Progress) -> None:
         """The single writer: drain the outbox, write a part every flush_seconds or flush_rows."""
@@ -167,7 +189,7 @@ class _Run:
                 group.create_task(pool.run())
                 await self._feed(pool, checkpoint.status)
 
-        producer = asyncio.create_task(produce())
+        producer = self.producer = asyncio.create_task(produce())
         write_task = asyncio.create_task(self._write(writer, progress))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -179,10 +201,14 @@ class _Run:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
+            if self.aborted is None and not producer.cancelled():
+                await self._release_streak()
             await self.outbox.put(_END)
             await write_task
             progress.close()
             self.stats.retries = self.client.retries_total
+        if producer.cancelled() and self.aborted is not None:
+            return self._result(EXIT_FATAL, f"{self.aborted}; {self.stats.done} rows saved; rerun the same command to resume")
         if producer.cancelled():
             return self._result(EXIT_INTERRUPTED, f"interrupted: {self.stats.done} rows saved; rerun the same command to resume")
         producer.result()  # re-raise a fatal error (e.g. the input became unreadable part-way)

@@ -198,3 +198,23 @@ def test_python_api_generate(tmp_path: Path) -> None:
         out = generate(pl.DataFrame({"prompt": ["a b", "c"], "topic": ["x", "y"]}), base_url=server.url, max_tokens=8)
     assert out["content"].to_list() == ["echo: a b", "echo: c"]
     assert out["topic"].to_list() == ["x", "y"] and out["error"].null_count() == 2
+
+
+async def test_a_server_that_is_gone_stops_the_run_and_it_resumes_later(tmp_path: Path) -> None:
+    import socket
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": [f"p {i}" for i in range(60)]}), path)
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    settings = {"input": str(path), "output": str(tmp_path / "out.parquet"), "progress": False, "model": "mock-model",
+                "concurrency": 4, "max_retries": 1, "backoff_base": 0.001}
+    gone = await run_async(load_config({**settings, "base_url": dead_url}), log=io.StringIO())
+    assert gone.exit_code == 3 and "stopped answering" in gone.message and "rerun" in gone.message
+    assert not (tmp_path / "out.parquet").exists()
+    async with MockServer() as server:
+        back = await run_async(load_config({**settings, "base_url": server.url}), log=io.StringIO())
+    assert back.exit_code == EXIT_OK, back.message
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["content"].to_list() == [f"echo: p {i}" for i in range(60)]

@@ -100,7 +100,10 @@ def _kind(value: Any) -> str:
 
 
 def _decode_line(raw: bytes, where: str) -> tuple[Any, str | None]:
-    """`(decoded JSON, None)` or `(None, message naming where and what)`."""
+    """`(decoded JSON, None)` or `(None, message naming where and what)`.
+
+    A UTF-8 problem is reported at its 0-based byte offset within the line.
+    """
     try:
         return orjson.loads(raw), None
     except orjson.JSONDecodeError as exc:

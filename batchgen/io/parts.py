@@ -98,6 +98,9 @@ def _fsync_dir(path: Path) -> None:
 class PartWriter:
     """Writes batches of result records as part files of one generation.
 
+    `write` blocks on disk I/O and is not thread-safe: call it from the single writer task,
+    through `asyncio.to_thread`, one call at a time.
+
     Args:
         state_dir: the state directory; created if missing.
         schema: the part schema, `state_schema(output_schema)`, with its leading `_index`.
@@ -173,7 +176,7 @@ class PartWriter:
 class Checkpoint:
     """What earlier runs left on disk.
 
-    Args:
+    Attributes:
         status: per input index, 0 = not done, 1 = succeeded, 2 = failed (an error row). At least
             `total_rows_hint` long; longer if the parts hold higher indexes.
         next_generation: the generation the next `PartWriter` should use.

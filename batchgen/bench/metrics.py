@@ -1,0 +1,304 @@
+"""Pure benchmark arithmetic: per-request records in, one `BenchSummary` out (no I/O, no clock).
+
+Definitions (the README states them the same way):
+
+- TTFT: send → first chunk carrying generated text in any channel (content, reasoning, tool-call
+  arguments); the role-only first chunk does not count.
+- E2EL: send → last text-bearing chunk.
+- TPOT: (E2EL − TTFT) / (output tokens − 1), per request with more than one output token.
+- ITL: gaps between consecutive text-bearing chunks (vLLM's definition); ITL per token divides each
+  gap by the tokens that chunk carried, known only when the server sent per-chunk usage.
+
+Statistics match vLLM's `bench serve` (numpy's linear-interpolation percentiles, population std),
+so result files line up; an empty sample gives None, never a made-up 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "PERCENTILES",
+    "BenchSummary",
+    "ClientLoad",
+    "Distribution",
+    "RequestRecord",
+    "describe",
+    "percentile",
+    "summarize",
+]
+
+PERCENTILES: tuple[float, ...] = (50.0, 90.0, 95.0, 99.0, 99.9)
+GOODPUT_METRICS = ("ttft", "tpot", "e2el")
+
+# When the client itself is this slow, its latency figures describe the client, not the server.
+SEND_LAG_LIMIT_MS = 10.0  # p99 of (actual - scheduled send time)
+LOOP_LAG_LIMIT_MS = 10.0  # p99 of the event-loop ticker's oversleep
+CPU_LIMIT = 0.9  # fraction of one core used by the busiest client process
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What one request did. Times are seconds; `*_s` offsets are from the phase start of its process.
+
+    Args:
+        index: the request's number in the run (unique across client processes).
+        process: the client process that sent it.
+        scheduled_s: when it should have been sent (open loop: its arrival time; closed loop:
+            when its worker became free).
+        slot_s: when a concurrency slot was granted (equals `scheduled_s` when nothing caps it).
+        sent_s: when it was actually sent (just before the POST).
+        end_s: when the stream (or the error) ended.
+        ttft_s / e2el_s: from `sent_s`; None when no text-bearing chunk arrived.
+        chunk_times_s: arrival of every text-bearing chunk, from `sent_s`.
+        chunk_tokens: tokens each of those chunks carried (from continuous usage), or None.
+        prompt_tokens / output_tokens: from the server's final usage, or None when it sent none.
+        error / error_type: why it failed; None for a success.
+    """
+
+    index: int
+    process: int
+    scheduled_s: float
+    slot_s: float
+    sent_s: float
+    end_s: float
+    ttft_s: float | None
+    e2el_s: float | None
+    chunk_times_s: tuple[float, ...]
+    chunk_tokens: tuple[int, ...] | None
+    prompt_tokens: int | None
+    output_tokens: int | None
+    error: str | None = None
+    error_type: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def counted_output_tokens(self) -> int:
+        """Output tokens from usage; without usage, the number of text-bearing chunks (labelled so)."""
+        return self.output_tokens if self.output_tokens is not None else len(self.chunk_times_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLoad:
+    """How hard one client process worked: event-loop ticker lags, CPU seconds, wall seconds."""
+
+    process: int
+    loop_lags_s: tuple[float, ...]
+    cpu_s: float
+    wall_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Distribution:
+    """Summary statistics of one metric, in milliseconds; `percentiles` pairs (p, value)."""
+
+    count: int
+    mean: float
+    median: float
+    std: float
+    max: float
+    percentiles: tuple[tuple[float, float], ...]
+
+    def at(self, p: float) -> float:
+        return dict(self.percentiles)[p]
+
+
+@dataclass(frozen=True, slots=True)
+class BenchSummary:
+    """Everything the report shows for one load level; latencies in ms, throughputs per second."""
+
+    completed: int
+    failed: int
+    duration_s: float
+    total_input_tokens: int
+    total_output_tokens: int
+    request_throughput: float
+    output_throughput: float
+    total_token_throughput: float
+    request_goodput: float | None
+    good_requests: int | None
+    ttft: Distribution | None
+    tpot: Distribution | None
+    itl: Distribution | None
+    itl_per_token: Distribution | None
+    e2el: Distribution | None
+    max_output_tokens_per_s: float
+    max_concurrent_requests: int
+    token_source: str  # "usage", "chunks" or "mixed"
+    requests_without_usage: int
+    errors: tuple[tuple[str, int], ...]
+    error_examples: tuple[str, ...]
+    send_lag: Distribution | None
+    queue_time: Distribution | None
+    loop_lag: Distribution | None
+    cpu_s: float
+    cpu_util_max: float  # busiest process, as a fraction of one core
+    processes: int
+    client_warnings: tuple[str, ...]
+
+    @property
+    def client_limited(self) -> bool:
+        return bool(self.client_warnings)
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """numpy's default (linear) percentile of an already sorted, non-empty sequence."""
+    rank = p / 100.0 * (len(sorted_values) - 1)
+    low = math.floor(rank)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
+
+
+def describe(values_s: Sequence[float], percentiles: Sequence[float] = PERCENTILES) -> Distribution | None:
+    """Mean, median, population std, max and percentiles of `values_s` (seconds) in ms; None if empty."""
+    if not values_s:
+        return None
+    ms = sorted(v * 1000.0 for v in values_s)
+    mean = math.fsum(ms) / len(ms)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in ms) / len(ms))
+    return Distribution(
+        count=len(ms),
+        mean=mean,
+        median=percentile(ms, 50.0),
+        std=std,
+        max=ms[-1],
+        percentiles=tuple((p, percentile(ms, p)) for p in percentiles),
+    )
+
+
+def _tpot_s(record: RequestRecord) -> float | None:
+    tokens = record.counted_output_tokens
+    if record.ttft_s is None or record.e2el_s is None or tokens <= 1:
+        return None
+    return (record.e2el_s - record.ttft_s) / (tokens - 1)
+
+
+def _gaps(record: RequestRecord) -> list[float]:
+    times = record.chunk_times_s
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+def _gaps_per_token(record: RequestRecord) -> list[float]:
+    if record.chunk_tokens is None:
+        return []
+    # Gap k ends at chunk k+1, so it is spread over the tokens that chunk brought.
+    return [gap / n for gap, n in zip(_gaps(record), record.chunk_tokens[1:]) if n > 0]
+
+
+def _is_good(record: RequestRecord, slo_ms: Mapping[str, float]) -> bool:
+    if not record.ok or record.ttft_s is None or record.e2el_s is None:
+        return False
+    # As vLLM: a request with a single output token has TPOT 0 for goodput.
+    measured = {"ttft": record.ttft_s, "tpot": _tpot_s(record) or 0.0, "e2el": record.e2el_s}
+    return all(measured[name] * 1000.0 <= limit for name, limit in slo_ms.items())
+
+
+def _peak_tokens_per_s(records: Sequence[RequestRecord]) -> float:
+    buckets: Counter[int] = Counter()
+    for r in records:
+        tokens = r.chunk_tokens or (1,) * len(r.chunk_times_s)
+        for t, n in zip(r.chunk_times_s, tokens):
+            buckets[int(r.sent_s + t)] += n
+    return float(max(buckets.values(), default=0))
+
+
+def _peak_concurrency(records: Sequence[RequestRecord]) -> int:
+    # Half-open [sent, end) intervals: a departure at t is processed before an arrival at t.
+    events = sorted([(r.sent_s, 1) for r in records] + [(r.end_s, -1) for r in records])
+    peak = current = 0
+    for _, step in events:
+        current += step
+        peak = max(peak, current)
+    return peak
+
+
+def client_warnings(
+    send_lag: Distribution | None, loop_lag: Distribution | None, cpu_util_max: float, processes: int
+) -> tuple[str, ...]:
+    """Why the client, not the server, may be what limits the load (empty when it is not)."""
+    found = []
+    if send_lag is not None and send_lag.at(99.0) > SEND_LAG_LIMIT_MS:
+        found.append(
+            f"requests left {send_lag.at(99.0):.1f} ms after their scheduled time at p99 "
+            f"(max {send_lag.max:.1f} ms; limit {SEND_LAG_LIMIT_MS:g} ms)"
+        )
+    if loop_lag is not None and loop_lag.at(99.0) > LOOP_LAG_LIMIT_MS:
+        found.append(
+            f"the client event loop lagged {loop_lag.at(99.0):.1f} ms at p99 "
+            f"(max {loop_lag.max:.1f} ms; limit {LOOP_LAG_LIMIT_MS:g} ms)"
+        )
+    if cpu_util_max >= CPU_LIMIT:
+        found.append(
+            f"a client process used {cpu_util_max:.0%} of one CPU core "
+            f"(limit {CPU_LIMIT:.0%}; {processes} process(es); try --client-processes {processes * 2})"
+        )
+    return tuple(found)
+
+
+def summarize(
+    records: Sequence[RequestRecord],
+    *,
+    duration_s: float,
+    clients: Sequence[ClientLoad] = (),
+    goodput: Mapping[str, float] | None = None,
+    percentiles: Sequence[float] = PERCENTILES,
+) -> BenchSummary:
+    """Summarize one load level.
+
+    Args:
+        records: the measured requests (warmup excluded), successes and failures.
+        duration_s: the measured wall time (first scheduled send to the last request's end).
+        clients: one `ClientLoad` per client process.
+        goodput: SLOs in ms by metric name (`ttft`, `tpot`, `e2el`); None = no goodput.
+    """
+    if goodput is not None and set(goodput) - set(GOODPUT_METRICS):
+        raise ValueError(f"goodput metrics must be among {', '.join(GOODPUT_METRICS)}, got {sorted(goodput)}")
+    ok = [r for r in records if r.ok]
+    failed = [r for r in records if not r.ok]
+    without_usage = sum(r.output_tokens is None for r in ok)
+    source = "usage" if without_usage == 0 else ("chunks" if without_usage == len(ok) else "mixed")
+    total_in = sum(r.prompt_tokens or 0 for r in ok)
+    total_out = sum(r.counted_output_tokens for r in ok)
+    duration = duration_s if duration_s > 0 else math.nan
+    good = None if not goodput else sum(_is_good(r, goodput) for r in records)
+    send_lag = describe([r.sent_s - max(r.scheduled_s, r.slot_s) for r in records], percentiles)
+    queued = [r.slot_s - r.scheduled_s for r in records]
+    loop_lag = describe([lag for c in clients for lag in c.loop_lags_s], percentiles)
+    cpu_util = max((c.cpu_s / c.wall_s for c in clients if c.wall_s > 0), default=0.0)
+    tpots = [t for t in map(_tpot_s, ok) if t is not None]
+    return BenchSummary(
+        completed=len(ok),
+        failed=len(failed),
+        duration_s=duration_s,
+        total_input_tokens=total_in,
+        total_output_tokens=total_out,
+        request_throughput=len(ok) / duration,
+        output_throughput=total_out / duration,
+        total_token_throughput=(total_in + total_out) / duration,
+        request_goodput=None if good is None else good / duration,
+        good_requests=good,
+        ttft=describe([r.ttft_s for r in ok if r.ttft_s is not None], percentiles),
+        tpot=describe(tpots, percentiles),
+        itl=describe([g for r in ok for g in _gaps(r)], percentiles),
+        itl_per_token=describe([g for r in ok for g in _gaps_per_token(r)], percentiles),
+        e2el=describe([r.e2el_s for r in ok if r.e2el_s is not None], percentiles),
+        max_output_tokens_per_s=_peak_tokens_per_s(ok),
+        max_concurrent_requests=_peak_concurrency(ok),
+        token_source=source if ok else "usage",
+        requests_without_usage=without_usage,
+        errors=tuple(Counter(r.error_type or "error" for r in failed).most_common()),
+        error_examples=tuple(dict.fromkeys(f"{r.error_type}: {r.error}" for r in failed))[:5],
+        send_lag=send_lag,
+        queue_time=describe(queued, percentiles) if any(q > 0 for q in queued) else None,
+        loop_lag=loop_lag,
+        cpu_s=sum(c.cpu_s for c in clients),
+        cpu_util_max=cpu_util,
+        processes=max(len(clients), 1),
+        client_warnings=client_warnings(send_lag, loop_lag, cpu_util, max(len(clients), 1)),
+    )
