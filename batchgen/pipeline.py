@@ -212,19 +212,23 @@ class _Run:
         if producer.cancelled():
             return self._result(EXIT_INTERRUPTED, f"interrupted: {self.stats.done} rows saved; rerun the same command to resume")
         producer.result()  # re-raise a fatal error (e.g. the input became unreadable part-way)
-        return await self._complete(checkpoint.failed)
+        # Parquet row counts are exact, so finalize can also prove that the last rows are there.
+        expected = total if self.source.format == "parquet" else None
+        return await self._complete(checkpoint.failed, expected)
 
     def _interrupt(self, producer: asyncio.Task[None]) -> None:
         self.interrupted = True
         producer.cancel()
 
-    async def _complete(self, failed_before: int) -> RunResult:
+    async def _complete(self, failed_before: int, expected_rows: int | None) -> RunResult:
         has_parts = self.state_dir.exists() and any(self.state_dir.glob("part-*.parquet"))
         if self.new_records == 0 and not has_parts and self.previous is not None:
             failed = failed_before
             code = EXIT_ROW_ERRORS if failed else EXIT_OK
             return self._result(code, f"nothing to do: every row is already in {self.output} ({failed} error rows)")
-        rows = await asyncio.to_thread(finalize, self.state_dir, self.output, self.schema, previous_output=self.previous)
+        rows = await asyncio.to_thread(
+            finalize, self.state_dir, self.output, self.schema, previous_output=self.previous, expected_rows=expected_rows
+        )
         shutil.rmtree(self.state_dir, ignore_errors=True)
         failed = await asyncio.to_thread(_count_errors, self.output)
         code = EXIT_ROW_ERRORS if failed else EXIT_OK

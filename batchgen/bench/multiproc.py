@@ -1,0 +1,165 @@
+"""Runs one load level in 1..N client processes (one event loop each) and merges their raw results.
+
+One Python event loop tops out at a few thousand streamed chunks per second; past that, the
+client's own delays would show up as server latency. Spreading the load over processes lifts
+that ceiling. The level's load is split evenly (concurrency, request rate, prompts and warmup);
+the processes finish their warmup, meet at a barrier, start the measured phase together, and
+their records are put on one time axis through each process's wall-clock start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import multiprocessing
+import queue
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.synchronize import Barrier
+from typing import Any
+
+from batchgen.bench.metrics import ClientLoad, RequestRecord
+from batchgen.bench.runner import LoadSpec, ServerSpec, ShardResult, run_shard
+from batchgen.errors import BatchgenError, ConfigError
+
+__all__ = ["LevelResult", "merge_shards", "run_level", "split_load"]
+
+_BARRIER_TIMEOUT_S = 300.0  # a child that never reaches the start line must not hang the others forever
+_POLL_S = 0.5
+
+
+class ClientProcessError(BatchgenError):
+    """A client process failed (crashed, or raised before sending)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LevelResult:
+    """The merged raw results of one load level: records on one time axis, one load per process."""
+
+    load: LoadSpec
+    records: tuple[RequestRecord, ...]
+    clients: tuple[ClientLoad, ...]
+    duration_s: float
+
+
+def _share(total: int, part: int, parts: int) -> int:
+    return total // parts + (1 if part < total % parts else 0)
+
+
+def split_load(load: LoadSpec, processes: int) -> list[LoadSpec]:
+    """Each process's share of `load`: integer counts split as evenly as possible, rates divided.
+
+    Independent Poisson streams at rate R/N add up to a Poisson stream at rate R; each process
+    gets its own seed so their arrivals do not coincide.
+    """
+    if processes < 1:
+        raise ConfigError(f"client processes must be >= 1, got {processes}")
+    for name in ("concurrency", "max_concurrency"):
+        value = getattr(load, name)
+        if value is not None and value < processes:
+            raise ConfigError(f"{name.replace('_', ' ')} {value} is below --client-processes {processes}")
+    shares = []
+    for p in range(processes):
+        shares.append(
+            dataclasses.replace(
+                load,
+                concurrency=None if load.concurrency is None else _share(load.concurrency, p, processes),
+                max_concurrency=None if load.max_concurrency is None else _share(load.max_concurrency, p, processes),
+                request_rate=load.request_rate / processes,
+                num_prompts=None if load.num_prompts is None else _share(load.num_prompts, p, processes),
+                warmup=_share(load.warmup, p, processes),
+                seed=load.seed + p,
+            )
+        )
+    return shares
+
+
+def merge_shards(load: LoadSpec, shards: Sequence[ShardResult]) -> LevelResult:
+    """Shift every shard's record times onto the earliest shard's clock and compute the duration."""
+    start = min(s.start_wall for s in shards)
+    records: list[RequestRecord] = []
+    for shard in shards:
+        shift = shard.start_wall - start
+        for r in shard.records:
+            records.append(
+                r
+                if shift == 0
+                else dataclasses.replace(
+                    r, scheduled_s=r.scheduled_s + shift, slot_s=r.slot_s + shift, sent_s=r.sent_s + shift,
+                    end_s=r.end_s + shift,
+                )  # fmt: skip
+            )
+    duration = max(s.start_wall - start + s.load.wall_s for s in shards)
+    records.sort(key=lambda r: r.index)
+    return LevelResult(load, tuple(records), tuple(s.load for s in sorted(shards, key=lambda s: s.process)), duration)
+
+
+def _child(
+    server: ServerSpec,
+    bodies: Sequence[dict[str, Any]],
+    load: LoadSpec,
+    process: int,
+    processes: int,
+    barrier: Barrier,
+    results: multiprocessing.Queue[tuple[int, str, Any]],
+) -> None:
+    async def ready() -> None:
+        await asyncio.to_thread(barrier.wait, _BARRIER_TIMEOUT_S)
+
+    try:
+        shard = asyncio.run(run_shard(server, bodies, load, process=process, processes=processes, ready=ready))
+    except BaseException as exc:  # reported to the parent, which owns the error message
+        barrier.abort()  # release the siblings waiting at the start line
+        results.put((process, "error", f"{type(exc).__name__}: {exc}"))
+        return
+    results.put((process, "ok", shard))
+
+
+def _run_processes(server: ServerSpec, bodies: Sequence[dict[str, Any]], shares: list[LoadSpec]) -> list[ShardResult]:
+    # spawn, not fork: the parent may hold threads or a running loop, which fork would copy half-alive.
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(len(shares))
+    results: multiprocessing.Queue[tuple[int, str, Any]] = ctx.Queue()
+    children = [
+        ctx.Process(target=_child, args=(server, bodies, share, p, len(shares), barrier, results), daemon=True)
+        for p, share in enumerate(shares)
+    ]
+    for child in children:
+        child.start()
+    shards: list[ShardResult] = []
+    errors: list[str] = []
+    try:
+        # Read before joining: a child blocks on exit until its (large) result is taken off the queue.
+        while len(shards) + len(errors) < len(children):
+            try:
+                process, status, payload = results.get(timeout=_POLL_S)
+            except queue.Empty:
+                dead = [c for c in children if c.exitcode not in (None, 0)]
+                if dead:
+                    errors.append(f"client process exited with code {dead[0].exitcode}")
+                    break
+                continue
+            if status == "ok":
+                shards.append(payload)
+            else:
+                errors.append(f"client process {process}: {payload}")
+    finally:
+        for child in children:
+            child.join(timeout=5.0)
+            if child.is_alive():
+                child.terminate()
+    if errors:
+        raise ClientProcessError("; ".join(dict.fromkeys(errors)))
+    return shards
+
+
+def run_level(server: ServerSpec, bodies: Sequence[dict[str, Any]], load: LoadSpec, processes: int = 1) -> LevelResult:
+    """Run one load level to completion and return its merged raw results.
+
+    Raises:
+        ConfigError: the load cannot be split over `processes`.
+        ClientProcessError: a client process failed.
+    """
+    if processes == 1:
+        return merge_shards(load, [asyncio.run(run_shard(server, bodies, load))])
+    return merge_shards(load, _run_processes(server, bodies, split_load(load, processes)))
