@@ -92,6 +92,7 @@ class RowMapper:
         self.system_prompt = system_prompt
         self.stream = stream
         names = set(columns)
+        self.id_column: str | None
         if fmt == "openai-batch":
             self.mode, self.text_column, self.id_column = "body", "body", "custom_id"
         else:

@@ -169,7 +169,8 @@ async def test_plain_answer_has_every_vllm_key(server: MockServer, session: aioh
     assert message["content"] == "echo: hello there world"
     assert message["tool_calls"] == [] and message["reasoning"] is None
     assert body["choices"][0]["finish_reason"] == "stop"
-    assert body["usage"] == {"prompt_tokens": 5, "total_tokens": 9, "completion_tokens": 4, "prompt_tokens_details": None}
+    usage = {"prompt_tokens": 5, "total_tokens": 9, "completion_tokens": 4, "prompt_tokens_details": None}
+    assert body["usage"] == usage
 
 
 async def test_max_tokens_cuts_with_length(server: MockServer, session: aiohttp.ClientSession) -> None:
@@ -481,7 +482,12 @@ async def test_model_selection(start_server: StartServer, session: aiohttp.Clien
     status, _, raw = await post(session, server, chat(model="gpt-4o"))
     assert status == 404
     assert orjson.loads(raw) == {
-        "error": {"message": "The model `gpt-4o` does not exist.", "type": "NotFoundError", "param": "model", "code": 404}
+        "error": {
+            "message": "The model `gpt-4o` does not exist.",
+            "type": "NotFoundError",
+            "param": "model",
+            "code": 404,
+        }
     }
     body = chat()
     del body["model"]
@@ -515,7 +521,8 @@ async def test_forced_faults_follow_the_attempt_number(server: MockServer, sessi
     plan = "500,429,503"
     status, _, raw = await post(session, server, chat(), attempt(1, plan))
     assert status == 500
-    assert _error(raw) == {"message": "Internal server error", "type": "InternalServerError", "param": None, "code": 500}
+    internal = {"message": "Internal server error", "type": "InternalServerError", "param": None, "code": 500}
+    assert _error(raw) == internal
     status, headers, raw = await post(session, server, chat(), attempt(2, plan))
     assert status == 429 and headers["Retry-After"] == "0.05" and _error(raw)["type"] == "RateLimitError"
     status, headers, _ = await post(session, server, chat(), attempt(3, plan))
@@ -671,7 +678,8 @@ def test_command_line_serves_until_sigterm() -> None:
         try:
             assert proc.stderr is not None
             banner = proc.stderr.readline()
-            match = re.fullmatch(r"batchgen mock server listening on (http://127\.0\.0\.1:\d+/v1) \(models: a, b\)\n", banner)
+            pattern = r"batchgen mock server listening on (http://127\.0\.0\.1:\d+/v1) \(models: a, b\)\n"
+            match = re.fullmatch(pattern, banner)
             assert match, banner
             url = match.group(1)
             with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=5) as resp:

@@ -49,8 +49,9 @@ class RequestRecord:
         process: the client process that sent it.
         scheduled_s: when it should have been sent (open loop: its arrival time; closed loop:
             when its worker became free).
-        slot_s: when a concurrency slot was granted (equals `scheduled_s` when nothing caps it).
-        sent_s: when it was actually sent (just before the POST).
+        queue_s: time spent waiting for a `max_concurrency` slot (intended queueing, not lag).
+        sent_s: when it was actually sent (just before the POST); the client's own lag is
+            `sent_s - scheduled_s - queue_s`.
         end_s: when the stream (or the error) ended.
         ttft_s / e2el_s: from `sent_s`; None when no text-bearing chunk arrived.
         chunk_times_s: arrival of every text-bearing chunk, from `sent_s`.
@@ -62,7 +63,7 @@ class RequestRecord:
     index: int
     process: int
     scheduled_s: float
-    slot_s: float
+    queue_s: float
     sent_s: float
     end_s: float
     ttft_s: float | None
@@ -77,6 +78,10 @@ class RequestRecord:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def send_lag_s(self) -> float:
+        return self.sent_s - self.scheduled_s - self.queue_s
 
     @property
     def counted_output_tokens(self) -> int:
@@ -219,11 +224,20 @@ def _peak_concurrency(records: Sequence[RequestRecord]) -> int:
 
 
 def client_warnings(
-    send_lag: Distribution | None, loop_lag: Distribution | None, cpu_util_max: float, processes: int
+    send_lag: Distribution | None,
+    loop_lag: Distribution | None,
+    cpu_util_max: float,
+    processes: int,
+    *,
+    burst: bool = False,
 ) -> tuple[str, ...]:
-    """Why the client, not the server, may be what limits the load (empty when it is not)."""
+    """Why the client, not the server, may be what limits the load (empty when it is not).
+
+    `burst` (every request scheduled at 0, i.e. request rate inf without a cap) skips the send-lag
+    test: a burst is sent one request after another by definition, and the lag shows how long that took.
+    """
     found = []
-    if send_lag is not None and send_lag.at(99.0) > SEND_LAG_LIMIT_MS:
+    if not burst and send_lag is not None and send_lag.at(99.0) > SEND_LAG_LIMIT_MS:
         found.append(
             f"requests left {send_lag.at(99.0):.1f} ms after their scheduled time at p99 "
             f"(max {send_lag.max:.1f} ms; limit {SEND_LAG_LIMIT_MS:g} ms)"
@@ -267,8 +281,8 @@ def summarize(
     total_out = sum(r.counted_output_tokens for r in ok)
     duration = duration_s if duration_s > 0 else math.nan
     good = None if not goodput else sum(_is_good(r, goodput) for r in records)
-    send_lag = describe([r.sent_s - max(r.scheduled_s, r.slot_s) for r in records], percentiles)
-    queued = [r.slot_s - r.scheduled_s for r in records]
+    send_lag = describe([r.send_lag_s for r in records], percentiles)
+    queued = [r.queue_s for r in records]
     loop_lag = describe([lag for c in clients for lag in c.loop_lags_s], percentiles)
     cpu_util = max((c.cpu_s / c.wall_s for c in clients if c.wall_s > 0), default=0.0)
     tpots = [t for t in map(_tpot_s, ok) if t is not None]
@@ -300,5 +314,7 @@ def summarize(
         cpu_s=sum(c.cpu_s for c in clients),
         cpu_util_max=cpu_util,
         processes=max(len(clients), 1),
-        client_warnings=client_warnings(send_lag, loop_lag, cpu_util, max(len(clients), 1)),
+        client_warnings=client_warnings(
+            send_lag, loop_lag, cpu_util, max(len(clients), 1), burst=all(r.scheduled_s == 0.0 for r in records)
+        ),
     )

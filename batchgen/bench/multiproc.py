@@ -85,7 +85,7 @@ def merge_shards(load: LoadSpec, shards: Sequence[ShardResult]) -> LevelResult:
                 r
                 if shift == 0
                 else dataclasses.replace(
-                    r, scheduled_s=r.scheduled_s + shift, slot_s=r.slot_s + shift, sent_s=r.sent_s + shift,
+                    r, scheduled_s=r.scheduled_s + shift, sent_s=r.sent_s + shift,
                     end_s=r.end_s + shift,
                 )  # fmt: skip
             )

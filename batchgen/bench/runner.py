@@ -156,7 +156,7 @@ class _Shard:
         # Interleaved numbering keeps numbers unique across processes and spreads the bodies.
         return (self.taken - 1) * self.processes + self.process
 
-    async def send(self, index: int, scheduled: float, slot: float) -> RequestRecord:
+    async def send(self, index: int, scheduled: float, queued: float = 0.0) -> RequestRecord:
         """Send one request and time it; every failure is caught and recorded."""
         body = self.bodies[index % len(self.bodies)]
         times: list[float] = []
@@ -192,7 +192,7 @@ class _Shard:
             index=index,
             process=self.process,
             scheduled_s=scheduled,
-            slot_s=slot,
+            queue_s=queued,
             sent_s=sent - self.origin,
             end_s=end - self.origin,
             ttft_s=times[0] if times else None,
@@ -211,7 +211,7 @@ class _Shard:
         async def worker() -> None:
             free_at = time.perf_counter() - self.origin
             while (index := self.take()) is not None:
-                free_at = (await self.send(index, free_at, free_at)).end_s
+                free_at = (await self.send(index, free_at)).end_s
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
 
@@ -221,9 +221,10 @@ class _Shard:
 
         async def arrive(index: int, scheduled: float) -> RequestRecord:
             if gate is None:
-                return await self.send(index, scheduled, scheduled)
+                return await self.send(index, scheduled)
+            waiting = time.perf_counter()
             async with gate:
-                return await self.send(index, scheduled, time.perf_counter() - self.origin)
+                return await self.send(index, scheduled, time.perf_counter() - waiting)
 
         for offset in offsets:
             delay = self.origin + offset - time.perf_counter()

@@ -108,8 +108,9 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
+# The mock is stricter than vLLM's lax pydantic models (which coerce "5" or true into numbers): a client
+# sending such values has a bug worth surfacing in tests. bool is an int subclass, hence the extra check.
 def _is_number(v: object) -> bool:
-    # bool is an int subclass, but pydantic rejects it for numeric fields in strict-ish vLLM models.
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
@@ -348,7 +349,7 @@ def _text_parts(
 
 def _pick_tool(body: Mapping[str, Any], names: Sequence[str], user_text: str) -> tuple[str, str] | None:
     """The (function name, finish_reason) to call, or None for a text answer (rules in the module doc)."""
-    choice = body.get("tool_choice", "auto") if names else "none"
+    choice = (body.get("tool_choice") or "auto") if names else "none"  # vLLM defaults to auto with tools
     if choice == "required":
         return names[0], "tool_calls"
     if isinstance(choice, dict):

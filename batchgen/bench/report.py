@@ -1,0 +1,285 @@
+"""Benchmark output: the console table, the vLLM-compatible result JSON, raw Parquet and the sweep plot.
+
+The result file uses the field names of vLLM's `bench serve` for every metric both tools have, so
+existing dashboards read it unchanged; batchgen's own figures (client lag, CPU, ITL per token, how
+tokens were counted) sit next to them under their own names. A sweep writes one JSON object per
+line, as `vllm bench serve --append-result` does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchgen._version import __version__
+from batchgen.bench.metrics import BenchSummary, Distribution
+from batchgen.bench.multiproc import LevelResult
+from batchgen.bench.runner import LoadSpec
+from batchgen.errors import ConfigError
+
+__all__ = ["Level", "RunInfo", "check_plot", "console_report", "level_label", "result_json", "write_plot",
+           "write_raw", "write_results"]  # fmt: skip
+
+_WIDTH = 50
+_LATENCIES = (("ttft", "TTFT", "Time to First Token"), ("tpot", "TPOT", "Time per Output Token (excl. 1st token)"),
+              ("itl", "ITL", "Inter-token Latency"), ("itl_per_token", "ITL/token", "Inter-token Latency per Token"),
+              ("e2el", "E2EL", "End-to-end Latency"))  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunInfo:
+    """What was benchmarked, for the report headers and the result file."""
+
+    model: str
+    dataset: str
+    dataset_notes: tuple[str, ...] = ()
+    skipped_rows: int = 0
+    processes: int = 1
+    goodput_ms: dict[str, float] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """One measured load level: its raw results and their summary."""
+
+    result: LevelResult
+    summary: BenchSummary
+
+
+def level_label(load: LoadSpec) -> str:
+    if load.concurrency is not None:
+        return f"concurrency {load.concurrency}"
+    rate = "inf" if math.isinf(load.request_rate) else f"{load.request_rate:g}/s"
+    text = f"request rate {rate}"
+    if not math.isinf(load.request_rate):
+        text += f", burstiness {load.burstiness:g}"
+    return text + (f", max concurrency {load.max_concurrency}" if load.max_concurrency else "")
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _token_label(s: BenchSummary) -> str | None:
+    if s.token_source == "usage":
+        return None
+    if s.token_source == "chunks":
+        return "the server sent no usage: output tokens are COUNTED AS TEXT CHUNKS; input tokens unknown (0)"
+    return (f"{s.requests_without_usage} of {s.completed} requests had no usage: their output tokens are "
+            "counted as text chunks and their input tokens are unknown")  # fmt: skip
+
+
+def console_report(level: Level, info: RunInfo) -> str:
+    """The human-readable table for one level (vLLM's layout, plus a client section)."""
+    s, load = level.summary, level.result.load
+    out = [" Serving Benchmark Result ".center(_WIDTH, "=")]
+
+    def row(name: str, value: object) -> None:
+        out.append(f"{name:<40} {value}")
+
+    row("Model:", info.model)
+    row("Load:", level_label(load))
+    row("Successful requests:", s.completed)
+    row("Failed requests:", s.failed)
+    row("Benchmark duration (s):", _fmt(s.duration_s))
+    row("Total input tokens:", s.total_input_tokens)
+    row("Total generated tokens:", s.total_output_tokens)
+    row("Request throughput (req/s):", _fmt(s.request_throughput))
+    if s.request_goodput is not None:
+        row("Request goodput (req/s):", f"{_fmt(s.request_goodput)} ({s.good_requests} good)")
+    row("Output token throughput (tok/s):", _fmt(s.output_throughput))
+    row("Peak output token throughput (tok/s):", _fmt(s.max_output_tokens_per_s))
+    row("Peak concurrent requests:", s.max_concurrent_requests)
+    row("Total token throughput (tok/s):", _fmt(s.total_token_throughput))
+    for key, short, header in _LATENCIES:
+        dist: Distribution | None = getattr(s, key)
+        if dist is None:
+            continue
+        out.append(f" {header} ".center(_WIDTH, "-"))
+        row(f"Mean {short} (ms):", _fmt(dist.mean))
+        row(f"Median {short} (ms):", _fmt(dist.median))
+        row(f"Std {short} (ms):", _fmt(dist.std))
+        for p, value in dist.percentiles:
+            row(f"P{p:g} {short} (ms):", _fmt(value))
+    out.append(" Client ".center(_WIDTH, "-"))
+    for name, dist in (("Send lag", s.send_lag), ("Client queue time", s.queue_time), ("Event-loop lag", s.loop_lag)):
+        if dist is not None:
+            row(f"{name} p50/p99/max (ms):", f"{_fmt(dist.median)} / {_fmt(dist.at(99.0))} / {_fmt(dist.max)}")
+    row("Client CPU, busiest process (% core):", _fmt(s.cpu_util_max * 100, ".0f"))
+    row("Client processes:", s.processes)
+    out.append("=" * _WIDTH)
+    label = _token_label(s)
+    if label:
+        out.append(f"NOTE: {label}.")
+    if s.errors:
+        out.append("Errors: " + ", ".join(f"{kind} x{n}" for kind, n in s.errors))
+        out += [f"  e.g. {example[:200]}" for example in s.error_examples]
+    if s.client_limited:
+        out.append("!" * _WIDTH)
+        out.append("!! CLIENT-LIMITED: these figures measure batchgen, not only the server:")
+        out += [f"!!   - {w}" for w in s.client_warnings]
+        out.append("!! Use --client-processes N (or a faster machine) and compare.")
+        out.append("!" * _WIDTH)
+    return "\n".join(out)
+
+
+def sweep_table(levels: Sequence[Level]) -> str:
+    """One line per level, for reading a sweep at a glance."""
+    head = f"{'load':<28}{'req/s':>8}{'tok/s':>10}{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>8}{'fail':>6}  client"
+    lines = [head, "-" * len(head)]
+    for lv in levels:
+        s = lv.summary
+        ttft, tpot = s.ttft, s.tpot
+        lines.append(
+            f"{level_label(lv.result.load):<28}{_fmt(s.request_throughput):>8}{_fmt(s.output_throughput, '.1f'):>10}"
+            f"{_fmt(ttft and ttft.median, '.1f'):>10}{_fmt(ttft and ttft.at(99.0), '.1f'):>9}"
+            f"{_fmt(tpot and tpot.median, '.2f'):>10}{_fmt(tpot and tpot.at(99.0), '.2f'):>8}{s.failed:>6}"
+            f"  {'LIMITED' if s.client_limited else 'ok'}"
+        )
+    return "\n".join(lines)
+
+
+def _dist_fields(name: str, dist: Distribution | None) -> dict[str, float | None]:
+    if dist is None:
+        return {f"mean_{name}_ms": None, f"median_{name}_ms": None, f"std_{name}_ms": None}
+    fields: dict[str, float | None] = {f"mean_{name}_ms": dist.mean, f"median_{name}_ms": dist.median,
+                                       f"std_{name}_ms": dist.std}  # fmt: skip
+    for p, value in dist.percentiles:
+        fields[f"p{int(p) if int(p) == p else p}_{name}_ms"] = value  # vLLM's key spelling: p99, p99.9
+    return fields
+
+
+def result_json(level: Level, info: RunInfo) -> dict[str, Any]:
+    """One level's result object: vLLM `bench serve` names first, then batchgen's extras."""
+    s, load = level.summary, level.result.load
+    closed = load.concurrency is not None
+    result: dict[str, Any] = {
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "endpoint_type": "openai-chat",
+        "backend": "openai-chat",
+        "label": "batchgen",
+        "model_id": info.model,
+        "tokenizer_id": None,
+        "num_prompts": len(level.result.records),
+        # A closed loop at concurrency N is vLLM's request rate inf with max concurrency N.
+        "request_rate": "inf" if closed or math.isinf(load.request_rate) else load.request_rate,
+        "burstiness": load.burstiness,
+        "max_concurrency": load.concurrency if closed else load.max_concurrency,
+        "duration": s.duration_s,
+        "completed": s.completed,
+        "failed": s.failed,
+        "total_input_tokens": s.total_input_tokens,
+        "total_output_tokens": s.total_output_tokens,
+        "request_throughput": s.request_throughput,
+        "request_goodput": s.request_goodput,
+        "output_throughput": s.output_throughput,
+        "total_token_throughput": s.total_token_throughput,
+        "max_output_tokens_per_s": s.max_output_tokens_per_s,
+        "max_concurrent_requests": s.max_concurrent_requests,
+    }
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        result.update(_dist_fields(name, getattr(s, name)))
+    if s.queue_time is not None:
+        result.update(_dist_fields("client_queue_time", s.queue_time))
+    result.update(_dist_fields("itl_per_token", s.itl_per_token))
+    result.update(_dist_fields("send_lag", s.send_lag))
+    result.update(_dist_fields("loop_lag", s.loop_lag))
+    result.update({
+        "batchgen_version": __version__,
+        "load_mode": "closed_loop" if closed else "open_loop",
+        "concurrency": load.concurrency,
+        "duration_limit_s": load.duration_s,
+        "warmup_requests": load.warmup,
+        "dataset": info.dataset,
+        "dataset_notes": list(info.dataset_notes),
+        "dataset_skipped_rows": info.skipped_rows,
+        "token_source": s.token_source,
+        "token_note": _token_label(s),
+        "requests_without_usage": s.requests_without_usage,
+        "goodput_slo_ms": info.goodput_ms,
+        "good_requests": s.good_requests,
+        "error_counts": dict(s.errors),
+        "max_send_lag_ms": s.send_lag.max if s.send_lag else None,
+        "max_loop_lag_ms": s.loop_lag.max if s.loop_lag else None,
+        "client_processes": s.processes,
+        "client_cpu_s": s.cpu_s,
+        "client_cpu_util_max": s.cpu_util_max,
+        "client_limited": s.client_limited,
+        "client_warnings": list(s.client_warnings),
+    })  # fmt: skip
+    return result
+
+
+def write_results(path: str, levels: Sequence[Level], info: RunInfo) -> None:
+    """One JSON object per line, one line per level (a single level is a plain JSON file)."""
+    lines = [orjson.dumps(result_json(lv, info)) for lv in levels]
+    Path(path).write_bytes(b"\n".join(lines) + b"\n")
+
+
+_RAW_SCHEMA = pa.schema([
+    ("level", pa.int32()), ("load", pa.string()), ("index", pa.int64()), ("process", pa.int32()),
+    ("scheduled_s", pa.float64()), ("queue_s", pa.float64()), ("sent_s", pa.float64()), ("send_lag_s", pa.float64()),
+    ("end_s", pa.float64()), ("ttft_s", pa.float64()), ("e2el_s", pa.float64()),
+    ("chunk_times_s", pa.list_(pa.float64())), ("chunk_tokens", pa.list_(pa.int32())),
+    ("prompt_tokens", pa.int64()), ("output_tokens", pa.int64()), ("chunks", pa.int32()),
+    ("error", pa.string()), ("error_type", pa.string()),
+])  # fmt: skip
+
+
+def write_raw(path: str, levels: Sequence[Level]) -> None:
+    """One row per measured request; times in seconds (`*_s` from the level start, chunk times from the send)."""
+    rows = []
+    for number, lv in enumerate(levels):
+        label = level_label(lv.result.load)
+        for r in lv.result.records:
+            rows.append({
+                "level": number, "load": label, "index": r.index, "process": r.process,
+                "scheduled_s": r.scheduled_s, "queue_s": r.queue_s, "sent_s": r.sent_s,
+                "send_lag_s": r.send_lag_s, "end_s": r.end_s,
+                "ttft_s": r.ttft_s, "e2el_s": r.e2el_s, "chunk_times_s": list(r.chunk_times_s),
+                "chunk_tokens": None if r.chunk_tokens is None else list(r.chunk_tokens),
+                "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens, "chunks": len(r.chunk_times_s),
+                "error": r.error, "error_type": r.error_type,
+            })  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows, schema=_RAW_SCHEMA), path)
+
+
+def check_plot() -> None:
+    """Fail before the benchmark runs, not after, when --plot cannot work."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("--plot needs matplotlib, which is not installed: pip install 'batchgen[plot]'")
+
+
+def write_plot(path: str, levels: Sequence[Level]) -> None:
+    """Latency percentiles (TTFT, TPOT, E2EL; p50 and p99) against output throughput, one point per level."""
+    check_plot()
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed, and no GUI toolkit import
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    x = [lv.summary.output_throughput for lv in levels]
+    for ax, (key, title) in zip(axes, (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2el", "E2EL"))):
+        for p, style in ((50.0, "o-"), (99.0, "s--")):
+            y = [d.at(p) if (d := getattr(lv.summary, key)) is not None else math.nan for lv in levels]
+            ax.plot(x, y, style, label=f"p{p:g}")
+        for lv, xi in zip(levels, x):
+            d = getattr(lv.summary, key)
+            if d is not None:
+                ax.annotate(level_label(lv.result.load).split(",")[0], (xi, d.median), fontsize=7)
+        ax.set(title=f"{title} vs throughput", xlabel="output tokens/s", ylabel=f"{title} (ms)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
