@@ -180,7 +180,7 @@ def _command(tool: str, python: str, inp: Path, out: Path, base_url: str, args: 
     ]  # fmt: skip
     if args.plain_passthrough:
         command.append("--passthrough")
-    return command
+    return command + args.plain_arg
 
 
 def run_one(
@@ -411,6 +411,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before a run is killed")
     parser.add_argument("--plain-passthrough", action="store_true", help="the plain loop also copies the input columns")
     parser.add_argument("--batchgen-arg", action="append", default=[], metavar="ARG", help="extra argument for batchgen run (repeatable)")
+    parser.add_argument("--plain-arg", action="append", default=[], metavar="ARG", help="extra argument for the plain loop (repeatable)")
     parser.add_argument("--check", action="store_true", help="exit 2 when a target is missed")
     args = parser.parse_args(argv)
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
@@ -436,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     except NginxNotInstalledError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"batchgen source {_source_hash()}; work dir {work}; {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}")
+    source_at_start = _source_hash()
+    print(f"batchgen source {source_at_start}; work dir {work}; {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}")
     with stub:
         print(f"nginx stub at {stub.base_url} (workers={args.nginx_workers})", flush=True)
         for rows in args.rows:
@@ -468,11 +470,11 @@ def main(argv: list[str] | None = None) -> int:
             "finished": dt.datetime.now().isoformat(timespec="seconds"),
             "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "loadavg_at_end": os.getloadavg()},
             "versions": _versions(args.python),
-            "batchgen_source_sha256_16": _source_hash(),
+            "batchgen_source_sha256_16": {"start": source_at_start, "end": _source_hash()},
             "settings": {
                 "rows": args.rows, "concurrency": args.concurrency, "repeats": args.repeats, "max_tokens": args.max_tokens,
                 "nginx_workers": args.nginx_workers, "tools": args.tools, "plain_passthrough": args.plain_passthrough,
-                "batchgen_args": args.batchgen_arg,
+                "batchgen_args": args.batchgen_arg, "plain_args": args.plain_arg,
             },  # fmt: skip
             "summary": summary,
             "runs": [asdict(r) for r in results],

@@ -45,7 +45,7 @@ __all__ = [
 DEFAULT_NGINX = "/usr/sbin/nginx"
 
 # A compact vLLM (0.1x) non-streamed chat completion for a max_tokens=16 request, with usage.
-# No single quote and no `$` may appear in it: it is pasted into nginx's `return 200 '...'`.
+# No ', $ or backslash may appear in it: it is pasted into nginx's `return 200 '...'`.
 CHAT_COMPLETION = (
     '{"id":"chatcmpl-5d1f0c2e8b7a4f3e9c6d2a1b0e9f8c7d","object":"chat.completion","created":1771432015,'
     '"model":"stub","choices":[{"index":0,"message":{"role":"assistant",'
@@ -126,8 +126,10 @@ def _free_port(host: str) -> int:
 
 
 def _check_literal(name: str, text: str) -> None:
-    if "'" in text or "$" in text:
-        raise ValueError(f"{name} must contain no single quote and no '$' (it goes inside nginx's return '...')")
+    if "'" in text or "$" in text or "\\" in text:
+        raise ValueError(f"{name} must contain no ', $ or \\ (it goes inside nginx's return '...')")
+    if len(text.encode()) > 4000:
+        raise ValueError(f"{name} is over 4000 bytes; nginx refuses config tokens over 4096 bytes")
 
 
 class NginxStub:

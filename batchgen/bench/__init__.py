@@ -1,4 +1,4 @@
-"""`batchgen bench`: measure a chat-completions server with vLLM-comparable metrics, and say when the client is the limit.
+"""`batchgen bench`: measure a server with vLLM-comparable metrics, and say when the client is the limit.
 
 `run_bench(options)` is the whole command minus argparse: find the model, prepare the prompts,
 run each load level (in one or more client processes), then print and write the reports.
@@ -98,7 +98,15 @@ def run_bench(options: BenchOptions, *, out: TextIO | None = None, log: TextIO |
     from batchgen.bench.metrics import summarize
     from batchgen.bench.multiproc import run_level
     from batchgen.bench.report import (
-        Level, RunInfo, check_plot, console_report, level_label, sweep_table, write_plot, write_raw, write_results,
+        Level,
+        RunInfo,
+        check_plot,
+        console_report,
+        level_label,
+        sweep_table,
+        write_plot,
+        write_raw,
+        write_results,
     )  # fmt: skip
 
     out = out or sys.stdout

@@ -98,7 +98,7 @@ def add_bench_parser(commands: Any) -> None:
     )  # fmt: skip
     server = parser.add_argument_group("server")
     server.add_argument("--base-url", default="http://localhost:8000/v1", metavar="URL",
-                        help="API root (default %(default)s); 'mock' = the built-in mock server")
+                        help="API root (default %(default)s); 'mock' = the built-in mock server (TTFT 20 ms, ITL 5 ms)")
     server.add_argument("--model", metavar="NAME", help="default: the first model GET /v1/models lists")
     server.add_argument("--api-key-env", metavar="VAR", help="env var holding the API key (default BATCHGEN_API_KEY, "
                         "then OPENAI_API_KEY)")

@@ -8,6 +8,7 @@ come from the server, never from what was requested.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Iterator, Mapping
@@ -140,10 +141,10 @@ def _sharegpt(spec: DatasetSpec) -> Dataset:
             # No tokenizer here: the recorded reply's length, in estimated tokens, caps the answer.
             body["max_tokens"] = max(1, math.ceil(len(reply) / _CHARS_PER_TOKEN))
         bodies.append(_finish(body, spec))
-    notes = (f"sharegpt: {len(bodies)} of {len(pairs)} conversations (seeded shuffle)",)
+    notes = [f"sharegpt: {len(bodies)} of {len(pairs)} conversations (seeded shuffle)"]
     if spec.output_len is None:
-        notes += ("sharegpt: max_tokens ≈ reply chars / 4 (an estimate used only as a cap)",)
-    return Dataset("sharegpt", tuple(bodies), notes=notes)
+        notes.append("sharegpt: max_tokens ≈ reply chars / 4 (an estimate used only as a cap)")
+    return Dataset("sharegpt", tuple(bodies), notes=tuple(notes))
 
 
 def _file(spec: DatasetSpec) -> Dataset:
@@ -152,29 +153,28 @@ def _file(spec: DatasetSpec) -> Dataset:
     if spec.output_len is not None:
         pin_output_len(defaults, spec.output_len)
     mapper = RowMapper(source.columns, fmt=source.format, model=spec.model, defaults=defaults, stream=True)
-    bodies: list[dict[str, Any]] = []
     skipped = 0
-    for batch in source.iter_batches():
-        for row in batch:
-            mapped = mapper.map(row.index, row.where, row.values) if row.values is not None and row.error is None else None
-            if not isinstance(mapped, RowRequest):
-                skipped += 1
-                continue
-            body = mapped.body
-            if spec.output_len is not None:
-                # A row's own length column wins, as in `batchgen run`: pin the answer to it instead.
-                body["min_tokens"] = body.get("max_completion_tokens", body["max_tokens"])
-            bodies.append(_finish(body, spec))
-            if len(bodies) >= spec.num_prompts:
-                break
-        if len(bodies) >= spec.num_prompts:
-            break
+
+    def requests() -> Iterator[dict[str, Any]]:
+        nonlocal skipped
+        for batch in source.iter_batches():
+            for row in batch:
+                mapped = None if row.values is None or row.error else mapper.map(row.index, row.where, row.values)
+                if not isinstance(mapped, RowRequest):
+                    skipped += 1  # a bad row is not a request; `batchgen run` would write an error row
+                    continue
+                if spec.output_len is not None:
+                    # A row's own length column wins, as in `batchgen run`: pin the answer to it instead.
+                    mapped.body["min_tokens"] = mapped.body.get("max_completion_tokens", mapped.body["max_tokens"])
+                yield _finish(mapped.body, spec)
+
+    bodies = list(itertools.islice(requests(), spec.num_prompts))
     if not bodies:
         raise InputError(f"{spec.name}: no row could be turned into a request ({skipped} bad rows)")
-    notes = (f"{source.format} file: {len(bodies)} rows used, per-row overrides applied",)
+    notes = [f"{source.format} file: {len(bodies)} rows used, per-row overrides applied"]
     if len(bodies) < spec.num_prompts:
-        notes += (f"fewer rows than requests: the {len(bodies)} rows are sent in turn",)
-    return Dataset(Path(spec.name).name, tuple(bodies), skipped=skipped, notes=notes)
+        notes.append(f"fewer rows than requests: the {len(bodies)} rows are sent in turn")
+    return Dataset(Path(spec.name).name, tuple(bodies), skipped=skipped, notes=tuple(notes))
 
 
 def load_dataset(spec: DatasetSpec) -> Dataset:

@@ -5,7 +5,7 @@ Definitions (the README states them the same way):
 - TTFT: send → first chunk carrying generated text in any channel (content, reasoning, tool-call
   arguments); the role-only first chunk does not count.
 - E2EL: send → last text-bearing chunk.
-- TPOT: (E2EL − TTFT) / (output tokens − 1), per request with more than one output token.
+- TPOT: (E2EL - TTFT) / (output tokens - 1), per request with more than one output token.
 - ITL: gaps between consecutive text-bearing chunks (vLLM's definition); ITL per token divides each
   gap by the tokens that chunk carried, known only when the server sent per-chunk usage.
 
@@ -15,6 +15,7 @@ so result files line up; an empty sample gives None, never a made-up 0.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 SEND_LAG_LIMIT_MS = 10.0  # p99 of (actual - scheduled send time)
 LOOP_LAG_LIMIT_MS = 10.0  # p99 of the event-loop ticker's oversleep
 CPU_LIMIT = 0.9  # fraction of one core used by the busiest client process
+STARVED_CPU = 0.7  # loop lag with less CPU than this means the process waited for a core
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,15 +187,14 @@ def _tpot_s(record: RequestRecord) -> float | None:
 
 
 def _gaps(record: RequestRecord) -> list[float]:
-    times = record.chunk_times_s
-    return [b - a for a, b in zip(times, times[1:])]
+    return [b - a for a, b in itertools.pairwise(record.chunk_times_s)]
 
 
 def _gaps_per_token(record: RequestRecord) -> list[float]:
     if record.chunk_tokens is None:
         return []
     # Gap k ends at chunk k+1, so it is spread over the tokens that chunk brought.
-    return [gap / n for gap, n in zip(_gaps(record), record.chunk_tokens[1:]) if n > 0]
+    return [gap / n for gap, n in zip(_gaps(record), record.chunk_tokens[1:], strict=True) if n > 0]
 
 
 def _is_good(record: RequestRecord, slo_ms: Mapping[str, float]) -> bool:
@@ -208,7 +209,7 @@ def _peak_tokens_per_s(records: Sequence[RequestRecord]) -> float:
     buckets: Counter[int] = Counter()
     for r in records:
         tokens = r.chunk_tokens or (1,) * len(r.chunk_times_s)
-        for t, n in zip(r.chunk_times_s, tokens):
+        for t, n in zip(r.chunk_times_s, tokens, strict=True):
             buckets[int(r.sent_s + t)] += n
     return float(max(buckets.values(), default=0))
 
@@ -243,10 +244,13 @@ def client_warnings(
             f"(max {send_lag.max:.1f} ms; limit {SEND_LAG_LIMIT_MS:g} ms)"
         )
     if loop_lag is not None and loop_lag.at(99.0) > LOOP_LAG_LIMIT_MS:
-        found.append(
-            f"the client event loop lagged {loop_lag.at(99.0):.1f} ms at p99 "
-            f"(max {loop_lag.max:.1f} ms; limit {LOOP_LAG_LIMIT_MS:g} ms)"
-        )
+        text = (f"the client event loop lagged {loop_lag.at(99.0):.1f} ms at p99 "
+                f"(max {loop_lag.max:.1f} ms; limit {LOOP_LAG_LIMIT_MS:g} ms)")  # fmt: skip
+        if cpu_util_max < STARVED_CPU:
+            # Late ticks without a busy process: the process was runnable but not running.
+            text += (f"; the busiest client process got only {cpu_util_max:.0%} of a core, so it was waiting for "
+                     "a CPU: the host is oversubscribed (the server or other load on the same machine?)")  # fmt: skip
+        found.append(text)
     if cpu_util_max >= CPU_LIMIT:
         found.append(
             f"a client process used {cpu_util_max:.0%} of one CPU core "

@@ -81,14 +81,11 @@ def merge_shards(load: LoadSpec, shards: Sequence[ShardResult]) -> LevelResult:
     for shard in shards:
         shift = shard.start_wall - start
         for r in shard.records:
-            records.append(
-                r
-                if shift == 0
-                else dataclasses.replace(
-                    r, scheduled_s=r.scheduled_s + shift, sent_s=r.sent_s + shift,
-                    end_s=r.end_s + shift,
-                )  # fmt: skip
-            )
+            if shift:
+                r = dataclasses.replace(
+                    r, scheduled_s=r.scheduled_s + shift, sent_s=r.sent_s + shift, end_s=r.end_s + shift
+                )
+            records.append(r)
     duration = max(s.start_wall - start + s.load.wall_s for s in shards)
     records.sort(key=lambda r: r.index)
     return LevelResult(load, tuple(records), tuple(s.load for s in sorted(shards, key=lambda s: s.process)), duration)

@@ -134,15 +134,16 @@ def console_report(level: Level, info: RunInfo) -> str:
 
 def sweep_table(levels: Sequence[Level]) -> str:
     """One line per level, for reading a sweep at a glance."""
-    head = f"{'load':<28}{'req/s':>8}{'tok/s':>10}{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>8}{'fail':>6}  client"
+    head = (f"{'load':<28}{'req/s':>8}{'tok/s':>10}{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>8}"
+            f"{'fail':>6}  client")  # fmt: skip
     lines = [head, "-" * len(head)]
     for lv in levels:
         s = lv.summary
-        ttft, tpot = s.ttft, s.tpot
+        ttft = (s.ttft.median, s.ttft.at(99.0)) if s.ttft else (None, None)
+        tpot = (s.tpot.median, s.tpot.at(99.0)) if s.tpot else (None, None)
         lines.append(
             f"{level_label(lv.result.load):<28}{_fmt(s.request_throughput):>8}{_fmt(s.output_throughput, '.1f'):>10}"
-            f"{_fmt(ttft and ttft.median, '.1f'):>10}{_fmt(ttft and ttft.at(99.0), '.1f'):>9}"
-            f"{_fmt(tpot and tpot.median, '.2f'):>10}{_fmt(tpot and tpot.at(99.0), '.2f'):>8}{s.failed:>6}"
+            f"{_fmt(ttft[0], '.1f'):>10}{_fmt(ttft[1], '.1f'):>9}{_fmt(tpot[0]):>10}{_fmt(tpot[1]):>8}{s.failed:>6}"
             f"  {'LIMITED' if s.client_limited else 'ok'}"
         )
     return "\n".join(lines)
@@ -269,11 +270,11 @@ def write_plot(path: str, levels: Sequence[Level]) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     x = [lv.summary.output_throughput for lv in levels]
-    for ax, (key, title) in zip(axes, (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2el", "E2EL"))):
+    for ax, (key, title) in zip(axes, (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2el", "E2EL")), strict=True):
         for p, style in ((50.0, "o-"), (99.0, "s--")):
             y = [d.at(p) if (d := getattr(lv.summary, key)) is not None else math.nan for lv in levels]
             ax.plot(x, y, style, label=f"p{p:g}")
-        for lv, xi in zip(levels, x):
+        for lv, xi in zip(levels, x, strict=True):
             d = getattr(lv.summary, key)
             if d is not None:
                 ax.annotate(level_label(lv.result.load).split(",")[0], (xi, d.median), fontsize=7)

@@ -78,6 +78,12 @@ class LoadSpec:
             raise ConfigError(f"duration must be > 0 seconds, got {self.duration_s}")
         if self.warmup < 0:
             raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
+        unbounded = self.concurrency is None and self.max_concurrency is None and math.isinf(self.request_rate)
+        if self.num_prompts is None and unbounded:
+            raise ConfigError(
+                "a duration without a number of prompts needs --concurrency, --max-concurrency or a finite "
+                "--request-rate: an unlimited rate would start requests without bound"
+            )
 
     @property
     def in_flight_limit(self) -> int:
@@ -249,6 +255,9 @@ class _Shard:
         self.taken = 0
         if load.concurrency is not None:
             await self.closed_loop(load.concurrency)
+        elif count is None and math.isinf(load.request_rate) and load.max_concurrency:
+            # Endless arrivals at t=0 behind a cap are a closed loop at the cap (and must not queue unboundedly).
+            await self.closed_loop(load.max_concurrency)
         else:
             await self.open_loop(arrival_offsets(load, count), load.max_concurrency)
 
@@ -281,8 +290,9 @@ async def run_shard(
     async with client:
         shard = _Shard(client, bodies, process, processes)
         if load.warmup:
-            warm = LoadSpec(concurrency=load.concurrency or load.max_concurrency or load.warmup, num_prompts=load.warmup)
-            await shard.phase(warm, load.warmup, None)
+            # Warmup is a closed loop at the level's concurrency (all at once when nothing caps it).
+            width = load.concurrency or load.max_concurrency or load.warmup
+            await shard.phase(LoadSpec(concurrency=width, num_prompts=load.warmup), load.warmup, None)
         if ready is not None:
             await ready()
         lags: list[float] = []

@@ -173,9 +173,18 @@ def test_file_and_sharegpt_datasets(tmp_path: Path) -> None:
 def test_plot_without_matplotlib_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    import batchgen.bench.report as report
+    import importlib.util
 
-    real = report.importlib.util.find_spec
-    monkeypatch.setattr(report.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real(name))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real(name))
     assert _cli("http://127.0.0.1:9/v1", "--plot", str(tmp_path / "p.png")) == 2
     assert "needs matplotlib" in capsys.readouterr().err
+
+
+async def test_a_duration_run_stops_starting_requests_at_the_deadline() -> None:
+    async with MockServer(MockConfig(ttft_ms=20, itl_ms=1)) as server:
+        load = LoadSpec(max_concurrency=3, num_prompts=None, duration_s=0.3)
+        shard = await run_shard(ServerSpec(base_url=server.url), _bodies(), load)
+    assert shard.records and all(r.ok for r in shard.records)
+    assert all(r.sent_s < 0.3 + 0.05 for r in shard.records)  # none started after the deadline (+ slack)
+    assert server.state.max_in_flight <= 3

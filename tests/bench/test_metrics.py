@@ -163,3 +163,11 @@ def test_result_json_uses_vllm_field_names() -> None:
                 "p99.9_ttft_ms", "p90_tpot_ms", "p95_itl_ms", "p50_e2el_ms"):  # fmt: skip
         assert key in data, key
     assert data["max_concurrency"] == 4 and data["request_rate"] == "inf"
+
+
+def test_a_duration_with_an_unlimited_rate_needs_a_cap() -> None:
+    from batchgen.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="without bound"):
+        LoadSpec(num_prompts=None, duration_s=5.0)
+    assert LoadSpec(num_prompts=None, duration_s=5.0, max_concurrency=4).max_concurrency == 4
