@@ -29,7 +29,8 @@ from batchgen.config import RunConfig, load_config
 from batchgen.pipeline import RunResult, run
 from batchgen.retry import RetryPolicy
 from batchgen.stream import Stream
-from batchgen.types import ChatCompletionChunk, ChatCompletionResponse, Choice, Function, ToolCall, Usage
+from batchgen.chunks import ChatCompletionChunk
+from batchgen.types import ChatCompletionResponse, Choice, Function, ToolCall, Usage
 
 __all__ = [
     "APIConnectionError",

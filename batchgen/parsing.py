@@ -12,22 +12,14 @@ from typing import Any
 import orjson
 
 from batchgen.errors import APIStatusError, IncompleteResponseError, status_error
-from batchgen.types import (
-    ChatCompletionChunk,
-    ChatCompletionResponse,
-    Choice,
-    Function,
-    ToolCall,
-    ToolCallDelta,
-    Usage,
-)
+from batchgen.types import ChatCompletionResponse, Choice, Function, ToolCall, Usage
 
-__all__ = ["error_from_body", "error_from_event", "parse_chunk", "parse_completion", "parse_usage"]
+__all__ = ["bad_type", "error_from_body", "error_from_event", "parse_completion", "parse_usage"]
 
 _MAX_ERROR_TEXT = 500  # keep error rows readable when a proxy returns a whole HTML page
 
 
-def _bad(where: str, value: Any, expected: str) -> IncompleteResponseError:
+def bad_type(where: str, value: Any, expected: str) -> IncompleteResponseError:
     return IncompleteResponseError(
         f"malformed response: {where} is {type(value).__name__}, expected {expected}"
     )
@@ -36,13 +28,13 @@ def _bad(where: str, value: Any, expected: str) -> IncompleteResponseError:
 def _opt_str(value: Any, where: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
-    raise _bad(where, value, "a string or null")
+    raise bad_type(where, value, "a string or null")
 
 
 def _opt_int(value: Any, where: str) -> int | None:
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
         return value
-    raise _bad(where, value, "an integer or null")
+    raise bad_type(where, value, "an integer or null")
 
 
 def _reasoning(message: dict[str, Any], where: str) -> str | None:
@@ -58,7 +50,7 @@ def parse_usage(value: Any) -> Usage | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise _bad("usage", value, "an object")
+        raise bad_type("usage", value, "an object")
     details = value.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     return Usage(
@@ -73,12 +65,12 @@ def _tool_calls(value: Any, where: str) -> list[ToolCall]:
     if value is None:
         return []
     if not isinstance(value, list):
-        raise _bad(where, value, "a list")
+        raise bad_type(where, value, "a list")
     calls = []
     for i, item in enumerate(value):
         fn = item.get("function") if isinstance(item, dict) else None
         if not isinstance(fn, dict):
-            raise _bad(f"{where}[{i}].function", fn, "an object")
+            raise bad_type(f"{where}[{i}].function", fn, "an object")
         arguments = fn.get("arguments")
         if not isinstance(arguments, str):
             # Some servers send parsed objects; keep a JSON string so the column type never changes.
@@ -96,10 +88,10 @@ def _tool_calls(value: Any, where: str) -> list[ToolCall]:
 def _choice(value: Any, position: int) -> Choice:
     where = f"choices[{position}]"
     if not isinstance(value, dict):
-        raise _bad(where, value, "an object")
+        raise bad_type(where, value, "an object")
     message = value.get("message")
     if not isinstance(message, dict):
-        raise _bad(where + ".message", message, "an object")
+        raise bad_type(where + ".message", message, "an object")
     stop_reason = value.get("stop_reason")
     return Choice(
         index=value.get("index", position),
@@ -120,7 +112,7 @@ def parse_completion(raw: Any) -> ChatCompletionResponse:
         IncompleteResponseError: the body is not a chat completion (no choices, wrong types).
     """
     if not isinstance(raw, dict):
-        raise _bad("the body", raw, "a JSON object")
+        raise bad_type("the body", raw, "a JSON object")
     choices = raw.get("choices")
     if not isinstance(choices, list) or not choices:
         raise IncompleteResponseError("malformed response: no choices in a 200 response")
@@ -132,59 +124,6 @@ def parse_completion(raw: Any) -> ChatCompletionResponse:
         model=_opt_str(raw.get("model"), "model"),
         choices=[_choice(c, i) for i, c in enumerate(choices)],
         usage=parse_usage(raw.get("usage")),
-    )
-
-
-def _tool_call_deltas(value: Any) -> list[ToolCallDelta]:
-    if not value:  # None or [] (vLLM <= 0.23 sends empty lists on plain deltas)
-        return []
-    if not isinstance(value, list):
-        raise _bad("delta.tool_calls", value, "a list")
-    deltas = []
-    for position, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise _bad(f"delta.tool_calls[{position}]", item, "an object")
-        fn = item.get("function") or {}
-        arguments = fn.get("arguments")
-        if arguments is not None and not isinstance(arguments, str):
-            arguments = orjson.dumps(arguments).decode()
-        deltas.append(
-            ToolCallDelta(
-                index=item.get("index", position),
-                id=item.get("id"),
-                type=item.get("type"),
-                name=fn.get("name"),
-                arguments=arguments,
-            )
-        )
-    return deltas
-
-
-def parse_chunk(raw: Any) -> ChatCompletionChunk:
-    """Turn one decoded SSE event into a `ChatCompletionChunk` (the first choice's delta)."""
-    if not isinstance(raw, dict):
-        raise _bad("a stream event", raw, "a JSON object")
-    choices = raw.get("choices") or []
-    usage = parse_usage(raw.get("usage"))
-    if not choices:  # the usage chunk: "choices": []
-        return ChatCompletionChunk(raw, raw.get("id"), raw.get("model"), None, None, None, None, usage=usage)
-    if not isinstance(choices, list) or not isinstance(choices[0], dict):
-        raise _bad("chunk choices", choices, "a list of objects")
-    choice = choices[0]
-    delta = choice.get("delta") or {}
-    if not isinstance(delta, dict):
-        raise _bad("delta", delta, "an object")
-    return ChatCompletionChunk(
-        raw=raw,
-        id=raw.get("id"),
-        model=raw.get("model"),
-        index=choice.get("index", 0),
-        role=delta.get("role"),
-        content=_opt_str(delta.get("content"), "delta.content"),
-        reasoning_content=_reasoning(delta, "delta"),
-        tool_calls=_tool_call_deltas(delta.get("tool_calls")),
-        finish_reason=_opt_str(choice.get("finish_reason"), "finish_reason"),
-        usage=usage,
     )
 
 

@@ -9,16 +9,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchgen.parsing import parse_chunk
-from batchgen.types import ChatCompletionChunk, ChatCompletionResponse, Choice, Function, ToolCall, Usage
+from batchgen.chunks import ChatCompletionChunk, parse_chunk
+from batchgen.types import ChatCompletionResponse, Choice, Function, ToolCall, Usage
 
 __all__ = ["DONE", "SSEDecoder", "StreamAssembler"]
 
 DONE = b"[DONE]"
 
 
+def _payload(event: bytes) -> bytes | None:
+    """The joined `data:` lines of one complete event; None when it has none (comments, `event:` only)."""
+    if not event:
+        return None
+    data = []
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(b" ") else value)
+        # event:, id:, retry: and comment lines carry nothing a chat stream needs
+    return b"\n".join(data) if data else None
+
+
 class SSEDecoder:
     """Feed bytes in, get the `data:` payload of every complete event out (as bytes).
+
+    Events are cut at blank lines with one `bytes.split` per read; the usual single-line
+    `data: {...}` event costs a slice, and only unusual events go through line parsing.
+    CR and CRLF line ends are folded to LF first (a CR at the end of a read waits for the next).
 
     Example:
         decoder = SSEDecoder()
@@ -26,36 +43,33 @@ class SSEDecoder:
             ...
     """
 
-    __slots__ = ("_buffer", "_data")
+    __slots__ = ("_buffer",)
 
     def __init__(self) -> None:
         self._buffer = b""
-        self._data: list[bytes] = []
 
     def feed(self, chunk: bytes) -> list[bytes]:
         buffer = self._buffer + chunk if self._buffer else chunk
-        lines = buffer.split(b"\n")
-        self._buffer = lines.pop()  # the unfinished tail (b"" when the chunk ended on a newline)
-        events: list[bytes] = []
-        data = self._data
-        for line in lines:
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not line:  # a blank line ends the event
-                if data:
-                    events.append(data[0] if len(data) == 1 else b"\n".join(data))
-                    data = self._data = []
-                continue
-            if line.startswith(b"data:"):
-                value = line[5:]
-                data.append(value[1:] if value.startswith(b" ") else value)
-            # event:, id:, retry: and comment lines carry nothing a chat stream needs
-        return events
+        held_cr = b""
+        if b"\r" in buffer:
+            if buffer.endswith(b"\r"):  # maybe the first half of a CRLF
+                buffer, held_cr = buffer[:-1], b"\r"
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        events = buffer.split(b"\n\n")
+        tail = events.pop()  # the unfinished rest
+        self._buffer = tail + held_cr
+        payloads = [event[6:] for event in events if event[:6] == b"data: "]
+        # Each plain one-line event holds no newline but its separator; anything else (comments,
+        # multi-line data, `data:` without a space, extra blank lines) takes the careful path.
+        if len(payloads) != len(events) or buffer.count(b"\n") - tail.count(b"\n") != 2 * len(events):
+            payloads = [p for p in map(_payload, events) if p is not None]
+        return payloads
 
     def flush(self) -> list[bytes]:
-        """Events left when the connection closed without a final blank line."""
-        events = self.feed(b"\n\n") if (self._buffer or self._data) else []
-        return events
+        """The last event when the connection closed without a final blank line."""
+        tail, self._buffer = self._buffer.replace(b"\r", b""), b""
+        payload = _payload(tail.strip(b"\n")) if tail.strip() else None
+        return [] if payload is None else [payload]
 
 
 @dataclass(slots=True)
@@ -95,30 +109,51 @@ class StreamAssembler:
         self._usage: Usage | None = None
 
     def add(self, chunk: ChatCompletionChunk) -> None:
+        raw = chunk.raw
         if self._id is None:
             self._id = chunk.id
             self._model = chunk.model
-            created = chunk.raw.get("created")
+            created = raw.get("created")
             self._created = created if isinstance(created, int) else None
+        choices = raw.get("choices")
+        if type(choices) is list and len(choices) == 1 and raw.get("usage") is None and self._add_token(choices[0]):
+            return
         if chunk.usage is not None:
             self._usage = chunk.usage  # continuous usage stats are cumulative: keep the last
         if chunk.index is None:
             return
-        for choice in chunk.raw["choices"]:
-            self._add_choice(choice, chunk if choice is chunk.raw["choices"][0] else None)
+        self._add_choice(chunk)
+        for extra in choices[1:]:  # rare: several choices in one chunk; parse each the same way
+            self._add_choice(parse_chunk({"choices": [extra]}))
 
-    def _add_choice(self, choice: dict[str, Any], parsed: ChatCompletionChunk | None) -> None:
-        if parsed is None:  # rare: several choices in one chunk; parse this one the same way
-            parsed = parse_chunk({"choices": [choice]})
-        parts = self._choices.get(parsed.index or 0)
+    def _add_token(self, choice: Any) -> bool:
+        """The fast path for a plain token delta `{"content": "..."}`; False when it is anything else."""
+        if type(choice) is not dict or choice.get("finish_reason") is not None:
+            return False
+        delta = choice.get("delta")
+        if type(delta) is not dict or len(delta) != 1:
+            return False
+        content = delta.get("content")
+        parts = self._choices.get(choice.get("index", 0))
+        if type(content) is not str or parts is None:
+            return False
+        parts.saw_content = True
+        if content:
+            parts.content.append(content)
+        return True
+
+    def _add_choice(self, parsed: ChatCompletionChunk) -> None:
+        index = parsed.index or 0
+        parts = self._choices.get(index)
         if parts is None:
-            parts = self._choices[parsed.index or 0] = _ChoiceParts()
+            parts = self._choices[index] = _ChoiceParts(role=parsed.role)
         if parsed.role and parts.role is None:
             parts.role = parsed.role
-        if parsed.content is not None:
+        content = parsed.content
+        if content is not None:
             parts.saw_content = True
-            if parsed.content:
-                parts.content.append(parsed.content)
+            if content:
+                parts.content.append(content)
         if parsed.reasoning_content:
             parts.reasoning.append(parsed.reasoning_content)
         for delta in parsed.tool_calls:
@@ -132,7 +167,7 @@ class StreamAssembler:
                 call.arguments.append(delta.arguments)
         if parsed.finish_reason is not None:
             parts.finish_reason = parsed.finish_reason
-            stop = choice.get("stop_reason")
+            stop = parsed.raw["choices"][0].get("stop_reason") if parsed.raw.get("choices") else None
             parts.stop_reason = stop if isinstance(stop, (str, int)) else None
 
     @property

@@ -6,7 +6,7 @@ Every object keeps the server's parsed JSON in `raw`, so fields batchgen does no
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -14,7 +14,6 @@ import orjson
 from batchgen.errors import ToolArgumentsError
 
 __all__ = [
-    "ChatCompletionChunk",
     "ChatCompletionResponse",
     "Choice",
     "Function",
@@ -135,40 +134,3 @@ class ChatCompletionResponse:
     @property
     def finish_reason(self) -> str | None:
         return self.choices[0].finish_reason if self.choices else None
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCallDelta:
-    """A piece of a streamed tool call; only the first piece for an `index` usually has id and name."""
-
-    index: int
-    id: str | None
-    type: str | None
-    name: str | None
-    arguments: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class ChatCompletionChunk:
-    """One SSE event of a streamed chat completion (the first choice's delta on top).
-
-    The usage chunk has no choices: then `index` is None and every delta field is None.
-    """
-
-    raw: dict[str, Any]
-    id: str | None
-    model: str | None
-    index: int | None
-    role: str | None
-    content: str | None
-    reasoning_content: str | None
-    tool_calls: list[ToolCallDelta] = field(default_factory=list)
-    finish_reason: str | None = None
-    usage: Usage | None = None
-
-    @property
-    def has_text(self) -> bool:
-        """True when the chunk carries generated text in any channel (used for TTFT and ITL)."""
-        if self.content or self.reasoning_content:
-            return True
-        return any(d.arguments for d in self.tool_calls)

@@ -256,7 +256,7 @@ def report(results: dict[str, list[tuple[float, float, int]]], args: argparse.Na
 
 def stage_costs(body: bytes, rounds: int = 300) -> None:
     """CPU per stream of each batchgen stage on the canned body, without network or profiler overhead."""
-    from batchgen.parsing import parse_chunk
+    from batchgen.chunks import parse_chunk
     from batchgen.sse import SSEDecoder, StreamAssembler
 
     payloads = [p for p in SSEDecoder().feed(body) if p != b"[DONE]"]
@@ -272,9 +272,9 @@ def stage_costs(body: bytes, rounds: int = 300) -> None:
     stages: dict[str, Callable[[], object]] = {
         "sse.SSEDecoder.feed (whole body)": lambda: SSEDecoder().feed(body),
         "orjson.loads (every event)": lambda: [orjson.loads(p) for p in payloads],
-        "parsing.parse_chunk (every event)": lambda: [parse_chunk(d) for d in decoded],
+        "chunks.parse_chunk (every event)": lambda: [parse_chunk(d) for d in decoded],
         "sse.StreamAssembler.add + response()": assemble,
-        "types.ChatCompletionChunk.has_text": lambda: [c.has_text for c in chunks],
+        "chunks.ChatCompletionChunk.has_text": lambda: [c.has_text for c in chunks],
     }
     print(f"\nbatchgen stages, CPU µs per stream ({len(payloads)} events), no network:")
     for name, fn in stages.items():

@@ -1,0 +1,171 @@
+"""Stream chunks: `ChatCompletionChunk`, a lazily parsed view of one SSE event, and `parse_chunk`.
+
+A stream makes one chunk per generated token, so a chunk only keeps the decoded JSON until a
+field is read; the fields are then checked and cached together. A caller that only counts or
+times chunks never pays for parsing, and one that reads them pays once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from batchgen.parsing import bad_type, parse_usage
+from batchgen.types import Usage
+
+__all__ = ["ChatCompletionChunk", "ToolCallDelta", "parse_chunk"]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call; only the first piece for an `index` usually has id and name."""
+
+    index: int
+    id: str | None
+    type: str | None
+    name: str | None
+    arguments: str | None
+
+
+_Fields = tuple[
+    int | None, str | None, str | None, str | None, Sequence[ToolCallDelta], str | None, "Usage | None"
+]
+_USAGE_ONLY: Any = (None, None, None, None, (), None)
+
+
+class ChatCompletionChunk:
+    """One SSE event of a streamed chat completion (the first choice's delta on top).
+
+    `raw` is the decoded event. The usage chunk has no choices: then `index` is None and every
+    delta field is None. Reading a field of a malformed event raises `IncompleteResponseError`.
+    """
+
+    __slots__ = ("_fields", "raw")
+
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.raw = raw
+        self._fields: _Fields | None = None
+
+    def _parse(self) -> _Fields:
+        fields = self._fields = _parse_fields(self.raw)
+        return fields
+
+    @property
+    def id(self) -> str | None:
+        return self.raw.get("id")
+
+    @property
+    def model(self) -> str | None:
+        return self.raw.get("model")
+
+    @property
+    def index(self) -> int | None:
+        return (self._fields or self._parse())[0]
+
+    @property
+    def role(self) -> str | None:
+        return (self._fields or self._parse())[1]
+
+    @property
+    def content(self) -> str | None:
+        return (self._fields or self._parse())[2]
+
+    @property
+    def reasoning_content(self) -> str | None:
+        return (self._fields or self._parse())[3]
+
+    @property
+    def tool_calls(self) -> Sequence[ToolCallDelta]:
+        return (self._fields or self._parse())[4]
+
+    @property
+    def finish_reason(self) -> str | None:
+        return (self._fields or self._parse())[5]
+
+    @property
+    def usage(self) -> Usage | None:
+        return (self._fields or self._parse())[6]
+
+    @property
+    def has_text(self) -> bool:
+        """True when the chunk carries generated text in any channel (used for TTFT and ITL)."""
+        fields = self._fields or self._parse()
+        if fields[2] or fields[3]:
+            return True
+        return any(d.arguments for d in fields[4])
+
+    def __repr__(self) -> str:
+        index, _, content, reasoning, calls, finish, usage = self._fields or self._parse()
+        return (
+            f"ChatCompletionChunk(index={index!r}, content={content!r}, reasoning_content={reasoning!r}, "
+            f"tool_calls={list(calls)!r}, finish_reason={finish!r}, usage={usage!r})"
+        )
+
+
+def parse_chunk(raw: Any) -> ChatCompletionChunk:
+    """A chunk with every field checked now (raises `IncompleteResponseError` if malformed)."""
+    if type(raw) is not dict:
+        raise bad_type("a stream event", raw, "a JSON object")
+    chunk = ChatCompletionChunk(raw)
+    chunk._parse()
+    return chunk
+
+
+def _parse_fields(raw: dict[str, Any]) -> _Fields:
+    usage = raw.get("usage")
+    if usage is not None:
+        usage = parse_usage(usage)
+    choices = raw.get("choices")
+    if not choices:  # the usage chunk: "choices": []
+        return (*_USAGE_ONLY, usage)  # type: ignore[no-any-return]
+    choice = choices[0] if type(choices) is list else None
+    if type(choice) is not dict:
+        raise bad_type("chunk choices", choices, "a list of objects")
+    delta = choice.get("delta") or {}
+    if type(delta) is not dict:
+        raise bad_type("delta", delta, "an object")
+    finish = choice.get("finish_reason")
+    if finish is not None and type(finish) is not str:
+        raise bad_type("finish_reason", finish, "a string or null")
+    content = delta.get("content")
+    if content is not None and type(content) is not str:
+        raise bad_type("delta.content", content, "a string or null")
+    index = choice.get("index", 0)
+    if len(delta) == 1 and content is not None:  # the usual token delta: {"content": "..."}
+        return index, None, content, None, (), finish, usage
+    # vLLM renamed reasoning_content to reasoning (v0.12 sent both, v0.16+ only the new one).
+    reasoning = delta.get("reasoning")
+    if reasoning is None:
+        reasoning = delta.get("reasoning_content")
+    if reasoning is not None and type(reasoning) is not str:
+        raise bad_type("delta.reasoning", reasoning, "a string or null")
+    tool_calls = delta.get("tool_calls")
+    deltas = _tool_call_deltas(tool_calls) if tool_calls else ()
+    return index, delta.get("role"), content, reasoning, deltas, finish, usage
+
+
+def _tool_call_deltas(value: Any) -> list[ToolCallDelta]:
+    # An empty list counts as none (vLLM <= 0.23 sends `tool_calls: []` on plain deltas).
+    if not isinstance(value, list):
+        raise bad_type("delta.tool_calls", value, "a list")
+    deltas = []
+    for position, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise bad_type(f"delta.tool_calls[{position}]", item, "an object")
+        fn = item.get("function") or {}
+        arguments = fn.get("arguments")
+        if arguments is not None and not isinstance(arguments, str):
+            arguments = orjson.dumps(arguments).decode()
+        deltas.append(
+            ToolCallDelta(
+                index=item.get("index", position),
+                id=item.get("id"),
+                type=item.get("type"),
+                name=fn.get("name"),
+                arguments=arguments,
+            )
+        )
+    return deltas
