@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from batchgen.client import Client
 from batchgen.config import MOCK_URL, RunConfig
 from batchgen.errors import APIConnectionError, APIError, BatchgenError, InputError
-from batchgen.idcheck import find_duplicate_id
+from batchgen.idcheck import find_duplicate_id, source_ids
 from batchgen.io.parts import PartWriter, finalize, scan_checkpoint
 from batchgen.io.readers import InputSource, SourceRow, open_input
 from batchgen.io.schema import output_schema, state_schema
@@ -292,7 +292,8 @@ async def run_async(cfg: RunConfig, *, log: TextIO | None = None) -> RunResult:
         shutil.rmtree(state_dir_for(cfg.output), ignore_errors=True)
         Path(cfg.output).unlink(missing_ok=True)
     if mapper.id_column is not None:
-        duplicate = await asyncio.to_thread(find_duplicate_id, source.read_ids(mapper.id_column))
+        id_column = mapper.id_column
+        duplicate = await asyncio.to_thread(lambda: find_duplicate_id(source_ids(source, id_column)))
         if duplicate is not None:
             value, first, second = duplicate
             raise InputError(f"duplicate id {value!r} in column {mapper.id_column!r}: rows {first} and {second}")

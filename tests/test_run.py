@@ -218,3 +218,12 @@ async def test_a_server_that_is_gone_stops_the_run_and_it_resumes_later(tmp_path
     assert back.exit_code == EXIT_OK, back.message
     out = pl.read_parquet(tmp_path / "out.parquet")
     assert out["content"].to_list() == [f"echo: p {i}" for i in range(60)]
+
+
+async def test_duplicate_ids_in_jsonl_name_both_rows(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"id": 7, "prompt": "a"}\nnot json\n{"id": null, "prompt": "b"}\n{"id": "7", "prompt": "c"}\n')
+    async with MockServer() as server:
+        with pytest.raises(InputError, match="duplicate id '7'.*rows 0 and 3"):
+            await _run(server, tmp_path, path)
+    assert server.state.requests == []

@@ -132,6 +132,13 @@ class ParquetSource(InputSource):
                     yield index, value
                     index += 1
 
+    def read_id_column(self, column: str) -> pa.ChunkedArray:
+        """The whole `column` as Arrow data, one chunk per batch: no Python object per row."""
+        if column not in self.columns:
+            raise InputError(f"{self.path}: no column {column!r}; the columns are {', '.join(self.columns)}")
+        chunks = [batch.column(0) for file in self.files for batch in self._batches(file, 65_536, columns=[column])]
+        return pa.chunked_array(chunks, type=chunks[0].type if chunks else pa.string())
+
     def _batches(self, file: Path, batch_size: int, **options: Any) -> Iterator[pa.RecordBatch]:
         try:
             with pq.ParquetFile(file) as reader:

@@ -230,7 +230,7 @@ async def test_bad_response_becomes_a_retry_or_an_error_row(
 async def test_a_response_that_breaks_the_writer_neither_hangs_nor_loses_the_run(
     tmp_path: Path, bad_server: Callable[..., Awaitable[BadServer]], figures: Any
 ) -> None:
-    """3,000 streamed rows through `batchgen run`; one row's stream carries a numeric chunk id (wrong JSON type). The run must end within 30 s (it takes ~5 s; it must not hang), with exit code 1 and that row as an error row, every other row answered once, in order."""
+    """3,000 streamed rows through `batchgen run`; one row's stream carries a numeric chunk id (wrong JSON type). The run must end within 20 s (it takes ~5 s; it must not hang), with exit code 1 and that row as an error row, every other row answered once, in order."""
     rows = 3000
     broken = "r5"
 
@@ -245,10 +245,10 @@ async def test_a_response_that_breaks_the_writer_neither_hangs_nor_loses_the_run
     config = yaml_config(tmp_path / "job.yaml", flush_seconds=0.1)
     args = run_args(write_prompts(tmp_path / "in.parquet", rows), output, server.url, "--stream", "--max-retries", "1",
                     "--concurrency", "16", config=config)
-    result = await run_cli_async(args, timeout=30)
-    figures(rows=rows, exit_code="killed at 30 s deadline" if result.timed_out else result.returncode,
+    result = await run_cli_async(args, timeout=20)
+    figures(rows=rows, exit_code="killed at 20 s deadline" if result.timed_out else result.returncode,
             seconds=round(result.seconds, 1))
-    assert not result.timed_out, "the run hung: still running 30 s after it started (a 3,000-row run takes ~5 s)"
+    assert not result.timed_out, "the run hung: still running 20 s after it started (a 3,000-row run takes ~5 s)"
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     out = read_output(output)

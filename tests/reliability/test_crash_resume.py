@@ -85,7 +85,7 @@ def test_kill_9_at_ten_random_points_then_resume_equals_uninterrupted_run(tmp_pa
     rng = random.Random(SEED)
     input_path = write_prompts(tmp_path / "in.parquet", ROWS, row_group_size=100)
     config = yaml_config(tmp_path / "job.yaml", flush_seconds=0.1)
-    with mock_server_thread(MockConfig(latency_ms=15)) as server:
+    with mock_server_thread(MockConfig(latency_ms=10)) as server:
         reference = tmp_path / "reference.parquet"
         ref = run_cli(run_args(input_path, reference, server.url, "--concurrency", "8", config=config), timeout=90)
         assert ref.returncode == 0, ref.stderr
@@ -96,7 +96,8 @@ def test_kill_9_at_ten_random_points_then_resume_equals_uninterrupted_run(tmp_pa
         thread = threading.Thread(target=watcher.run, daemon=True)
         thread.start()
         kills, kill_points, resent_done = 0, [], []
-        targets = sorted(rng.randrange(0, int(ROWS * 0.95)) for _ in range(KILLS))
+        # Up to 80 % of the rows: the random extra delay (<= 0.2 s, <= 160 rows) cannot reach the end.
+        targets = sorted(rng.randrange(0, int(ROWS * 0.8)) for _ in range(KILLS))
         try:
             for target in targets:
                 done = ok_ids_on_disk(output)  # no process is running now
@@ -105,7 +106,7 @@ def test_kill_9_at_ten_random_points_then_resume_equals_uninterrupted_run(tmp_pa
                 try:
                     wait_until(lambda: rows_on_disk(output) >= target or proc.poll() is not None, 60,
                                f"{target} rows on disk", interval=0.005)
-                    delay = rng.uniform(0.0, 0.3)
+                    delay = rng.uniform(0.0, 0.2)
                     deadline = time.monotonic() + delay
                     while proc.poll() is None and time.monotonic() < deadline:
                         time.sleep(0.005)

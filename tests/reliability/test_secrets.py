@@ -88,6 +88,7 @@ async def _interrupt_then_finish(args: list[str], env: dict[str, str], output: P
     return leaks, texts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["env", "file"])
 async def test_key_from_env_or_file_authenticates_and_leaves_no_trace(source: str, tmp_path: Path, figures: Any) -> None:
     """The mock requires the key (so it is really sent); the mock also injects every fault kind at rate 0.2 and rows get no retry, so error rows exist. A run is interrupted (SIGTERM) while part files exist, then finished. The key is in no part file, output bytes, decoded output values or Parquet metadata, and in no stdout/stderr of either run."""
