@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import pyarrow as pa
+
 from batchgen.client import Client
 from batchgen.config import MOCK_URL, RunConfig
 from batchgen.errors import APIConnectionError, APIError, BatchgenError, InputError
 from batchgen.idcheck import find_duplicate_id, source_ids
-from batchgen.io.parts import PartWriter, finalize, scan_checkpoint
+from batchgen.io.merge import MergeResult, finalize
+from batchgen.io.parts import PartWriter, scan_checkpoint
 from batchgen.io.readers import InputSource, SourceRow, open_input
 from batchgen.io.schema import output_schema, state_schema
 from batchgen.progress import Progress, RunStats
@@ -73,10 +76,12 @@ class _Run:
         if mapper.id_column == "id" and "id" in passthrough.names:
             passthrough = passthrough.remove(passthrough.get_field_index("id"))
         self.passthrough_names = passthrough.names
-        self.schema, self.renames = output_schema(passthrough)
+        self.schema, renames = output_schema(passthrough)
+        self.output_names = [renames.get(n, n) for n in self.passthrough_names]
+        # Input columns never travel through the pipeline: the merge joins them from the input.
+        self.results_schema = pa.schema([f for f in self.schema if f.name not in set(self.output_names)])
         self.stats = RunStats()
         self.outbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(1024, cfg.concurrency * 4))
-        self.pending: dict[int, dict[str, Any]] = {}  # passthrough values of requests in flight
         self.new_records = 0
         self.interrupted = False
         # Connection failures in a row mean the server is gone: hold their records back (so a rerun
@@ -85,12 +90,6 @@ class _Run:
         self.down_streak: list[dict[str, Any]] = []
         self.aborted: str | None = None
         self.producer: asyncio.Task[None] | None = None
-
-    def _passthrough(self, row: SourceRow) -> dict[str, Any]:
-        if row.values is None:
-            return dict.fromkeys(self.renames.get(n, n) for n in self.passthrough_names)
-        values = self.source.passthrough_values(row)
-        return {self.renames.get(n, n): values.get(n) for n in self.passthrough_names}
 
     async def _rows(self) -> AsyncIterator[SourceRow]:
         batches: Iterator[list[SourceRow]] = self.source.iter_batches()
@@ -110,7 +109,6 @@ class _Run:
             if state == 1 or (state == 2 and not self.cfg.retry_failed):
                 self.stats.skipped += 1
                 continue
-            passthrough = self._passthrough(row)
             item: RowRequest | RowProblem
             if row.error is not None or row.values is None:
                 row_id = self.mapper.row_id(row.index, row.values) if row.values else None
@@ -118,9 +116,8 @@ class _Run:
             else:
                 item = self.mapper.map(row.index, row.where, row.values)
             if isinstance(item, RowProblem):
-                await self.outbox.put(problem_record(item, passthrough))
+                await self.outbox.put(problem_record(item))
                 continue
-            self.pending[row.index] = passthrough
             await pool.submit(item)
         await pool.close()
 
@@ -128,7 +125,7 @@ class _Run:
         return await self.client.complete(request.body, request_id=request.row_id, validated=True)
 
     async def _on_outcome(self, outcome: Outcome) -> None:
-        record = outcome_record(outcome, self.pending.pop(outcome.request.index))
+        record = outcome_record(outcome)
         if isinstance(outcome.error, APIConnectionError):
             self.down_streak.append(record)
             if len(self.down_streak) >= self.down_threshold and self.aborted is None and self.producer is not None:
@@ -180,7 +177,7 @@ class _Run:
         if self.cfg.limit is not None and total is not None:
             total = min(total, self.cfg.limit)
         checkpoint = await asyncio.to_thread(scan_checkpoint, self.state_dir, total, self.previous)
-        writer = PartWriter(self.state_dir, state_schema(self.schema), checkpoint.next_generation)
+        writer = PartWriter(self.state_dir, state_schema(self.results_schema), checkpoint.next_generation)
         progress = Progress(self.stats, total, enabled=self.cfg.progress, stream=self.log)
         pool = WorkerPool(self._send, self.cfg.concurrency, on_outcome=self._on_outcome)
 
@@ -226,23 +223,29 @@ class _Run:
             failed = failed_before
             code = EXIT_ROW_ERRORS if failed else EXIT_OK
             return self._result(code, f"nothing to do: every row is already in {self.output} ({failed} error rows)")
-        rows = await asyncio.to_thread(
-            finalize, self.state_dir, self.output, self.schema, previous_output=self.previous, expected_rows=expected_rows
-        )
+        merged = await asyncio.to_thread(self._finalize, expected_rows)
         shutil.rmtree(self.state_dir, ignore_errors=True)
-        failed = await asyncio.to_thread(_count_errors, self.output)
+        rows, failed = merged.rows, merged.errors
         code = EXIT_ROW_ERRORS if failed else EXIT_OK
         return self._result(code, f"wrote {rows} rows ({failed} error rows) to {self.output}")
 
+    def _finalize(self, expected_rows: int | None) -> MergeResult:
+        passthrough = None
+        if self.passthrough_names:
+            names = self.output_names
+            passthrough = (t.rename_columns(names) for t in self.source.iter_passthrough(self.passthrough_names))
+        return finalize(
+            self.state_dir,
+            self.output,
+            self.schema,
+            passthrough=passthrough,
+            passthrough_schema=pa.schema([f for f in self.schema if f.name in set(self.output_names)]),
+            previous_output=self.previous,
+            expected_rows=expected_rows,
+        )
+
     def _result(self, code: int, message: str) -> RunResult:
         return RunResult(code, self.stats, str(self.output), message)
-
-
-def _count_errors(path: Path) -> int:
-    import polars as pl
-
-    frame = pl.scan_parquet(path) if path.suffix == ".parquet" else pl.scan_ndjson(path)
-    return int(frame.select(pl.col("error").is_not_null().sum()).collect().item())
 
 
 async def _model(client: Client, cfg: RunConfig) -> str:

@@ -1,4 +1,6 @@
-"""Output records: one flat dict per input row, matching `batchgen.io.schema` (pure).
+"""Result records: one flat dict per input row, the result columns of `batchgen.io.schema` (pure).
+
+The input's own columns are not here: the final merge joins them from the input in Arrow.
 
 A success fills the answer columns; a failure fills `error`, `error_type` and `status_code`
 and leaves the answer columns null, so every input row has exactly one record either way.
@@ -26,10 +28,10 @@ _EMPTY_ANSWER = {
 }
 
 
-def outcome_record(outcome: Outcome, passthrough: dict[str, Any]) -> dict[str, Any]:
+def outcome_record(outcome: Outcome) -> dict[str, Any]:
     """The record of a request that was sent (answered, or failed after its retries)."""
     request = outcome.request
-    record: dict[str, Any] = {INDEX_COLUMN: request.index, "id": request.row_id, **passthrough}
+    record: dict[str, Any] = {INDEX_COLUMN: request.index, "id": request.row_id}
     response = outcome.response
     if response is not None:
         usage = response.usage
@@ -61,9 +63,9 @@ def outcome_record(outcome: Outcome, passthrough: dict[str, Any]) -> dict[str, A
     return record
 
 
-def problem_record(problem: RowProblem, passthrough: dict[str, Any]) -> dict[str, Any]:
+def problem_record(problem: RowProblem) -> dict[str, Any]:
     """The record of a row that never became a request (it could not be read or was invalid)."""
-    record: dict[str, Any] = {INDEX_COLUMN: problem.index, "id": problem.row_id, **passthrough}
+    record: dict[str, Any] = {INDEX_COLUMN: problem.index, "id": problem.row_id}
     record.update(_EMPTY_ANSWER)
     record.update(
         error=problem.message,

@@ -5,7 +5,8 @@ Writing: `output_schema` fixes the columns, `PartWriter` appends results as part
 `scan_checkpoint` tells a resumed run what is done, and `finalize` writes the output in input order.
 """
 
-from batchgen.io.parts import Checkpoint, PartFile, PartWriter, finalize, list_parts, output_format, scan_checkpoint
+from batchgen.io.merge import MergeResult, finalize
+from batchgen.io.parts import Checkpoint, PartFile, PartWriter, list_parts, output_format, scan_checkpoint
 from batchgen.io.readers import FORMATS, InputSource, SourceRow, detect_format, open_input
 from batchgen.io.schema import INDEX_COLUMN, RESULT_COLUMNS, RESULT_FIELDS, output_schema, state_schema
 
@@ -20,6 +21,7 @@ __all__ = [
     "PartWriter",
     "SourceRow",
     "detect_format",
+    "MergeResult",
     "finalize",
     "list_parts",
     "open_input",

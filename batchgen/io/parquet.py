@@ -132,6 +132,13 @@ class ParquetSource(InputSource):
                     yield index, value
                     index += 1
 
+    def iter_passthrough(self, names: list[str], batch_size: int = 8192) -> Iterator[pa.Table]:
+        """The passthrough columns straight from the files, never as Python objects."""
+        schema = pa.schema([self.passthrough_schema.field(name) for name in names])
+        for file in self.files:
+            for batch in self._batches(file, batch_size, columns=names):
+                yield pa.Table.from_batches([batch]).cast(schema)
+
     def read_id_column(self, column: str) -> pa.ChunkedArray:
         """The whole `column` as Arrow data, one chunk per batch: no Python object per row."""
         if column not in self.columns:
@@ -141,7 +148,8 @@ class ParquetSource(InputSource):
 
     def _batches(self, file: Path, batch_size: int, **options: Any) -> Iterator[pa.RecordBatch]:
         try:
-            with pq.ParquetFile(file) as reader:
+            # pre_buffer keeps every column chunk it read until the file closes (~190 MB per 1M rows).
+            with pq.ParquetFile(file, pre_buffer=False) as reader:
                 yield from reader.iter_batches(batch_size=batch_size, **options)
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"{file}: cannot read Parquet data ({exc})") from exc

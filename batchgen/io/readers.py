@@ -97,6 +97,13 @@ class InputSource(ABC):
         values = row.values or {}
         return {name: values.get(name) for name in self.passthrough_schema.names}
 
+    def iter_passthrough(self, names: list[str], batch_size: int = 8192) -> Iterator[pa.Table]:
+        """The passthrough columns `names` as Arrow tables in input order (every row, good or bad),
+        typed as in `passthrough_schema`: the final merge joins them to the results."""
+        schema = pa.schema([self.passthrough_schema.field(name) for name in names])
+        for rows in self.iter_batches(batch_size):
+            yield pa.Table.from_pylist([self.passthrough_values(row) for row in rows], schema=schema)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={self.path!r}, format={self.format!r}, columns={self.columns!r})"
 

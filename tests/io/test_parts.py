@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -17,18 +18,30 @@ from hypothesis import strategies as st
 from batchgen.errors import OutputError
 from batchgen.io import PartWriter, finalize, list_parts, output_schema, scan_checkpoint, state_schema
 
-OUTPUT, _ = output_schema(pa.schema([("prompt", pa.string())]))
-STATE = state_schema(OUTPUT)
+PROMPT = pa.schema([("prompt", pa.string())])
+OUTPUT, _ = output_schema(PROMPT)
+STATE = state_schema(pa.schema([f for f in OUTPUT if f.name != "prompt"]))  # parts hold results only
+
+
+def prompts(chunk: int = 3) -> Iterator[pa.Table]:
+    """The input's passthrough column, in input order, as the merge reads it: p0, p1, ..."""
+    start = 0
+    while True:
+        yield pa.table({"prompt": [f"p{i}" for i in range(start, start + chunk)]}, schema=PROMPT)
+        start += chunk
+
+
+def merge(state_dir: Path, out: Path, **options: Any) -> int:
+    return finalize(state_dir, out, OUTPUT, passthrough=prompts(), passthrough_schema=PROMPT, **options).rows
 
 
 def record(index: int, tag: str, *, failed: bool = False) -> dict[str, Any]:
     """A result record whose values depend on which write produced it."""
     if failed:
-        return {"_index": index, "id": f"r{index}", "prompt": f"p{index}", "error": f"boom {tag}", "attempts": 3}
+        return {"_index": index, "id": f"r{index}", "error": f"boom {tag}", "attempts": 3}
     return {
         "_index": index,
         "id": f"r{index}",
-        "prompt": f"p{index}",
         "content": f"answer {index} from {tag}",
         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}] if index % 3 == 0 else None,
         "usage": {"prompt_tokens": index, "completion_tokens": 2, "total_tokens": index + 2},
@@ -40,7 +53,9 @@ def record(index: int, tag: str, *, failed: bool = False) -> dict[str, Any]:
 
 def as_output(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What the final file should hold for these records: every column, `_index` dropped."""
-    return pa.Table.from_pylist(records, schema=STATE).drop_columns(["_index"]).to_pylist()
+    table = pa.Table.from_pylist(records, schema=STATE)
+    table = table.add_column(1, PROMPT.field("prompt"), pa.array([f"p{r['_index']}" for r in records], pa.string()))
+    return table.drop_columns(["_index"]).to_pylist()
 
 
 def read_output(path: Path) -> list[dict[str, Any]]:
@@ -204,7 +219,7 @@ def test_finalize_round_trip(layout: dict[str, Any]) -> None:
                 if r["_index"] not in winner or winner[r["_index"]][0] < (generation, seq):
                     winner[r["_index"]] = ((generation, seq), r)
         out = root / f"out{layout['suffix']}"
-        written = finalize(state_dir, out, OUTPUT, previous_output=previous, window=layout["window"])
+        written = merge(state_dir, out, previous_output=previous, window=layout["window"])
         assert written == layout["n"]
         assert read_output(out) == as_output([winner[i][1] for i in range(layout["n"])])
         assert not list(root.glob("*.tmp"))
@@ -214,7 +229,7 @@ def test_finalize_previous_output_is_overridden_by_parts(tmp_path: Path) -> None
     previous = tmp_path / "out.parquet"
     write_previous(previous, [record(i, "run1", failed=i == 1) for i in range(4)])
     PartWriter(tmp_path / "state", STATE, 0).write([record(1, "retry"), record(4, "new")])
-    assert finalize(tmp_path / "state", previous, STATE, previous_output=previous, window=2) == 5
+    assert merge(tmp_path / "state", previous, previous_output=previous, window=2) == 5
     contents = [row["content"] for row in read_output(previous)]
     assert contents == ["answer 0 from run1", "answer 1 from retry", "answer 2 from run1", "answer 3 from run1", "answer 4 from new"]
 
@@ -224,21 +239,21 @@ def test_finalize_missing_row_is_an_error_and_keeps_the_old_output(tmp_path: Pat
     out.write_bytes(b"old")
     PartWriter(tmp_path / "state", STATE, 0).write([record(0, "a"), record(2, "a")])
     with pytest.raises(OutputError, match="no result for input row 1"):
-        finalize(tmp_path / "state", out, OUTPUT, window=2)
+        merge(tmp_path / "state", out, window=2)
     with pytest.raises(OutputError, match="no result for input row 3"):
         PartWriter(tmp_path / "state", STATE, 0).write([record(1, "a")])
-        finalize(tmp_path / "state", out, OUTPUT, expected_rows=4)
+        merge(tmp_path / "state", out, expected_rows=4)
     assert out.read_bytes() == b"old" and not list(tmp_path.glob("*.tmp"))
-    assert finalize(tmp_path / "state", out, OUTPUT, expected_rows=3) == 3
+    assert merge(tmp_path / "state", out, expected_rows=3) == 3
 
 
 def test_finalize_without_results_writes_an_empty_file(tmp_path: Path) -> None:
     out = tmp_path / "out.parquet"
-    assert finalize(tmp_path / "state", out, OUTPUT) == 0
+    assert merge(tmp_path / "state", out) == 0
     assert pq.read_table(out).schema.equals(OUTPUT) and pq.read_table(out).num_rows == 0
     assert list_parts(tmp_path / "state") == []
 
 
 def test_finalize_rejects_an_unknown_suffix(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match=r"out\.csv: unsupported output suffix"):
-        finalize(tmp_path, tmp_path / "out.csv", OUTPUT)
+        merge(tmp_path, tmp_path / "out.csv")

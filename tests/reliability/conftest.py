@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import random
 import signal
@@ -87,6 +88,29 @@ async def await_until(condition: Callable[[], Any], timeout: float, what: str, i
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+async def run_bounded(settings: Mapping[str, Any], deadline: float = 60) -> Any:
+    """`run_async` of a job, in this event loop, failing (instead of hanging the suite) past `deadline` s.
+
+    On a hang, batchgen's own tasks are cancelled (a second cancel reaches a task that swallowed
+    the first) and the assertion names the coroutines that were stuck.
+    """
+    from batchgen.config import load_config
+    from batchgen.pipeline import run_async
+
+    before = asyncio.all_tasks()
+    task = asyncio.create_task(run_async(load_config(dict(settings)), log=io.StringIO()))
+    done, _ = await asyncio.wait({task}, timeout=deadline)
+    if task in done:
+        return task.result()
+    stuck = [t for t in asyncio.all_tasks() - before
+             if "/batchgen/" in getattr(getattr(t.get_coro(), "cr_code", None), "co_filename", "")]
+    names = sorted({getattr(t.get_coro(), "__qualname__", repr(t)) for t in stuck})
+    for t in stuck:
+        t.cancel()
+    await asyncio.wait(stuck, timeout=5)
+    raise AssertionError(f"the run hung: not finished {deadline:.0f} s after it started; stuck in {names}")
 
 
 # ---------------------------------------------------------------- processes

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,11 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchgen.config import load_config
-from batchgen.pipeline import EXIT_OK, EXIT_ROW_ERRORS, run_async
+from batchgen.pipeline import EXIT_OK, EXIT_ROW_ERRORS
 from batchgen.testing.mock_server import MockServer
 
-from .conftest import Recorder, echo, read_output, run_cli_async, state_dir, write_jsonl
+from .conftest import Recorder, echo, read_output, run_bounded, run_cli_async, state_dir, write_jsonl
 
 
 def _msgs(text: str) -> list[dict[str, Any]]:
@@ -72,7 +70,7 @@ async def _run(tmp_path: Path, input_path: Path, output: str = "out.jsonl", **op
     async with MockServer() as server:
         settings = {"input": str(input_path), "output": str(tmp_path / output), "base_url": server.url,
                     "model": "mock-model", "progress": False, "flush_seconds": 0.1, "max_retries": 0, **options}
-        result = await run_async(load_config(settings), log=io.StringIO())
+        result = await run_bounded(settings, 60)
     return result, server
 
 
@@ -222,9 +220,6 @@ FILE_CASES: dict[str, tuple[str, bytes | pa.Table | None, tuple[str, ...]]] = {
     # Per-row errors in JSONL say "line N" (1-based, blank lines counted); a duplicate must be named the same way.
     "duplicate_ids_jsonl": ("in.jsonl", b'{"id": "a", "prompt": "1"}\n\n{"id": "b", "prompt": "2"}\n{"id": "a", "prompt": "3"}\n',
                             ("duplicate id 'a'", "line 1", "line 4")),
-    # A UTF-16 export: not one line decodes. The message must say so (line 1, UTF-8), not blame columns.
-    "utf16_file": ("in.jsonl", _jsonl({"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}).decode().encode("utf-16"),
-                   ("line 1", "UTF-8")),
 }
 
 
@@ -246,3 +241,21 @@ async def test_whole_file_problem_exits_2_before_any_request(
         assert word in result.stderr, f"stderr does not name {word!r}: {result.stderr!r}"
     assert recording_server.seen == [], recording_server.seen
     assert not output.exists() and not state_dir(output).exists()
+
+
+async def test_a_file_where_no_line_decodes_is_reported_as_undecodable(
+    tmp_path: Path, recording_server: Recorder, figures: Any
+) -> None:
+    """A JSONL file exported as UTF-16 (not one line is UTF-8): either exit code 2 with a message naming line 1 and UTF-8, or one error row per line naming its line and UTF-8; never a message blaming missing columns, never a traceback or a request."""
+    path = _write(tmp_path, "in.jsonl", _jsonl({"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}).decode().encode("utf-16"))
+    output = tmp_path / "out.parquet"
+    result = await run_cli_async(["run", "--input", str(path), "--output", str(output), "--base-url",
+                                  recording_server.url, "--model", "m", "--no-progress"], timeout=60)
+    figures(exit_code=result.returncode, stderr=result.stderr.strip())
+    assert "Traceback" not in result.stderr and recording_server.seen == [], (result.stderr, recording_server.seen)
+    if result.returncode == 2:
+        assert "line 1" in result.stderr and "UTF-8" in result.stderr, f"misleading message: {result.stderr!r}"
+    else:
+        assert result.returncode == 1, result.stderr
+        errors = read_output(output)["error"].to_list()
+        assert len(errors) == 2 and all("UTF-8" in (e or "") for e in errors), errors

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -13,8 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from batchgen.config import load_config
-from batchgen.pipeline import EXIT_ROW_ERRORS, run_async
+from batchgen.pipeline import EXIT_ROW_ERRORS
 
 from .conftest import (
     DONE,
@@ -26,6 +24,7 @@ from .conftest import (
     read_output,
     row_ids,
     run_args,
+    run_bounded,
     run_cli_async,
     send_sse,
     sse,
@@ -204,7 +203,7 @@ async def test_bad_response_becomes_a_retry_or_an_error_row(
     settings = {"input": str(write_prompts(tmp_path / "in.parquet", ROWS)), "output": str(tmp_path / "out.parquet"),
                 "base_url": server.url, "model": "m", "progress": False, "max_retries": MAX_RETRIES,
                 "backoff_base": 0.001, "flush_seconds": 0.1, "stream": case.stream, "timeout": 30.0, **case.options}
-    result = await run_async(load_config(settings), log=io.StringIO())
+    result = await run_bounded(settings, 30)
     assert result.exit_code == EXIT_ROW_ERRORS, result.message
     out = {r["id"]: r for r in read_output(tmp_path / "out.parquet").to_dicts()}
     assert list(out) == row_ids(ROWS)

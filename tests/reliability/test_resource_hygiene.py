@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import io
 import os
 import warnings
 from collections.abc import Callable
@@ -13,10 +12,17 @@ from typing import Any
 
 import pytest
 
-from batchgen.config import load_config
-from batchgen.pipeline import EXIT_OK, run_async
+from batchgen.pipeline import EXIT_OK
 
-from .conftest import MockProcess, assert_every_row_once_in_order, files_under, read_output, state_dir, write_prompts
+from .conftest import (
+    MockProcess,
+    assert_every_row_once_in_order,
+    files_under,
+    read_output,
+    run_bounded,
+    state_dir,
+    write_prompts,
+)
 
 ROWS = 3000
 CONCURRENCY = 32
@@ -61,7 +67,7 @@ async def _run(tmp_path: Path, url: str, name: str, rows: int) -> Any:
     settings = {"input": str(write_prompts(tmp_path / f"{name}.in.parquet", rows)),
                 "output": str(tmp_path / f"{name}.parquet"), "base_url": url, "model": "mock-model",
                 "progress": False, "concurrency": CONCURRENCY, "flush_seconds": 0.2}
-    return await run_async(load_config(settings), log=io.StringIO())
+    return await run_bounded(settings, 60)
 
 
 @pytest.mark.slow

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-import io
+import asyncio
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
+from aiohttp import web
 
-from batchgen.config import load_config
-from batchgen.pipeline import EXIT_OK, EXIT_ROW_ERRORS, run_async
+from batchgen.pipeline import EXIT_OK, EXIT_ROW_ERRORS
 from batchgen.testing.mock_server import FAULT_KINDS, MockConfig, MockServer
 
 from .conftest import (
     Attempt,
+    BadServer,
+    Call,
     assert_every_row_once_in_order,
     echo,
     prompts,
     read_output,
     replay_faults,
     row_ids,
+    run_bounded,
     state_dir,
     write_prompts,
 )
@@ -56,7 +60,7 @@ async def _run(server: MockServer, tmp_path: Path, *, stream: bool, max_retries:
         "max_retries": max_retries, "timeout": TIMEOUT_S, "backoff_base": 0.001, "flush_seconds": 0.2,
         "stream": stream,
     }
-    return await run_async(load_config(settings), log=io.StringIO())
+    return await run_bounded(settings, 90)
 
 
 def _by_row(attempts: list[Attempt]) -> dict[str, list[Attempt]]:
@@ -129,3 +133,30 @@ async def test_spent_retry_budget_gives_typed_error_rows_and_leaves_other_rows_i
     figures(rows=ROWS, faults_injected=sum(server.state.faults_injected.values()),
             error_rows=sum(final_faults.values()), ok_rows=ROWS - sum(final_faults.values()),
             retries=result.stats.retries)
+
+
+async def test_a_run_of_slow_rows_ends_as_timeout_error_rows_not_as_a_lost_server(
+    tmp_path: Path, bad_server: Callable[..., Awaitable[BadServer]], figures: Any
+) -> None:
+    """A live server that answers every row at once except 40 consecutive rows (r100-r139), which take longer than the client timeout on every attempt (e.g. very long generations). With max_retries 1, those 40 rows must end as `timeout` error rows and the other 260 rows be answered; the run completes (exit 1). The server never went away, so stopping the run as "server unreachable" would leave a job that can never finish: a rerun meets the same slow rows."""
+    rows, slow = 300, {f"r{i}" for i in range(100, 140)}
+
+    async def misbehave(call: Call) -> web.StreamResponse | None:
+        if call.row_id in slow:
+            await asyncio.sleep(1.0)  # the client gives up after 0.3 s
+        return None
+
+    server = await bad_server(misbehave)
+    settings = {"input": str(write_prompts(tmp_path / "in.parquet", rows)), "output": str(tmp_path / "out.parquet"),
+                "base_url": server.url, "model": "m", "progress": False, "concurrency": 4, "max_retries": 1,
+                "timeout": 0.3, "backoff_base": 0.001, "flush_seconds": 0.1}
+    result = await run_bounded(settings, 20)  # ~7 s of timeouts
+    figures(rows=rows, slow_rows=len(slow), exit_code=result.exit_code, message=result.message)
+    assert result.exit_code == EXIT_ROW_ERRORS, result.message
+    out = read_output(tmp_path / "out.parquet")
+    assert out["id"].to_list() == row_ids(rows)
+    errors = out.filter(pl.col("error").is_not_null())
+    assert sorted(errors["id"].to_list()) == sorted(slow)
+    assert set(errors["error_type"].to_list()) == {"timeout"}
+    ok = out.filter(pl.col("error").is_null())
+    assert ok["content"].to_list() == [echo(p) for i, p in enumerate(prompts(rows)) if f"r{i}" not in slow]

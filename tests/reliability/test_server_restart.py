@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import signal
 import time
 from pathlib import Path
 from collections.abc import Callable

@@ -1,0 +1,266 @@
+"""The final merge: part files (+ an earlier output) + the input's own columns → the output file.
+
+Parts hold only `_index`, `id` and the result columns, in completion order. `finalize` walks the
+input order in windows: for each index range it takes the newest result per index from the parts
+(the row groups of each part are sorted and carry `_index` statistics, so a filtered scan skips
+the rest), takes the same rows' passthrough columns straight from the input in Arrow (never as
+Python objects), and appends the joined window to `<output>.tmp`, renamed when complete.
+Memory is bounded by about one window of rows, whatever the input size.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+from pyarrow.fs import LocalFileSystem
+
+from batchgen.errors import OutputError
+from batchgen.io.jsonl import count_lines
+from batchgen.io.parts import PartFile, fsync_dir, list_parts, output_format
+from batchgen.io.schema import INDEX_COLUMN, state_schema
+
+__all__ = ["MergeResult", "finalize"]
+
+DEFAULT_WINDOW = 8192  # rows per merge window; ~8k keeps the merge's peak memory small
+_RANK = "_rank"  # merge-only column: which part a row came from (-1 = previous output)
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    rows: int
+    errors: int
+
+
+class _RowStream:
+    """Consecutive row ranges of a stream of tables, read once, front to back."""
+
+    def __init__(self, chunks: Iterator[pa.Table], schema: pa.Schema) -> None:
+        self._chunks = chunks
+        self._buffer = schema.empty_table()
+
+    def take(self, n: int) -> pa.Table:
+        """The next `n` rows, or fewer once the stream is exhausted."""
+        pieces, have = [self._buffer], self._buffer.num_rows
+        while have < n and (chunk := next(self._chunks, None)) is not None:
+            pieces.append(chunk)
+            have += chunk.num_rows
+        table = pa.concat_tables(pieces) if len(pieces) > 1 else pieces[0]
+        self._buffer = table.slice(n)
+        return table.slice(0, n)
+
+
+def finalize(
+    state_dir: Path,
+    out_path: Path,
+    schema: pa.Schema,
+    *,
+    passthrough: Iterator[pa.Table] | None = None,
+    passthrough_schema: pa.Schema | None = None,
+    previous_output: Path | None = None,
+    window: int = DEFAULT_WINDOW,
+    expected_rows: int | None = None,
+) -> MergeResult:
+    """Merge the parts (and a previous output) with the input's columns into `out_path`, in input order.
+
+    For an index written more than once, the row from the newest generation (then the highest
+    seq) wins; previous-output rows lose to any part. The output is written to `<out_path>.tmp`
+    and renamed, so `out_path` is either the old file or the complete new one.
+
+    Args:
+        state_dir: the state directory with the part files; removing it afterwards is the caller's job.
+        out_path: the final file; `.parquet`, or `.jsonl` / `.ndjson` (one JSON object per line).
+        schema: the full output schema (`output_schema(...)[0]`).
+        passthrough: tables of the input's passthrough columns, in input order from row 0, named
+            and typed as in `passthrough_schema`; None when there are none.
+        passthrough_schema: the passthrough columns as they appear in `schema`.
+        previous_output: an earlier run's final output (row position = index); its result columns
+            are merged under the parts.
+        window: rows per merge window.
+        expected_rows: the input's exact row count, if known; then a missing last row or an
+            index past the end is an error too.
+
+    Returns:
+        The number of rows written and how many of them are error rows.
+
+    Raises:
+        OutputError: an input index without a result (which would shift every later row), an
+            unreadable part, or a failed write.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    through = passthrough_schema if passthrough_schema is not None else pa.schema([])
+    results = pa.schema([f for f in schema if f.name not in through.names and f.name != INDEX_COLUMN])
+    state = state_schema(results)
+    fmt = output_format(out_path)
+    fragments = _open_fragments(list_parts(state_dir), state)
+    previous, previous_rows = _previous_rows(previous_output, results, window) if previous_output else (None, 0)
+    inputs = _RowStream(passthrough, through) if passthrough is not None else None
+    end = max([previous_rows, *(hi + 1 for *_, hi in fragments)])
+    if expected_rows is not None:
+        if end > expected_rows:
+            raise OutputError(f"{state_dir}: results exist for row {end - 1}, but the input has {expected_rows} rows")
+        end = expected_rows
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    errors = 0
+    try:
+        with open(tmp, "wb") as file:
+            parquet = pq.ParquetWriter(file, schema) if fmt == "parquet" else None
+            with parquet if parquet is not None else contextlib.nullcontext():
+                for start in range(0, end, window):
+                    stop = min(start + window, end)
+                    table = _join(_merge_window(fragments, previous, start, stop, state), inputs, schema, start)
+                    errors += table.num_rows - table.column("error").null_count
+                    if parquet is not None:
+                        parquet.write_table(table)
+                    else:
+                        file.writelines(_json_lines(table))
+                    del table  # drop the window before the next one is built
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, out_path)
+    except (OSError, pa.ArrowException) as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{out_path}: cannot write the output ({exc})") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # an OutputError from the merge, or an interrupt: leave no debris
+        raise
+    fsync_dir(out_path.parent)
+    return MergeResult(rows=end, errors=errors)
+
+
+def _join(merged: pa.Table, inputs: _RowStream | None, schema: pa.Schema, start: int) -> pa.Table:
+    """The window's result columns beside the same rows' input columns, in output-schema order."""
+    if inputs is None:
+        return merged.select(schema.names).cast(schema) if merged.schema != schema else merged
+    columns = inputs.take(merged.num_rows)
+    if columns.num_rows != merged.num_rows:
+        raise OutputError(
+            f"the input has fewer rows than the results (row {start + columns.num_rows} is missing); "
+            "was the input file changed during the run?"
+        )
+    arrays = [merged.column(f.name) if f.name in merged.column_names else columns.column(f.name) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+# A part opened for merging: (fragment, its rank among parts, lowest _index, highest _index).
+_Fragment = tuple[ds.ParquetFileFragment, int, int, int]
+
+
+def _open_fragments(parts: list[PartFile], state: pa.Schema) -> list[_Fragment]:
+    """Open every part as a dataset fragment, with its row-group metadata cached, and find its `_index` bounds."""
+    parquet, local = ds.ParquetFileFormat(), LocalFileSystem()
+    opened: list[_Fragment] = []
+    for rank, part in enumerate(parts):
+        try:
+            fragment = parquet.make_fragment(os.path.abspath(part.path), filesystem=local)
+            # Cached metadata lets every later filtered scan skip non-overlapping row groups without I/O.
+            fragment.ensure_complete_metadata()
+            stats = [rg.statistics.get(INDEX_COLUMN) for rg in fragment.row_groups]
+            if stats and all(stats):
+                lo, hi = min(s["min"] for s in stats), max(s["max"] for s in stats)
+            else:  # empty, or not written by PartWriter: read the column for its bounds
+                column = pq.read_table(part.path, columns=[INDEX_COLUMN]).column(0)
+                lo, hi = pc.min(column).as_py(), pc.max(column).as_py()
+        except (OSError, pa.ArrowException, KeyError) as exc:
+            raise OutputError(f"{part.path}: unreadable part file ({exc})") from exc
+        if lo is not None:
+            opened.append((fragment, rank, lo, hi))
+    return opened
+
+
+def _merge_window(
+    fragments: list[_Fragment], previous: _RowStream | None, start: int, stop: int, state: pa.Schema
+) -> pa.Table:
+    """Rows `[start, stop)`, one per index in order, newest write winning; `state` columns."""
+    pieces: list[pa.Table] = []
+    if previous is not None:
+        table = previous.take(stop - start)
+        indexes = pa.array(range(start, start + table.num_rows), pa.int64())
+        table = table.add_column(0, state.field(INDEX_COLUMN), indexes)
+        pieces.append(table.append_column(_RANK, pa.repeat(pa.scalar(-1, pa.int32()), table.num_rows)))
+    in_window = (ds.field(INDEX_COLUMN) >= start) & (ds.field(INDEX_COLUMN) < stop)
+    for fragment, rank, lo, hi in fragments:
+        if hi < start or lo >= stop:
+            continue
+        try:
+            table = fragment.to_table(schema=state, filter=in_window)
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputError(f"{fragment.path}: unreadable part file ({exc})") from exc
+        pieces.append(table.append_column(_RANK, pa.repeat(pa.scalar(rank, pa.int32()), table.num_rows)))
+    if not pieces:
+        raise OutputError(f"no result for input row {start}; the run has not finished every row")
+    merged = pa.concat_tables(pieces).sort_by([(INDEX_COLUMN, "ascending"), (_RANK, "descending")])
+    indexes = merged.column(INDEX_COLUMN).combine_chunks()
+    if len(indexes) > 1:
+        # After the sort, the first row of each run of equal indexes is the newest write.
+        first = pc.not_equal(indexes.slice(1), indexes.slice(0, len(indexes) - 1))
+        if not pc.all(first).as_py():  # copy the window only when an index was written twice
+            merged = merged.filter(pa.concat_arrays([pa.array([True]), first]))
+    if merged.num_rows != stop - start:
+        present = set(merged.column(INDEX_COLUMN).to_pylist())
+        missing = next(i for i in range(start, stop) if i not in present)
+        raise OutputError(f"no result for input row {missing}; the run has not finished every row")
+    return merged.drop_columns([_RANK, INDEX_COLUMN])
+
+
+def _previous_rows(path: Path, results: pa.Schema, chunk: int) -> tuple[_RowStream, int]:
+    """A row stream over the result columns of an earlier final output, and its row count."""
+    if not path.is_file():
+        raise OutputError(f"{path}: previous output not found")
+    if output_format(path) == "jsonl":
+        rows = count_lines(path)
+
+        def jsonl_chunks() -> Iterator[pa.Table]:
+            with open(path, "rb") as file:
+                batch: list[dict[str, Any]] = []
+                for line in file:
+                    batch.append(orjson.loads(line))
+                    if len(batch) >= chunk:
+                        yield pa.Table.from_pylist(batch, schema=results)
+                        batch = []
+                yield pa.Table.from_pylist(batch, schema=results)
+
+        return _RowStream(_converted(path, jsonl_chunks()), results), rows
+    try:
+        rows = pq.read_metadata(path).num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(f"{path}: unreadable previous output ({exc})") from exc
+
+    def parquet_chunks() -> Iterator[pa.Table]:
+        with pq.ParquetFile(path, pre_buffer=False) as reader:
+            for batch in reader.iter_batches(batch_size=chunk, columns=results.names):
+                table = pa.Table.from_batches([batch])
+                yield table if table.schema.equals(results) else table.cast(results)
+
+    return _RowStream(_converted(path, parquet_chunks()), results), rows
+
+
+def _converted(path: Path, chunks: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """Re-raise conversion errors of a previous output as OutputError naming it."""
+    try:
+        yield from chunks
+    except (OSError, ValueError, TypeError, pa.ArrowException, orjson.JSONDecodeError) as exc:
+        raise OutputError(f"{path}: the previous output does not match this run's output schema ({exc})") from exc
+
+
+def _json_default(value: Any) -> Any:
+    # orjson covers JSON types, datetimes and dates; Parquet passthrough columns may add bytes or decimals.
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return str(value)
+
+
+def _json_lines(table: pa.Table) -> Iterator[bytes]:
+    for row in table.to_pylist():
+        yield orjson.dumps(row, default=_json_default, option=orjson.OPT_APPEND_NEWLINE)
