@@ -1,7 +1,6 @@
 """batchgen: bulk chat-completion jobs and benchmarks against vLLM and OpenAI-compatible servers."""
 
 from batchgen._version import __version__
-from batchgen.api import generate
 from batchgen.builder import ChatCompletionBuilder
 from batchgen.client import Client
 from batchgen.errors import (
@@ -25,8 +24,6 @@ from batchgen.errors import (
     UnprocessableEntityError,
     ValidationError,
 )
-from batchgen.config import RunConfig, load_config
-from batchgen.pipeline import RunResult, run
 from batchgen.retry import RetryPolicy
 from batchgen.stream import Stream
 from batchgen.chunks import ChatCompletionChunk
@@ -69,3 +66,23 @@ __all__ = [
     "load_config",
     "run",
 ]
+
+
+# The job API pulls in pyarrow, polars and the pipeline; load it on first use so that
+# `import batchgen` for the client alone stays light.
+_LAZY = {
+    "generate": "batchgen.api",
+    "RunConfig": "batchgen.config",
+    "load_config": "batchgen.config",
+    "RunResult": "batchgen.pipeline",
+    "run": "batchgen.pipeline",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchgen' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -6,9 +6,8 @@ import asyncio
 import concurrent.futures
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -16,13 +15,16 @@ from batchgen.config import load_config
 from batchgen.errors import ConfigError
 from batchgen.pipeline import EXIT_INTERRUPTED, RunResult, run
 
+if TYPE_CHECKING:
+    import polars as pl
+
 __all__ = ["generate"]
 
 
 def _as_table(data: Any) -> pa.Table:
     if isinstance(data, pa.Table):
         return data
-    if isinstance(data, pl.DataFrame):
+    if type(data).__module__.startswith("polars"):
         return data.to_arrow()
     if isinstance(data, list):
         return pa.Table.from_pylist(data)
@@ -37,7 +39,7 @@ def _in_running_loop() -> bool:
     return True
 
 
-def generate(data: Any, **options: Any) -> pl.DataFrame:
+def generate(data: Any, **options: Any) -> pl.DataFrame:  # polars is imported here, on first use
     """Send every row of `data` and return the input columns with the answer columns, in order.
 
     Args:
@@ -68,4 +70,6 @@ def generate(data: Any, **options: Any) -> pl.DataFrame:
             result = run(cfg)
         if result.exit_code == EXIT_INTERRUPTED or not Path(cfg.output).exists():
             raise RuntimeError(f"batchgen: {result.message}")
+        import polars as pl
+
         return pl.read_parquet(cfg.output)

@@ -107,39 +107,45 @@ def _run_command(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _add_mock_parser(commands: Any) -> None:
-    from batchgen.testing import mock_server
-
+def _add_mock_parser(commands: Any, *, full: bool) -> None:
     parser = commands.add_parser(
         "mock-server",
         help="serve a fake vLLM OpenAI-compatible API (no GPU)",
         description="A deterministic vLLM-like server for demos, tests and benchmarks.",
     )
+    if not full:  # aiohttp.web is only imported when this command runs
+        return
+    from batchgen.testing import mock_server
+
     mock_server.add_arguments(parser)
     parser.set_defaults(handler=mock_server.main)
 
 
-def _add_bench_parser(commands: Any) -> None:
-    try:
-        from batchgen.bench.cli import add_bench_parser
-    except ImportError:  # the bench package is optional while it is being built
+def _add_bench_parser(commands: Any, *, full: bool) -> None:
+    if not full:
+        commands.add_parser("bench", help="measure a server: throughput, TTFT, TPOT, ITL, latency percentiles")
         return
+    from batchgen.bench.cli import add_bench_parser
+
     add_bench_parser(commands)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the named command's own modules are imported (start-up time and memory)."""
     parser = argparse.ArgumentParser(prog="batchgen", description="Bulk chat-completion jobs against vLLM and OpenAI-compatible servers.")
     parser.add_argument("--version", action="version", version=f"batchgen {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_run_parser(commands)
-    _add_bench_parser(commands)
-    _add_mock_parser(commands)
+    _add_bench_parser(commands, full=command in (None, "bench"))
+    _add_mock_parser(commands, full=command in (None, "mock-server"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in arguments if not a.startswith("-")), None)
+    parser = build_parser(command)
+    args = parser.parse_args(arguments)
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2
