@@ -22,7 +22,7 @@ from batchgen.errors import APIError, ConfigError, IncompleteResponseError
 from batchgen.parsing import error_from_body, parse_completion
 from batchgen.retry import RetryPolicy, backoff_delay, parse_retry_after, should_retry
 from batchgen.stream import Stream
-from batchgen.transport import make_session, map_aiohttp_errors, read_body
+from batchgen.transport import AIOHTTP_ERRORS, make_session, map_aiohttp_errors, read_body, translate_error
 from batchgen.types import ChatCompletionResponse
 from batchgen.validation import validate_request
 
@@ -172,7 +172,7 @@ class Client:
         self.max_connections = max_connections
         self.max_response_bytes = max_response_bytes
         self._chat_url = self.base_url + "/chat/completions"
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        self._headers = {"Content-Type": "application/json"}
         key = resolve_api_key(api_key)
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
@@ -237,11 +237,12 @@ class Client:
         if not validated:
             validate_request(body)
         payload = orjson.dumps(body)
+        attempt = self._stream_attempt if body.get("stream") else self._plain_attempt
         started = time.perf_counter()
-        if body.get("stream"):
-            response = await self._with_retries(lambda n: self._stream_attempt(payload, request_id, n), request_id)
-        else:
-            response = await self._with_retries(lambda n: self._plain_attempt(payload, request_id, n), request_id)
+        try:  # the first attempt inline: most requests need no retry machinery at all
+            response = await attempt(payload, request_id, 1)
+        except APIError as exc:
+            response = await self._retry(exc, lambda n: attempt(payload, request_id, n))
         response.latency_s = time.perf_counter() - started
         return response
 
@@ -258,17 +259,25 @@ class Client:
         return headers
 
     async def _with_retries(self, attempt_fn: Callable[[int], Awaitable[T]], request_id: str | None) -> T:
+        try:
+            return await attempt_fn(1)
+        except APIError as exc:
+            return await self._retry(exc, attempt_fn)
+
+    async def _retry(self, error: APIError, attempt_fn: Callable[[int], Awaitable[T]]) -> T:
+        """Attempts 2, 3, ... after `error` ended attempt 1, as long as the policy allows."""
         retries = 0
         while True:
+            error.attempts = retries + 1
+            if not should_retry(error, retries, self.retry_policy):
+                raise error
+            retries += 1
+            self.retries_total += 1
+            await asyncio.sleep(backoff_delay(retries, self.retry_policy, getattr(error, "retry_after", None)))
             try:
                 result = await attempt_fn(retries + 1)
             except APIError as exc:
-                exc.attempts = retries + 1
-                if not should_retry(exc, retries, self.retry_policy):
-                    raise
-                retries += 1
-                self.retries_total += 1
-                await asyncio.sleep(backoff_delay(retries, self.retry_policy, getattr(exc, "retry_after", None)))
+                error = exc
                 continue
             if isinstance(result, (ChatCompletionResponse, Stream)):
                 result.attempts = retries + 1
@@ -284,13 +293,15 @@ class Client:
         )
 
     async def _plain_attempt(self, payload: bytes, request_id: str | None, attempt: int) -> ChatCompletionResponse:
-        with map_aiohttp_errors():
+        try:
             async with self.session.post(
                 self._chat_url, data=payload, headers=self._request_headers(request_id, attempt)
             ) as response:
                 if response.status != 200:
                     await self._raise_for_status(response)
                 data = await read_body(response, self.max_response_bytes)
+        except AIOHTTP_ERRORS as exc:  # a plain except, not a context manager: this runs per row
+            raise translate_error(exc) from exc
         try:
             raw = orjson.loads(data)
         except orjson.JSONDecodeError as exc:

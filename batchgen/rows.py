@@ -55,6 +55,13 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
+def _clean_message(message: Any) -> Any:
+    # The common message is {role: str, content: str}: keep it as it is, without a copy.
+    if isinstance(message, dict) and not all(type(v) is str for v in message.values()):
+        return _drop_nulls(message)
+    return message
+
+
 def _as_mapping(value: Any) -> Any:
     if isinstance(value, list) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
         return dict(value)  # an Arrow map column arrives as a list of (key, value) pairs
@@ -214,7 +221,7 @@ class RowMapper:
             except orjson.JSONDecodeError as exc:
                 raise _ColumnError(column, f"is not valid JSON ({exc})") from exc
         if isinstance(value, list):
-            value = [_drop_nulls(m) if isinstance(m, dict) else m for m in value]
+            value = [_clean_message(m) for m in value]
             if self.system_prompt and not any(isinstance(m, dict) and m.get("role") == "system" for m in value):
                 value = [{"role": "system", "content": self.system_prompt}, *value]
         return value

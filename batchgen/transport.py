@@ -20,7 +20,7 @@ from batchgen.errors import (
     ResponseTooLargeError,
 )
 
-__all__ = ["make_session", "map_aiohttp_errors", "read_body"]
+__all__ = ["AIOHTTP_ERRORS", "make_session", "map_aiohttp_errors", "read_body", "translate_error"]
 
 # Most specific first: isinstance order matters (ServerTimeoutError is also a connection error).
 ERROR_MAP: tuple[tuple[type[BaseException], type[APIError]], ...] = (
@@ -41,6 +41,20 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def translate_error(exc: BaseException) -> APIError:
+    """The most specific `APIError` for an aiohttp or timeout error (raise it `from exc`)."""
+    for source, target in ERROR_MAP:
+        if isinstance(exc, source):
+            if target is APITimeoutError:
+                return APITimeoutError("request timed out (" + _describe(exc) + ")")
+            return target(_describe(exc))
+    return APIConnectionError(_describe(exc))  # pragma: no cover - ClientError is mapped above
+
+
+# What the hot path catches: everything `translate_error` knows how to map.
+AIOHTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
 @contextmanager
 def map_aiohttp_errors() -> Iterator[None]:
     """Re-raise aiohttp and timeout errors as batchgen `APIError`s, chained with `from`."""
@@ -48,13 +62,8 @@ def map_aiohttp_errors() -> Iterator[None]:
         yield
     except APIError:
         raise
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        for source, target in ERROR_MAP:
-            if isinstance(exc, source):
-                if target is APITimeoutError:
-                    raise APITimeoutError("request timed out (" + _describe(exc) + ")") from exc
-                raise target(_describe(exc)) from exc
-        raise APIConnectionError(_describe(exc)) from exc  # pragma: no cover - ClientError is mapped above
+    except AIOHTTP_ERRORS as exc:
+        raise translate_error(exc) from exc
 
 
 def make_session(
