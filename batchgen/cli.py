@@ -7,8 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
-
+from batchgen._cli_types import json_object
 from batchgen._version import __version__
 from batchgen.errors import BatchgenError
 
@@ -34,16 +33,6 @@ Progress is saved to OUTPUT.batchgen/ as it goes: rerun the same command to resu
 Exit codes: 0 every row succeeded; 1 completed with error rows; 2 config or input error
 (nothing sent); 3 the server could not be used; 130 interrupted (rerun to resume).
 """
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
 
 
 def _add_run_parser(commands: Any) -> None:
@@ -79,7 +68,7 @@ def _add_run_parser(commands: Any) -> None:
     sampling.add_argument("--top-k", type=int)
     sampling.add_argument("--stop", action="append", metavar="TEXT", help="repeatable")
     sampling.add_argument("--seed", type=int)
-    sampling.add_argument("--extra", type=_json_object, metavar="JSON", help='extra body fields, e.g. \'{"min_p": 0.05}\'')
+    sampling.add_argument("--extra", type=json_object, metavar="JSON", help='extra body fields, e.g. \'{"min_p": 0.05}\'')
     mapping = parser.add_argument_group("mapping columns to requests")
     mapping.add_argument("--messages-column", metavar="NAME", help="default messages")
     mapping.add_argument("--prompt-column", metavar="NAME", help="default prompt")

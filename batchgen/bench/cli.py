@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Any
 
-import orjson
+
+from batchgen._cli_types import json_object
 
 __all__ = ["add_bench_parser"]
 
@@ -79,16 +80,6 @@ def _slo(text: str) -> tuple[str, float]:
     return name, ms
 
 
-def _json_object(text: str) -> dict[str, Any]:
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
 def add_bench_parser(commands: Any) -> None:
     """Add `bench` to the `batchgen` subcommands."""
     parser = commands.add_parser(
@@ -116,7 +107,7 @@ def add_bench_parser(commands: Any) -> None:
                       "with --duration)")
     data.add_argument("--seed", type=int, default=0, help="prompts and arrival times (default 0)")
     data.add_argument("--temperature", type=float, help="sent with every request (default: the server's)")
-    data.add_argument("--extra", type=_json_object, metavar="JSON", help="extra request fields for every request")
+    data.add_argument("--extra", type=json_object, metavar="JSON", help="extra request fields for every request")
     data.add_argument("--no-continuous-usage", dest="continuous_usage", action="store_false",
                       help="do not ask for per-chunk usage (for servers that reject continuous_usage_stats)")
     load = parser.add_argument_group("load")

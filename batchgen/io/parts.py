@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchgen.errors import OutputError
-from batchgen.io.schema import INDEX_COLUMN, state_schema
+from batchgen.io.schema import INDEX_COLUMN
 
 __all__ = [
     "FAILED",
