@@ -74,6 +74,8 @@ async def scripted_server() -> AsyncIterator[Callable[..., Awaitable[Scripted]]]
             bodies.append(orjson.loads(raw) if raw else {})
             headers.append(dict(request.headers))
             reply = replies[min(len(bodies) - 1, len(replies) - 1)]
+            if reply.action == "stall":  # longer than any client timeout a test sets
+                await asyncio.sleep(5)
             if reply.action == "disconnect":
                 assert request.transport is not None
                 request.transport.close()

@@ -44,6 +44,7 @@ FAILURES = {
     "disconnect": Reply(action="disconnect"),
     "malformed": Reply(body=b'{"id": "x", "choices": '),
     "not_a_completion": Reply(body=b'{"object": "list", "data": []}'),
+    "timeout": Reply(action="stall"),
 }
 
 
@@ -51,12 +52,35 @@ FAILURES = {
 @pytest.mark.parametrize("failures", [0, 2, 4])
 async def test_retryable_failures_then_success(kind: str, failures: int, scripted_server: Any, no_backoff: None) -> None:
     server = await scripted_server([FAILURES[kind]] * failures + [OK])
-    async with Client(server.url, max_retries=5) as client:
+    async with Client(server.url, max_retries=5, timeout=0.5) as client:
         response = await client.chat.completions.create(model="m", messages=MESSAGES)
     assert response.content == "The capital of France is Paris."
     assert response.attempts == failures + 1
     assert len(server.requests) == failures + 1
     assert [h["x-batchgen-attempt"] for h in server.headers] == [str(i + 1) for i in range(failures + 1)]
+
+
+STREAM_FAILURES = {
+    "cut": Reply(chunks=_sse({"choices": [{"index": 0, "delta": {"content": "part"}}]}, done=False),
+                 content_type="text/event-stream", action="cut"),
+    "error_event_500": Reply(chunks=[b'data: {"error": {"message": "engine died", "type": "InternalServerError", '
+                                     b'"param": null, "code": 500}}\n\n', b"data: [DONE]\n\n"],
+                             content_type="text/event-stream"),
+    "stall": Reply(action="stall"),
+    "503": FAILURES["503"],
+}
+STREAM_OK = Reply(chunks=_sse({"id": "s", "choices": [{"index": 0, "delta": {"content": "whole"}, "finish_reason": "stop"}]}),
+                  content_type="text/event-stream")
+
+
+@pytest.mark.parametrize("kind", sorted(STREAM_FAILURES))
+@pytest.mark.parametrize("failures", [0, 2, 4])
+async def test_streamed_failures_then_success(kind: str, failures: int, scripted_server: Any, no_backoff: None) -> None:
+    server = await scripted_server([STREAM_FAILURES[kind]] * failures + [STREAM_OK])
+    async with Client(server.url, max_retries=5, timeout=0.5) as client:
+        response = await client.complete({"model": "m", "messages": MESSAGES, "stream": True})
+    assert response.content == "whole" and response.attempts == failures + 1
+    assert len(server.requests) == failures + 1
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,10 @@ async def run_bounded(settings: Mapping[str, Any], deadline: float = 60) -> Any:
     task = asyncio.create_task(run_async(load_config(dict(settings)), log=io.StringIO()))
     done, _ = await asyncio.wait({task}, timeout=deadline)
     if task in done:
-        return task.result()
+        try:
+            return task.result()
+        except Exception as exc:  # name the real error(s), not "unhandled errors in a TaskGroup"
+            raise AssertionError(f"the run crashed: {_leaves(exc)}") from exc
     stuck = [t for t in asyncio.all_tasks() - before
              if "/batchgen/" in getattr(getattr(t.get_coro(), "cr_code", None), "co_filename", "")]
     names = sorted({getattr(t.get_coro(), "__qualname__", repr(t)) for t in stuck})
@@ -111,6 +114,12 @@ async def run_bounded(settings: Mapping[str, Any], deadline: float = 60) -> Any:
         t.cancel()
     await asyncio.wait(stuck, timeout=5)
     raise AssertionError(f"the run hung: not finished {deadline:.0f} s after it started; stuck in {names}")
+
+
+def _leaves(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_leaves(inner) for inner in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
 
 
 # ---------------------------------------------------------------- processes
