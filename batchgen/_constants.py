@@ -4,6 +4,7 @@ DEFAULT_BASE_URL = "http://localhost:8000/v1"
 API_KEY_ENV_VARS = ("BATCHGEN_API_KEY", "OPENAI_API_KEY")
 
 DEFAULT_TIMEOUT = 600.0  # seconds for one attempt; long generations are normal
+DEFAULT_CONNECT_TIMEOUT = 30.0  # seconds to open a TCP connection; longer means the host is unreachable
 DEFAULT_MAX_RETRIES = 5
 DEFAULT_BACKOFF_BASE = 0.5
 DEFAULT_BACKOFF_MAX = 8.0

@@ -169,6 +169,8 @@ class Client:
         )
         self.timeout = timeout
         self.read_timeout = read_timeout
+        # A server that accepts no connection in this long is down (a generation is never this slow to start).
+        self.connect_timeout = min(timeout, C.DEFAULT_CONNECT_TIMEOUT)
         self.max_connections = max_connections
         self.max_response_bytes = max_response_bytes
         self._chat_url = self.base_url + "/chat/completions"
@@ -188,7 +190,10 @@ class Client:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = make_session(
-                max_connections=self.max_connections, timeout=self.timeout, read_timeout=self.read_timeout
+                max_connections=self.max_connections,
+                timeout=self.timeout,
+                read_timeout=self.read_timeout,
+                connect_timeout=self.connect_timeout,
             )
         return self._session
 

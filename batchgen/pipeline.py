@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from batchgen.client import Client
 from batchgen.config import MOCK_URL, RunConfig
-from batchgen.errors import APIConnectionError, APIError, BatchgenError, InputError
+from batchgen.errors import APIConnectionError, APIError, APITimeoutError, BatchgenError, InputError
 from batchgen.idcheck import find_duplicate_id, source_ids
 from batchgen.io.merge import MergeResult, finalize
 from batchgen.io.parts import PartWriter, scan_checkpoint
@@ -126,7 +126,8 @@ class _Run:
 
     async def _on_outcome(self, outcome: Outcome) -> None:
         record = outcome_record(outcome)
-        if isinstance(outcome.error, APIConnectionError):
+        # A refused or reset connection says the server is gone; a timeout only that a row is slow.
+        if isinstance(outcome.error, APIConnectionError) and not isinstance(outcome.error, APITimeoutError):
             self.down_streak.append(record)
             if len(self.down_streak) >= self.down_threshold and self.aborted is None and self.producer is not None:
                 self.aborted = (

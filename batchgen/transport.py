@@ -24,6 +24,8 @@ __all__ = ["AIOHTTP_ERRORS", "make_session", "map_aiohttp_errors", "read_body", 
 
 # Most specific first: isinstance order matters (ServerTimeoutError is also a connection error).
 ERROR_MAP: tuple[tuple[type[BaseException], type[APIError]], ...] = (
+    # No TCP connection within the connect timeout: the host is unreachable, not slow.
+    (aiohttp.ConnectionTimeoutError, APIConnectionError),
     (aiohttp.ServerTimeoutError, APITimeoutError),
     (asyncio.TimeoutError, APITimeoutError),
     (aiohttp.ClientPayloadError, IncompleteResponseError),
@@ -67,7 +69,7 @@ def map_aiohttp_errors() -> Iterator[None]:
 
 
 def make_session(
-    *, max_connections: int, timeout: float, read_timeout: float | None, connect_timeout: float | None = None
+    *, max_connections: int, timeout: float, read_timeout: float | None, connect_timeout: float | None
 ) -> aiohttp.ClientSession:
     """A session whose connector limit matches the wanted concurrency.
 
