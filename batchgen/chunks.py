@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from batchgen.parsing import bad_type, parse_usage
+from batchgen.parsing import bad_type, opt_str, parse_usage
 from batchgen.types import Usage
 
 __all__ = ["ChatCompletionChunk", "ToolCallDelta", "parse_chunk"]
@@ -55,11 +55,11 @@ class ChatCompletionChunk:
 
     @property
     def id(self) -> str | None:
-        return self.raw.get("id")
+        return opt_str(self.raw.get("id"), "chunk id")
 
     @property
     def model(self) -> str | None:
-        return self.raw.get("model")
+        return opt_str(self.raw.get("model"), "chunk model")
 
     @property
     def index(self) -> int | None:
@@ -134,6 +134,8 @@ def _parse_fields(raw: dict[str, Any]) -> _Fields:
     if content is not None and type(content) is not str:
         raise bad_type("delta.content", content, "a string or null")
     index = choice.get("index", 0)
+    if type(index) is not int:
+        raise bad_type("choices[0].index", index, "an integer")
     if len(delta) == 1 and content is not None:  # the usual token delta: {"content": "..."}
         return index, None, content, None, (), finish, usage
     # vLLM renamed reasoning_content to reasoning (v0.12 sent both, v0.16+ only the new one).
@@ -155,16 +157,22 @@ def _tool_call_deltas(value: Any) -> list[ToolCallDelta]:
     for position, item in enumerate(value):
         if not isinstance(item, dict):
             raise bad_type(f"delta.tool_calls[{position}]", item, "an object")
+        where = f"delta.tool_calls[{position}]"
         fn = item.get("function") or {}
+        if not isinstance(fn, dict):
+            raise bad_type(where + ".function", fn, "an object")
         arguments = fn.get("arguments")
         if arguments is not None and not isinstance(arguments, str):
             arguments = orjson.dumps(arguments).decode()
+        index = item.get("index", position)
+        if type(index) is not int:
+            raise bad_type(where + ".index", index, "an integer")
         deltas.append(
             ToolCallDelta(
-                index=item.get("index", position),
-                id=item.get("id"),
-                type=item.get("type"),
-                name=fn.get("name"),
+                index=index,
+                id=opt_str(item.get("id"), where + ".id"),
+                type=opt_str(item.get("type"), where + ".type"),
+                name=opt_str(fn.get("name"), where + ".function.name"),
                 arguments=arguments,
             )
         )

@@ -8,6 +8,7 @@ streamed or not, retried as the policy says).
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from batchgen.builder import ChatCompletionBuilder
 
 __all__ = ["Client", "resolve_api_key"]
+
+_LARGE_BODY = 1024 * 1024  # aiohttp's threshold for its "large body as bytes" warning
 
 T = TypeVar("T")
 
@@ -176,6 +179,7 @@ class Client:
         self._chat_url = self.base_url + "/chat/completions"
         self._headers = {"Content-Type": "application/json"}
         key = resolve_api_key(api_key)
+        self._secret = key  # only to scrub it from error text a server echoes back
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
         self._headers.update(headers or {})
@@ -288,8 +292,23 @@ class Client:
                 result.attempts = retries + 1
             return result
 
+    def _scrub(self, error: APIError) -> APIError:
+        """Replace the API key in an error's text (a proxy may echo the Authorization header)."""
+        secret = self._secret
+        if secret and secret in str(error):
+            error.args = tuple(a.replace(secret, "***") if isinstance(a, str) else a for a in error.args)
+            error.message = error.message.replace(secret, "***")
+        return error
+
+    def _body(self, payload: bytes) -> bytes | io.BytesIO:
+        # aiohttp warns (and blocks the loop) when a large body is passed as bytes; a fresh
+        # BytesIO per attempt is streamed instead.
+        return payload if len(payload) < _LARGE_BODY else io.BytesIO(payload)
+
     async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
         body = await read_body(response, self.max_response_bytes)
+        if self._secret:
+            body = body.replace(self._secret.encode(), b"***")
         raise error_from_body(
             response.status,
             body,
@@ -300,7 +319,7 @@ class Client:
     async def _plain_attempt(self, payload: bytes, request_id: str | None, attempt: int) -> ChatCompletionResponse:
         try:
             async with self.session.post(
-                self._chat_url, data=payload, headers=self._request_headers(request_id, attempt)
+                self._chat_url, data=self._body(payload), headers=self._request_headers(request_id, attempt)
             ) as response:
                 if response.status != 200:
                     await self._raise_for_status(response)
@@ -317,7 +336,7 @@ class Client:
         started = time.perf_counter()
         with map_aiohttp_errors():
             response = await self.session.post(
-                self._chat_url, data=payload, headers=self._request_headers(request_id, attempt)
+                self._chat_url, data=self._body(payload), headers=self._request_headers(request_id, attempt)
             )
             try:
                 if response.status != 200:
@@ -329,7 +348,9 @@ class Client:
         if not content_type.startswith("text/event-stream"):
             response.release()
             raise IncompleteResponseError(f"asked for a stream but got content-type {content_type or '(none)'}")
-        return Stream(response, attempts=attempt, started=started)
+        return Stream(
+            response, attempts=attempt, started=started, max_bytes=self.max_response_bytes, scrub=self._scrub
+        )
 
     async def _stream_attempt(self, payload: bytes, request_id: str | None, attempt: int) -> ChatCompletionResponse:
         stream = await self._open_stream_attempt(payload, request_id, attempt)

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from batchgen.errors import ConfigError
 __all__ = ["INPUT_FORMATS", "MOCK_URL", "RunConfig", "load_config", "read_yaml"]
 
 INPUT_FORMATS = ("parquet", "jsonl", "openai-batch")
-MOCK_URL = "mock"  # base_url value that starts the built-in mock server in-process
+MOCK_URL = "mock"
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # base_url value that starts the built-in mock server in-process
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,6 +120,9 @@ class RunConfig:
             except OSError as exc:
                 raise ConfigError(f"cannot read api_key_file {self.api_key_file!r}: {exc.strerror}") from exc
         if self.api_key_env:
+            if not _ENV_NAME.fullmatch(self.api_key_env):
+                # Never echo it: a key pasted here by mistake would end up in logs.
+                raise ConfigError("api_key_env must be the name of an environment variable (the value given is not shown)")
             value = os.environ.get(self.api_key_env)
             if not value:
                 raise ConfigError(f"api_key_env names {self.api_key_env!r}, but that variable is not set")

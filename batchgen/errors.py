@@ -10,6 +10,7 @@ BatchgenError
 └── APIError                    a request to the server failed                        (.attempts)
     ├── APIConnectionError      refused / reset / DNS / disconnect                    retryable
     │   └── APITimeoutError     connect or read timeout, or a stall                   retryable
+    ├── UnexpectedError         a bug in batchgen met while sending one row           never retried
     ├── IncompleteResponseError 200 whose body is not a complete chat completion,     retryable
     │   │                       or a stream that ended before [DONE]
     │   └── ResponseTooLargeError  body over the configured size limit                 never retried
@@ -50,6 +51,7 @@ __all__ = [
     "ResponseTooLargeError",
     "ServerError",
     "ToolArgumentsError",
+    "UnexpectedError",
     "UnprocessableEntityError",
     "ValidationError",
     "status_error",
@@ -114,6 +116,12 @@ class APITimeoutError(APIConnectionError):
     """No complete answer within the timeout (connect, read, or between stream chunks)."""
 
     error_type = "timeout"
+
+
+class UnexpectedError(APIError):
+    """An unexpected exception while sending one row; the row becomes an error row, the run goes on."""
+
+    error_type = "unexpected_error"
 
 
 class IncompleteResponseError(APIError):

@@ -14,7 +14,7 @@ import orjson
 from batchgen.errors import APIStatusError, IncompleteResponseError, status_error
 from batchgen.types import ChatCompletionResponse, Choice, Function, ToolCall, Usage
 
-__all__ = ["bad_type", "error_from_body", "error_from_event", "parse_completion", "parse_usage"]
+__all__ = ["bad_type", "error_from_body", "error_from_event", "opt_str", "parse_completion", "parse_usage"]
 
 _MAX_ERROR_TEXT = 500  # keep error rows readable when a proxy returns a whole HTML page
 
@@ -25,7 +25,7 @@ def bad_type(where: str, value: Any, expected: str) -> IncompleteResponseError:
     )
 
 
-def _opt_str(value: Any, where: str) -> str | None:
+def opt_str(value: Any, where: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise bad_type(where, value, "a string or null")
@@ -42,7 +42,7 @@ def _reasoning(message: dict[str, Any], where: str) -> str | None:
     value = message.get("reasoning")
     if value is None:
         value = message.get("reasoning_content")
-    return _opt_str(value, where + ".reasoning")
+    return opt_str(value, where + ".reasoning")
 
 
 def parse_usage(value: Any) -> Usage | None:
@@ -77,9 +77,9 @@ def _tool_calls(value: Any, where: str) -> list[ToolCall]:
             arguments = "" if arguments is None else orjson.dumps(arguments).decode()
         calls.append(
             ToolCall(
-                id=_opt_str(item.get("id"), f"{where}[{i}].id"),
-                type=item.get("type") or "function",
-                function=Function(name=_opt_str(fn.get("name"), f"{where}[{i}].function.name"), arguments=arguments),
+                id=opt_str(item.get("id"), f"{where}[{i}].id"),
+                type=opt_str(item.get("type"), f"{where}[{i}].type") or "function",
+                function=Function(name=opt_str(fn.get("name"), f"{where}[{i}].function.name"), arguments=arguments),
             )
         )
     return calls
@@ -93,13 +93,16 @@ def _choice(value: Any, position: int) -> Choice:
     if not isinstance(message, dict):
         raise bad_type(where + ".message", message, "an object")
     stop_reason = value.get("stop_reason")
+    index = value.get("index", position)
+    if type(index) is not int:
+        raise bad_type(where + ".index", index, "an integer")
     return Choice(
-        index=value.get("index", position),
-        role=_opt_str(message.get("role"), where + ".message.role"),
-        content=_opt_str(message.get("content"), where + ".message.content"),
+        index=index,
+        role=opt_str(message.get("role"), where + ".message.role"),
+        content=opt_str(message.get("content"), where + ".message.content"),
         reasoning_content=_reasoning(message, where + ".message"),
         tool_calls=_tool_calls(message.get("tool_calls"), where + ".message.tool_calls"),
-        finish_reason=_opt_str(value.get("finish_reason"), where + ".finish_reason"),
+        finish_reason=opt_str(value.get("finish_reason"), where + ".finish_reason"),
         stop_reason=stop_reason if isinstance(stop_reason, (str, int)) else None,
         logprobs=value.get("logprobs"),
     )
@@ -118,10 +121,10 @@ def parse_completion(raw: Any) -> ChatCompletionResponse:
         raise IncompleteResponseError("malformed response: no choices in a 200 response")
     return ChatCompletionResponse(
         raw=raw,
-        id=_opt_str(raw.get("id"), "id"),
-        object=_opt_str(raw.get("object"), "object"),
+        id=opt_str(raw.get("id"), "id"),
+        object=opt_str(raw.get("object"), "object"),
         created=_opt_int(raw.get("created"), "created"),
-        model=_opt_str(raw.get("model"), "model"),
+        model=opt_str(raw.get("model"), "model"),
         choices=[_choice(c, i) for i, c in enumerate(choices)],
         usage=parse_usage(raw.get("usage")),
     )

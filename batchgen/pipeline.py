@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from batchgen.client import Client
 from batchgen.config import MOCK_URL, RunConfig
-from batchgen.errors import APIConnectionError, APIError, APITimeoutError, BatchgenError, InputError
+from batchgen.errors import APIConnectionError, APIError, APITimeoutError, BatchgenError, InputError, OutputError
 from batchgen.idcheck import find_duplicate_id, source_ids
 from batchgen.io.merge import MergeResult, finalize
 from batchgen.io.parts import PartWriter, scan_checkpoint
@@ -89,7 +89,8 @@ class _Run:
         self.down_threshold = max(2 * cfg.concurrency, 10)
         self.down_streak: list[dict[str, Any]] = []
         self.aborted: str | None = None
-        self.producer: asyncio.Task[None] | None = None
+        self.pool = WorkerPool(self._send, cfg.concurrency, on_outcome=self._on_outcome)
+        self.feeder: asyncio.Task[None] | None = None
 
     async def _rows(self) -> AsyncIterator[SourceRow]:
         batches: Iterator[list[SourceRow]] = self.source.iter_batches()
@@ -119,7 +120,6 @@ class _Run:
                 await self.outbox.put(problem_record(item))
                 continue
             await pool.submit(item)
-        await pool.close()
 
     async def _send(self, request: RowRequest) -> ChatCompletionResponse:
         return await self.client.complete(request.body, request_id=request.row_id, validated=True)
@@ -129,14 +129,15 @@ class _Run:
         # A refused or reset connection says the server is gone; a timeout only that a row is slow.
         if isinstance(outcome.error, APIConnectionError) and not isinstance(outcome.error, APITimeoutError):
             self.down_streak.append(record)
-            if len(self.down_streak) >= self.down_threshold and self.aborted is None and self.producer is not None:
+            if len(self.down_streak) >= self.down_threshold and self.aborted is None:
                 self.aborted = (
                     f"the server at {self.client.base_url} stopped answering: {len(self.down_streak)} requests "
                     f"in a row failed after every retry (last: {outcome.error})"
                 )
-                self.producer.cancel()
+                self._stop(cancel_in_flight=False)
             return
-        await self._release_streak()
+        if self.aborted is None:  # the streak was a passing failure: its rows are real error rows
+            await self._release_streak()
         await self.outbox.put(record)
 
     async def _release_streak(self) -> None:
@@ -167,7 +168,7 @@ class _Run:
             now = loop.time()
             if buffer and (done or now - last_flush >= self.cfg.flush_seconds or len(buffer) >= self.cfg.flush_rows):
                 records, buffer = buffer, []
-                await asyncio.to_thread(writer.write, records)
+                await asyncio.to_thread(_write_part, writer, records)
                 self.new_records += len(records)
                 last_flush = now
             elif not buffer:
@@ -180,43 +181,69 @@ class _Run:
         checkpoint = await asyncio.to_thread(scan_checkpoint, self.state_dir, total, self.previous)
         writer = PartWriter(self.state_dir, state_schema(self.results_schema), checkpoint.next_generation)
         progress = Progress(self.stats, total, enabled=self.cfg.progress, stream=self.log)
-        pool = WorkerPool(self._send, self.cfg.concurrency, on_outcome=self._on_outcome)
-
-        async def produce() -> None:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(pool.run())
-                await self._feed(pool, checkpoint.status)
-
-        producer = self.producer = asyncio.create_task(produce())
+        producer = asyncio.create_task(self._produce(checkpoint.status))
         write_task = asyncio.create_task(self._write(writer, progress))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(sig, self._interrupt, producer)
+                loop.add_signal_handler(sig, self._interrupt)
         try:
-            await asyncio.wait([producer])
+            # The writer only ends early by failing (disk full): then stop producing too.
+            await asyncio.wait([producer, write_task], return_when=asyncio.FIRST_COMPLETED)
+            if write_task.done():
+                self._stop(cancel_in_flight=True)
+                await asyncio.wait([producer])
+                write_task.result()
+            if self.aborted is None and not self.interrupted:
+                await self._release_streak()
+            await self.outbox.put(_END)
+            await write_task
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.remove_signal_handler(sig)
-            if self.aborted is None and not producer.cancelled():
-                await self._release_streak()
-            await self.outbox.put(_END)
-            await write_task
+            if not producer.done():  # an exception above (or our own cancellation): leave nothing running
+                self._stop(cancel_in_flight=True)
+                await asyncio.wait([producer])
+            write_task.cancel()
             progress.close()
             self.stats.retries = self.client.retries_total
-        if producer.cancelled() and self.aborted is not None:
+        if self.aborted is not None:
             return self._result(EXIT_FATAL, f"{self.aborted}; {self.stats.done} rows saved; rerun the same command to resume")
-        if producer.cancelled():
+        if self.interrupted:
             return self._result(EXIT_INTERRUPTED, f"interrupted: {self.stats.done} rows saved; rerun the same command to resume")
         producer.result()  # re-raise a fatal error (e.g. the input became unreadable part-way)
         # Parquet row counts are exact, so finalize can also prove that the last rows are there.
         expected = total if self.source.format == "parquet" else None
         return await self._complete(checkpoint.failed, expected)
 
-    def _interrupt(self, producer: asyncio.Task[None]) -> None:
-        self.interrupted = True
-        producer.cancel()
+    async def _produce(self, status: bytearray) -> None:
+        """Feed the pool and run it; a stop cancels only the feeder, so the pool ends in order."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.pool.run())
+            self.feeder = asyncio.create_task(self._feed(self.pool, status))
+            try:
+                await asyncio.wait([self.feeder])
+            finally:
+                if not self.feeder.done():
+                    self.feeder.cancel()
+            if not self.feeder.cancelled():
+                self.feeder.result()  # an input error part-way: fatal
+            if not self.interrupted:
+                await self.pool.close()  # workers drain (and, once stopping, drop) what is queued
+
+    def _stop(self, *, cancel_in_flight: bool) -> None:
+        """Send nothing more. In-flight requests finish, unless `cancel_in_flight` (Ctrl-C, writer failure)."""
+        if cancel_in_flight:
+            self.interrupted = True
+            self.pool.abort()
+        else:
+            self.pool.stop()
+        if self.feeder is not None:
+            self.feeder.cancel()
+
+    def _interrupt(self) -> None:
+        self._stop(cancel_in_flight=True)
 
     async def _complete(self, failed_before: int, expected_rows: int | None) -> RunResult:
         has_parts = self.state_dir.exists() and any(self.state_dir.glob("part-*.parquet"))
@@ -247,6 +274,33 @@ class _Run:
 
     def _result(self, code: int, message: str) -> RunResult:
         return RunResult(code, self.stats, str(self.output), message)
+
+
+def _write_part(writer: PartWriter, records: list[dict[str, Any]]) -> None:
+    """Write one part; a record that cannot be stored becomes an error row instead of failing the run."""
+    try:
+        writer.write(records)
+        return
+    except OutputError:
+        fixed = [_storable(writer.schema, record) for record in records]
+        if all(a is b for a, b in zip(fixed, records, strict=True)):
+            raise  # not a bad record: the disk or the directory failed
+    writer.write(fixed)
+
+
+def _storable(schema: pa.Schema, record: dict[str, Any]) -> dict[str, Any]:
+    try:
+        pa.Table.from_pylist([record], schema=schema)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+        return {
+            **dict.fromkeys(schema.names),
+            "_index": record["_index"],
+            "id": record.get("id") if isinstance(record.get("id"), str) else None,
+            "error": f"the answer could not be stored: {exc}",
+            "error_type": "unexpected_error",
+            "attempts": record.get("attempts") if isinstance(record.get("attempts"), int) else None,
+        }
+    return record
 
 
 async def _model(client: Client, cfg: RunConfig) -> str:
@@ -300,7 +354,9 @@ async def run_async(cfg: RunConfig, *, log: TextIO | None = None) -> RunResult:
         duplicate = await asyncio.to_thread(lambda: find_duplicate_id(source_ids(source, id_column)))
         if duplicate is not None:
             value, first, second = duplicate
-            raise InputError(f"duplicate id {value!r} in column {mapper.id_column!r}: rows {first} and {second}")
+            raise InputError(
+                f"duplicate id {value!r} in column {mapper.id_column!r}: {source.where(first)} and {source.where(second)}"
+            )
     async with _server_url(cfg) as base_url:
         client = Client(
             base_url,

@@ -9,7 +9,7 @@ matching `APIStatusError`.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 
 from batchgen.chunks import ChatCompletionChunk
-from batchgen.errors import IncompleteResponseError
+from batchgen.errors import APIError, IncompleteResponseError, ResponseTooLargeError
 from batchgen.parsing import bad_type, error_from_event
 from batchgen.sse import DONE, SSEDecoder, StreamAssembler
 from batchgen.transport import map_aiohttp_errors
@@ -68,8 +68,18 @@ class Stream:
         print(stream.response.usage)
     """
 
-    def __init__(self, http_response: aiohttp.ClientResponse, *, attempts: int = 1, started: float) -> None:
+    def __init__(
+        self,
+        http_response: aiohttp.ClientResponse,
+        *,
+        attempts: int = 1,
+        started: float,
+        max_bytes: int | None = None,
+        scrub: Callable[[APIError], APIError] | None = None,
+    ) -> None:
         self._http = http_response
+        self._max_bytes = max_bytes
+        self._scrub = scrub
         self._started = started
         self._chunks: list[ChatCompletionChunk] = []
         self._done = False
@@ -85,9 +95,14 @@ class Stream:
     async def _iterate(self) -> AsyncIterator[ChatCompletionChunk]:
         decoder = SSEDecoder()
         chunks = self._chunks
+        limit, size = self._max_bytes, 0
         try:
             with map_aiohttp_errors():
                 async for data in self._http.content.iter_any():
+                    if limit is not None:
+                        size += len(data)
+                        if size > limit:
+                            raise ResponseTooLargeError(f"streamed response is over the {limit}-byte limit")
                     payloads = decoder.feed(data)
                     if not payloads:
                         continue
@@ -108,6 +123,8 @@ class Stream:
                 self._finish()
                 return
             raise IncompleteResponseError("stream ended before [DONE]")
+        except APIError as exc:
+            raise exc if self._scrub is None else self._scrub(exc)
         finally:
             self._http.release()
 

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from batchgen.errors import APIError
+from batchgen.errors import APIError, UnexpectedError
 from batchgen.rows import RowRequest
 from batchgen.types import ChatCompletionResponse
 
@@ -69,6 +69,9 @@ class WorkerPool:
         self._inbox: asyncio.Queue[RowRequest] = asyncio.Queue(maxsize=concurrency * queue_factor)
         self.in_flight = 0
         self.max_in_flight = 0
+        self.stopping = False  # send nothing more; queued requests are dropped (a rerun resends them)
+        self._leave = False  # stop at once, even before the inbox is drained
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def submit(self, request: RowRequest) -> None:
         """Queue one request; waits while the inbox is full."""
@@ -79,18 +82,31 @@ class WorkerPool:
         for _ in range(self.concurrency):
             await self._inbox.put(_DONE)
 
+    def stop(self) -> None:
+        """Send nothing more: requests in flight finish, queued ones are dropped; `close()` still ends the run."""
+        self.stopping = True
+
+    def abort(self) -> None:
+        """Stop now: cancel the requests in flight too (Ctrl-C). `close()` is not needed afterwards."""
+        self.stopping = self._leave = True
+        for task in self._tasks:
+            task.cancel()
+
     async def run(self) -> None:
-        """Run the workers until `close()` has been called and every request is done."""
+        """Run the workers until `close()` has been called and every request is done (or `abort()`)."""
         async with asyncio.TaskGroup() as group:
-            for _ in range(self.concurrency):
-                group.create_task(self._worker())
+            self._tasks = [group.create_task(self._worker()) for _ in range(self.concurrency)]
 
     async def _worker(self) -> None:
         inbox, send, on_outcome = self._inbox, self._send, self._on_outcome
-        while True:
+        # `_leave` is checked as well as cancellation: a request whose timeout fires in the same
+        # loop step as the cancel raises its timeout instead, and the worker must still leave.
+        while not self._leave:
             request = await inbox.get()
             if request is _DONE:
                 return
+            if self.stopping:
+                continue
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             started = time.perf_counter()
@@ -98,6 +114,9 @@ class WorkerPool:
                 response = await send(request)
             except APIError as exc:
                 outcome = Outcome(request, None, exc, exc.attempts, time.perf_counter() - started)
+            except Exception as exc:  # a bug must cost one row (reported), never every worker
+                error = UnexpectedError(f"unexpected {type(exc).__name__}: {exc}")
+                outcome = Outcome(request, None, error, 1, time.perf_counter() - started)
             else:
                 outcome = Outcome(request, response, None, response.attempts, time.perf_counter() - started)
             finally:

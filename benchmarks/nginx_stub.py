@@ -313,8 +313,14 @@ def main() -> int:
     except NginxNotInstalledError as exc:
         print(f"error: {exc}")
         return 2
+    def stop_on_signal(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM (and SIGINT even when started in the background, where shells ignore it) stop nginx cleanly.
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGINT, stop_on_signal)
     with stub:
-        print(f"nginx stub serving {stub.base_url} (pid {stub.pid}); Ctrl-C to stop", flush=True)
+        print(f"nginx stub serving {stub.base_url} (nginx pid {stub.pid}); Ctrl-C or SIGTERM to stop", flush=True)
         try:
             while stub.process is not None and stub.process.poll() is None:
                 time.sleep(0.5)

@@ -178,7 +178,7 @@ async def test_duplicate_ids_stop_the_run_before_any_request(tmp_path: Path) -> 
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": ["a", "b", "c", "b"], "prompt": ["1", "2", "3", "4"]}), path)
     async with MockServer() as server:
-        with pytest.raises(InputError, match="duplicate id 'b'.*rows 1 and 3"):
+        with pytest.raises(InputError, match="duplicate id 'b'.*row 1 and row 3"):
             await _run(server, tmp_path, path)
     assert server.state.requests == []
 
@@ -226,6 +226,6 @@ async def test_duplicate_ids_in_jsonl_name_both_rows(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_text('{"id": 7, "prompt": "a"}\nnot json\n{"id": null, "prompt": "b"}\n{"id": "7", "prompt": "c"}\n')
     async with MockServer() as server:
-        with pytest.raises(InputError, match="duplicate id '7'.*rows 0 and 3"):
+        with pytest.raises(InputError, match="duplicate id '7'.*line 1 and line 4"):
             await _run(server, tmp_path, path)
     assert server.state.requests == []

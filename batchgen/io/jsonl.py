@@ -169,6 +169,13 @@ class JsonlSource(InputSource):
             if error is None and isinstance(obj, dict):
                 yield index, obj.get(column)
 
+    def where(self, index: int) -> str:
+        """The file line of row `index` (blank lines are not rows); reads up to it, for messages only."""
+        for row_index, where, _ in self._raw_rows():
+            if row_index == index:
+                return where
+        return f"row {index}"
+
     def passthrough_values(self, row: SourceRow) -> dict[str, Any]:
         """Passthrough values as stored: JSON text for JSON-text columns, None for a value that does not fit."""
         values = row.values or {}
@@ -194,6 +201,10 @@ class JsonlSource(InputSource):
                     break
         if not any_rows:
             raise InputError(f"{self.path} is empty: no data rows")
+        if not good:
+            first = next(self._raw_rows())
+            problem = self._decode_row(*first).error
+            raise InputError(f"{self.path}: no line decodes to a JSON object; the first one fails: {problem}")
         return infer_passthrough(good)
 
     def _raw_rows(self) -> Iterator[tuple[int, str, bytes]]:

@@ -97,6 +97,10 @@ class InputSource(ABC):
         values = row.values or {}
         return {name: values.get(name) for name in self.passthrough_schema.names}
 
+    def where(self, index: int) -> str:
+        """A locator for row `index` in messages ("row 17"; JSONL says "line N")."""
+        return f"row {index}"
+
     def iter_passthrough(self, names: list[str], batch_size: int = 8192) -> Iterator[pa.Table]:
         """The passthrough columns `names` as Arrow tables in input order (every row, good or bad),
         typed as in `passthrough_schema`: the final merge joins them to the results."""

@@ -216,7 +216,7 @@ FILE_CASES: dict[str, tuple[str, bytes | pa.Table | None, tuple[str, ...]]] = {
     "no_messages_column_parquet": ("in.parquet", pa.table({"text": ["a", "b"]}), ("'messages'",)),
     "not_a_parquet_file": ("in.parquet", b"PAR1 this is not parquet", ("in.parquet", "Parquet")),
     "duplicate_ids_parquet": ("in.parquet", pa.table({"id": ["a", "b", "c", "b"], "prompt": ["1", "2", "3", "4"]}),
-                              ("duplicate id 'b'", "rows 1 and 3")),
+                              ("duplicate id 'b'", "row 1 and row 3")),
     # Per-row errors in JSONL say "line N" (1-based, blank lines counted); a duplicate must be named the same way.
     "duplicate_ids_jsonl": ("in.jsonl", b'{"id": "a", "prompt": "1"}\n\n{"id": "b", "prompt": "2"}\n{"id": "a", "prompt": "3"}\n',
                             ("duplicate id 'a'", "line 1", "line 4")),
