@@ -21,9 +21,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-from pyarrow.fs import LocalFileSystem
 
 from batchgen.errors import OutputError
 from batchgen.io.jsonl import count_lines
@@ -103,10 +101,10 @@ def finalize(
     results = pa.schema([f for f in schema if f.name not in through.names and f.name != INDEX_COLUMN])
     state = state_schema(results)
     fmt = output_format(out_path)
-    fragments = _open_fragments(list_parts(state_dir), state)
+    parts = _open_parts(list_parts(state_dir))
     previous, previous_rows = _previous_rows(previous_output, results, window) if previous_output else (None, 0)
     inputs = _RowStream(passthrough, through) if passthrough is not None else None
-    end = max([previous_rows, *(hi + 1 for *_, hi in fragments)])
+    end = max([previous_rows, *(part.hi + 1 for part in parts)])
     if expected_rows is not None:
         if end > expected_rows:
             raise OutputError(f"{state_dir}: results exist for row {end - 1}, but the input has {expected_rows} rows")
@@ -119,7 +117,7 @@ def finalize(
             with parquet if parquet is not None else contextlib.nullcontext():
                 for start in range(0, end, window):
                     stop = min(start + window, end)
-                    table = _join(_merge_window(fragments, previous, start, stop, state), inputs, schema, start)
+                    table = _join(_merge_window(parts, previous, start, stop, state), inputs, schema, start)
                     errors += table.num_rows - table.column("error").null_count
                     if parquet is not None:
                         parquet.write_table(table)
@@ -153,35 +151,64 @@ def _join(merged: pa.Table, inputs: _RowStream | None, schema: pa.Schema, start:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-# A part opened for merging: (fragment, its rank among parts, lowest _index, highest _index).
-_Fragment = tuple[ds.ParquetFileFragment, int, int, int]
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """A part opened for merging: its path, rank among parts, and each row group's `_index` range."""
+
+    path: Path
+    rank: int
+    groups: tuple[tuple[int, int], ...]  # (lowest, highest) `_index` per row group
+
+    @property
+    def lo(self) -> int:
+        return min(lo for lo, _ in self.groups)
+
+    @property
+    def hi(self) -> int:
+        return max(hi for _, hi in self.groups)
 
 
-def _open_fragments(parts: list[PartFile], state: pa.Schema) -> list[_Fragment]:
-    """Open every part as a dataset fragment, with its row-group metadata cached, and find its `_index` bounds."""
-    parquet, local = ds.ParquetFileFormat(), LocalFileSystem()
-    opened: list[_Fragment] = []
+def _open_parts(parts: list[PartFile]) -> list[_Part]:
+    """Read each part's footer once: the `_index` range of every row group (parts are sorted by `_index`)."""
+    opened: list[_Part] = []
     for rank, part in enumerate(parts):
         try:
-            fragment = parquet.make_fragment(os.path.abspath(part.path), filesystem=local)
-            # Cached metadata lets every later filtered scan skip non-overlapping row groups without I/O.
-            fragment.ensure_complete_metadata()
-            stats = [rg.statistics.get(INDEX_COLUMN) for rg in fragment.row_groups]
-            if stats and all(stats):
-                lo, hi = min(s["min"] for s in stats), max(s["max"] for s in stats)
-            else:  # empty, or not written by PartWriter: read the column for its bounds
-                column = pq.read_table(part.path, columns=[INDEX_COLUMN]).column(0)
-                lo, hi = pc.min(column).as_py(), pc.max(column).as_py()
+            meta = pq.read_metadata(part.path)
+            column = meta.schema.to_arrow_schema().get_field_index(INDEX_COLUMN)
+            groups = []
+            for g in range(meta.num_row_groups):
+                stats = meta.row_group(g).column(column).statistics
+                if stats is None or not stats.has_min_max:  # not written by PartWriter: read the column
+                    values = pq.ParquetFile(part.path).read_row_group(g, columns=[INDEX_COLUMN]).column(0)
+                    groups.append((pc.min(values).as_py(), pc.max(values).as_py()))
+                else:
+                    groups.append((stats.min, stats.max))
         except (OSError, pa.ArrowException, KeyError) as exc:
             raise OutputError(f"{part.path}: unreadable part file ({exc})") from exc
-        if lo is not None:
-            opened.append((fragment, rank, lo, hi))
+        groups = [g for g in groups if g[0] is not None]
+        if groups:
+            opened.append(_Part(part.path, rank, tuple(groups)))
     return opened
 
 
-def _merge_window(
-    fragments: list[_Fragment], previous: _RowStream | None, start: int, stop: int, state: pa.Schema
-) -> pa.Table:
+def _read_range(part: _Part, start: int, stop: int, state: pa.Schema) -> pa.Table:
+    """The rows of `part` with `start <= _index < stop`, reading only the row groups that can hold them.
+
+    Plain single-threaded row-group reads: the dataset scanner's thread pools and read-ahead
+    cost more memory than a few row groups are worth.
+    """
+    wanted = [g for g, (lo, hi) in enumerate(part.groups) if hi >= start and lo < stop]
+    try:
+        with pq.ParquetFile(part.path, pre_buffer=False) as reader:
+            table = reader.read_row_groups(wanted, use_threads=False)
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(f"{part.path}: unreadable part file ({exc})") from exc
+    index = table.column(INDEX_COLUMN)
+    table = table.filter(pc.and_(pc.greater_equal(index, start), pc.less(index, stop)))
+    return table if table.schema.equals(state) else table.select(state.names).cast(state)
+
+
+def _merge_window(parts: list[_Part], previous: _RowStream | None, start: int, stop: int, state: pa.Schema) -> pa.Table:
     """Rows `[start, stop)`, one per index in order, newest write winning; `state` columns."""
     pieces: list[pa.Table] = []
     if previous is not None:
@@ -189,15 +216,11 @@ def _merge_window(
         indexes = pa.array(range(start, start + table.num_rows), pa.int64())
         table = table.add_column(0, state.field(INDEX_COLUMN), indexes)
         pieces.append(table.append_column(_RANK, pa.repeat(pa.scalar(-1, pa.int32()), table.num_rows)))
-    in_window = (ds.field(INDEX_COLUMN) >= start) & (ds.field(INDEX_COLUMN) < stop)
-    for fragment, rank, lo, hi in fragments:
-        if hi < start or lo >= stop:
+    for part in parts:
+        if part.hi < start or part.lo >= stop:
             continue
-        try:
-            table = fragment.to_table(schema=state, filter=in_window)
-        except (OSError, pa.ArrowException) as exc:
-            raise OutputError(f"{fragment.path}: unreadable part file ({exc})") from exc
-        pieces.append(table.append_column(_RANK, pa.repeat(pa.scalar(rank, pa.int32()), table.num_rows)))
+        table = _read_range(part, start, stop, state)
+        pieces.append(table.append_column(_RANK, pa.repeat(pa.scalar(part.rank, pa.int32()), table.num_rows)))
     if not pieces:
         raise OutputError(f"no result for input row {start}; the run has not finished every row")
     merged = pa.concat_tables(pieces).sort_by([(INDEX_COLUMN, "ascending"), (_RANK, "descending")])

@@ -150,7 +150,7 @@ class ParquetSource(InputSource):
         try:
             # pre_buffer keeps every column chunk it read until the file closes (~190 MB per 1M rows).
             with pq.ParquetFile(file, pre_buffer=False) as reader:
-                yield from reader.iter_batches(batch_size=batch_size, **options)
+                yield from reader.iter_batches(batch_size=batch_size, use_threads=False, **options)
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"{file}: cannot read Parquet data ({exc})") from exc
 
