@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import pyarrow.parquet as pq
 
 from batchgen.errors import OutputError
 from batchgen.io.jsonl import count_lines
-from batchgen.io.parts import PartFile, fsync_dir, list_parts, output_format
+from batchgen.io.parts import PartFile, atomic_file, list_parts, output_format
 from batchgen.io.schema import INDEX_COLUMN, state_schema
 
 __all__ = ["MergeResult", "finalize"]
@@ -109,31 +108,19 @@ def finalize(
         if end > expected_rows:
             raise OutputError(f"{state_dir}: results exist for row {end - 1}, but the input has {expected_rows} rows")
         end = expected_rows
-    tmp = out_path.with_name(out_path.name + ".tmp")
     errors = 0
-    try:
-        with open(tmp, "wb") as file:
-            parquet = pq.ParquetWriter(file, schema) if fmt == "parquet" else None
-            with parquet if parquet is not None else contextlib.nullcontext():
-                for start in range(0, end, window):
-                    stop = min(start + window, end)
-                    table = _join(_merge_window(parts, previous, start, stop, state), inputs, schema, start)
-                    errors += table.num_rows - table.column("error").null_count
-                    if parquet is not None:
-                        parquet.write_table(table)
-                    else:
-                        file.writelines(_json_lines(table))
-                    del table  # drop the window before the next one is built
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, out_path)
-    except (OSError, pa.ArrowException) as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{out_path}: cannot write the output ({exc})") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # an OutputError from the merge, or an interrupt: leave no debris
-        raise
-    fsync_dir(out_path.parent)
+    with atomic_file(out_path, "output") as file:
+        parquet = pq.ParquetWriter(file, schema) if fmt == "parquet" else None
+        with parquet if parquet is not None else contextlib.nullcontext():
+            for start in range(0, end, window):
+                stop = min(start + window, end)
+                table = _join(_merge_window(parts, previous, start, stop, state), inputs, schema, start)
+                errors += table.num_rows - table.column("error").null_count
+                if parquet is not None:
+                    parquet.write_table(table)
+                else:
+                    file.writelines(_json_lines(table))
+                del table  # drop the window before the next one is built
     return MergeResult(rows=end, errors=errors)
 
 

@@ -10,12 +10,13 @@ input order with exactly one row per input row.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import pyarrow as pa
@@ -32,6 +33,7 @@ __all__ = [
     "Checkpoint",
     "PartFile",
     "PartWriter",
+    "atomic_file",
     "list_parts",
     "output_format",
     "fsync_dir",
@@ -89,6 +91,30 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path, what: str) -> Iterator[BinaryIO]:
+    """Write `path` so that readers see the old file or the complete new one, never a half-written one.
+
+    The body writes to `<path>.tmp`; on success it is flushed, fsynced, renamed over `path` and
+    the directory fsynced; on any failure the `.tmp` file is removed. I/O and Arrow errors
+    become `OutputError` naming `what` and the path.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except (OSError, pa.ArrowException) as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write the {what} ({exc})") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # an error of the caller's own, or an interrupt: leave no debris
+        raise
+    fsync_dir(path.parent)
+
+
 class PartWriter:
     """Writes batches of result records as part files of one generation.
 
@@ -139,17 +165,8 @@ class PartWriter:
                 raise OutputError(f"row {record[INDEX_COLUMN]}: columns not in the output schema: {unknown}")
         table = self._to_table(sorted(records, key=lambda r: r[INDEX_COLUMN]))
         final = self.state_dir / f"part-{self.generation:04d}-{self._seq:06d}.parquet"
-        tmp = final.with_name(final.name + ".tmp")
-        try:
-            with open(tmp, "wb") as file:
-                pq.write_table(table, file, row_group_size=ROW_GROUP_ROWS, write_statistics=True)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(tmp, final)
-        except (OSError, pa.ArrowException) as exc:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"{final}: cannot write the part file ({exc})") from exc
-        fsync_dir(self.state_dir)
+        with atomic_file(final, "part file") as file:
+            pq.write_table(table, file, row_group_size=ROW_GROUP_ROWS, write_statistics=True)
         self._seq += 1
         return final
 
