@@ -120,7 +120,7 @@ def _parse_fields(raw: dict[str, Any]) -> _Fields:
         usage = parse_usage(usage)
     choices = raw.get("choices")
     if not choices:  # the usage chunk: "choices": []
-        return (*_USAGE_ONLY, usage)  # type: ignore[no-any-return]
+        return (*_USAGE_ONLY, usage)
     choice = choices[0] if type(choices) is list else None
     if type(choice) is not dict:
         raise bad_type("chunk choices", choices, "a list of objects")

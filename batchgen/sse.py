@@ -123,7 +123,7 @@ class StreamAssembler:
         if chunk.index is None:
             return
         self._add_choice(chunk)
-        for extra in choices[1:]:  # rare: several choices in one chunk; parse each the same way
+        for extra in choices[1:] if isinstance(choices, list) else ():  # rare: several choices in one chunk; parse each the same way
             self._add_choice(parse_chunk({"choices": [extra]}))
 
     def _add_token(self, choice: Any) -> bool:

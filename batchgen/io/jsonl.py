@@ -224,7 +224,9 @@ class JsonlSource(InputSource):
             raise InputError(f"{self.path}: cannot read the file ({exc})") from exc
 
     def _open(self) -> IO[bytes]:
-        return gzip.open(self.path, "rb") if self._gzip else open(self.path, "rb")
+        if self._gzip:
+            return gzip.open(self.path, "rb")  # type: ignore[return-value]  # a GzipFile reads bytes
+        return open(self.path, "rb")
 
     def _decode_row(self, index: int, where: str, raw: bytes) -> SourceRow:
         obj, error = _decode_line(raw, where)

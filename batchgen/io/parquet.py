@@ -90,7 +90,7 @@ class ParquetSource(InputSource):
 
     def total_rows(self) -> int:
         """The row count from the footers (no data is read)."""
-        return self._total
+        return int(self._total)
 
     def iter_batches(self, batch_size: int = DEFAULT_BATCH_SIZE, start: int = 0) -> Iterator[list[SourceRow]]:
         """Yield rows from `start` on; batches never span two files, so some may be shorter than `batch_size`."""
