@@ -31,7 +31,8 @@ error_type, status_code, attempts, latency_s, ttft_s; one row per input row, in 
 Progress is saved to OUTPUT.batchgen/ as it goes: rerun the same command to resume.
 
 Exit codes: 0 every row succeeded; 1 completed with error rows; 2 config or input error
-(nothing sent); 3 the server could not be used; 130 interrupted (rerun to resume).
+(nothing sent) or the output could not be written; 3 the server could not be used or stopped
+answering (rerun to resume); 130 interrupted (rerun to resume).
 """
 
 

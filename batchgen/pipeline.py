@@ -44,7 +44,7 @@ EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM; finished rows are on disk, rerun to 
 EXIT_CODES = {
     EXIT_OK: "every row succeeded",
     EXIT_ROW_ERRORS: "the run completed with some error rows",
-    EXIT_CONFIG: "config or input error (nothing was sent)",
+    EXIT_CONFIG: "config or input error (nothing was sent), or the output could not be written",
     EXIT_FATAL: "the server could not be used",
     EXIT_INTERRUPTED: "interrupted; rerun the same command to resume",
 }
