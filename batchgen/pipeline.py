@@ -92,34 +92,38 @@ class _Run:
         self.pool = WorkerPool(self._send, cfg.concurrency, on_outcome=self._on_outcome)
         self.feeder: asyncio.Task[None] | None = None
 
-    async def _rows(self) -> AsyncIterator[SourceRow]:
+    async def _batches(self) -> AsyncIterator[list[SourceRow]]:
+        self.source.decode_only(self.mapper.columns_used)
         batches: Iterator[list[SourceRow]] = self.source.iter_batches()
         while True:
             batch = await asyncio.to_thread(next, batches, None)  # pyarrow / file reads off the loop
             if batch is None:
                 return
-            for row in batch:
-                yield row
+            yield batch
 
     async def _feed(self, pool: WorkerPool, status: bytearray) -> None:
         limit = self.cfg.limit
-        async for row in self._rows():
-            if limit is not None and row.index >= limit:
-                break
-            state = status[row.index] if row.index < len(status) else 0
-            if state == 1 or (state == 2 and not self.cfg.retry_failed):
-                self.stats.skipped += 1
-                continue
-            item: RowRequest | RowProblem
-            if row.error is not None or row.values is None:
-                row_id = self.mapper.row_id(row.index, row.values) if row.values else None
-                item = RowProblem(row.index, row_id, row.error or f"{row.where}: unreadable", "invalid_input")
-            else:
-                item = self.mapper.map(row.index, row.where, row.values)
-            if isinstance(item, RowProblem):
-                await self.outbox.put(problem_record(item))
-                continue
-            await pool.submit(item)
+        retry_failed = self.cfg.retry_failed
+        mapper, outbox, submit = self.mapper, self.outbox, pool.submit
+        async for batch in self._batches():
+            for row in batch:
+                index = row.index
+                if limit is not None and index >= limit:
+                    return
+                state = status[index] if index < len(status) else 0
+                if state == 1 or (state == 2 and not retry_failed):
+                    self.stats.skipped += 1
+                    continue
+                item: RowRequest | RowProblem
+                if row.error is not None or row.values is None:
+                    row_id = mapper.row_id(index, row.values) if row.values else None
+                    item = RowProblem(index, row_id, row.error or f"{row.where}: unreadable", "invalid_input")
+                else:
+                    item = mapper.map(index, row.where, row.values)
+                if isinstance(item, RowProblem):
+                    await outbox.put(problem_record(item))
+                else:
+                    await submit(item)
 
     async def _send(self, request: RowRequest) -> ChatCompletionResponse:
         return await self.client.complete(request.body, request_id=request.row_id, validated=True)

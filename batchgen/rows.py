@@ -119,6 +119,18 @@ class RowMapper:
         self.has_extra = "extra" in names and self.text_column != "extra"
         self.has_system = "system" in names and self.mode == "prompt"
 
+    @property
+    def columns_used(self) -> list[str]:
+        """The input columns this mapper reads (the rest need not be decoded)."""
+        used = [self.text_column, *self.overrides]
+        if self.id_column is not None:
+            used.append(self.id_column)
+        if self.has_extra:
+            used.append("extra")
+        if self.has_system:
+            used.append("system")
+        return used
+
     def row_id(self, index: int, values: Mapping[str, Any] | None) -> str | None:
         """The row's id as text; None when the id column holds null."""
         if self.id_column is None:

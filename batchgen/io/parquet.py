@@ -84,6 +84,7 @@ class ParquetSource(InputSource):
         self.columns = list(schema.names)
         # Rows per row group per file, so `start` can skip whole row groups without reading them.
         self._row_groups = [[footer.row_group(i).num_rows for i in range(footer.num_row_groups)] for footer in footers]
+        self._decoded: list[str] | None = None  # None: every column
         self._total = sum(footer.num_rows for footer in footers)
         if self._total == 0:
             raise InputError(f"{path} is empty: no data rows")
@@ -106,7 +107,8 @@ class ParquetSource(InputSource):
             while index + groups[first_group] <= start:
                 index += groups[first_group]
                 first_group += 1
-            for batch in self._batches(file, batch_size, row_groups=list(range(first_group, len(groups)))):
+            groups_left = list(range(first_group, len(groups)))
+            for batch in self._batches(file, batch_size, row_groups=groups_left, columns=self._decoded):
                 if index + batch.num_rows <= start:
                     index += batch.num_rows
                     continue
@@ -138,6 +140,10 @@ class ParquetSource(InputSource):
         for file in self.files:
             for batch in self._batches(file, batch_size, columns=names):
                 yield pa.Table.from_batches([batch]).cast(schema)
+
+    def decode_only(self, columns: list[str]) -> None:
+        """Decode only `columns` (those in the file) in `iter_batches`: the rest never becomes Python objects."""
+        self._decoded = [c for c in self.columns if c in set(columns)]
 
     def read_id_column(self, column: str) -> pa.ChunkedArray:
         """The whole `column` as Arrow data, one chunk per batch: no Python object per row."""

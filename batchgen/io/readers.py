@@ -97,6 +97,9 @@ class InputSource(ABC):
         values = row.values or {}
         return {name: values.get(name) for name in self.passthrough_schema.names}
 
+    def decode_only(self, columns: list[str]) -> None:
+        """A hint: `iter_batches` may leave out other columns (Parquet does; JSONL decodes whole lines)."""
+
     def where(self, index: int) -> str:
         """A locator for row `index` in messages ("row 17"; JSONL says "line N")."""
         return f"row {index}"
