@@ -124,7 +124,9 @@ class Stream:
                 return
             raise IncompleteResponseError("stream ended before [DONE]")
         except APIError as exc:
-            raise exc if self._scrub is None else self._scrub(exc)
+            if self._scrub is not None:
+                self._scrub(exc)  # rewrites the message in place
+            raise
         finally:
             self._http.release()
 
