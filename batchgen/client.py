@@ -218,7 +218,7 @@ class Client:
     # -- discovery -------------------------------------------------------------------------
     async def list_models(self) -> list[dict[str, Any]]:
         """The model cards of `GET /models` (vLLM: one per served name and LoRA)."""
-        data = await self._with_retries(lambda attempt: self._get_json("/models"), None)
+        data = await self._with_retries(lambda attempt: self._get_json("/models"))
         models = data.get("data") if isinstance(data, dict) else None
         if not isinstance(models, list):
             raise IncompleteResponseError("GET /models did not return a model list")
@@ -258,7 +258,7 @@ class Client:
     async def open_stream(self, body: dict[str, Any], *, request_id: str | None = None) -> Stream:
         """Open a stream; connection failures and error statuses before the first byte are retried."""
         payload = orjson.dumps(body)
-        return await self._with_retries(lambda n: self._open_stream_attempt(payload, request_id, n), request_id)
+        return await self._with_retries(lambda n: self._open_stream_attempt(payload, request_id, n))
 
     def _request_headers(self, request_id: str | None, attempt: int) -> dict[str, str]:
         headers = dict(self._headers)
@@ -267,7 +267,7 @@ class Client:
             headers[C.REQUEST_ID_HEADER] = request_id
         return headers
 
-    async def _with_retries(self, attempt_fn: Callable[[int], Awaitable[T]], request_id: str | None) -> T:
+    async def _with_retries(self, attempt_fn: Callable[[int], Awaitable[T]]) -> T:
         try:
             return await attempt_fn(1)
         except APIError as exc:

@@ -79,7 +79,9 @@ class _Run:
         self.schema, renames = output_schema(passthrough)
         self.output_names = [renames.get(n, n) for n in self.passthrough_names]
         # Input columns never travel through the pipeline: the merge joins them from the input.
-        self.results_schema = pa.schema([f for f in self.schema if f.name not in set(self.output_names)])
+        kept = set(self.output_names)
+        self.passthrough_schema = pa.schema([f for f in self.schema if f.name in kept])
+        self.results_schema = pa.schema([f for f in self.schema if f.name not in kept])
         self.stats = RunStats()
         self.outbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(1024, cfg.concurrency * 4))
         self.new_records = 0
@@ -271,7 +273,7 @@ class _Run:
             self.output,
             self.schema,
             passthrough=passthrough,
-            passthrough_schema=pa.schema([f for f in self.schema if f.name in set(self.output_names)]),
+            passthrough_schema=self.passthrough_schema,
             previous_output=self.previous,
             expected_rows=expected_rows,
         )
@@ -350,7 +352,7 @@ async def run_async(cfg: RunConfig, *, log: TextIO | None = None) -> RunResult:
     mapper = RowMapper(
         source.columns,
         fmt=source.format,
-        model="",
+        model="",  # set after discovery: the column checks must come before any request
         defaults=cfg.defaults(),
         messages_column=cfg.messages_column,
         prompt_column=cfg.prompt_column,

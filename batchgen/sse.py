@@ -170,11 +170,6 @@ class StreamAssembler:
             stop = parsed.raw["choices"][0].get("stop_reason") if parsed.raw.get("choices") else None
             parts.stop_reason = stop if isinstance(stop, (str, int)) else None
 
-    @property
-    def finished(self) -> bool:
-        """True once every choice seen so far has a finish reason."""
-        return bool(self._choices) and all(p.finish_reason for p in self._choices.values())
-
     def response(self) -> ChatCompletionResponse:
         choices = []
         for index in sorted(self._choices):
