@@ -48,7 +48,7 @@ EXIT_CODES = {
     EXIT_FATAL: "the server could not be used",
     EXIT_INTERRUPTED: "interrupted; rerun the same command to resume",
 }
-_END: Any = object()
+_PROGRESS_EVERY_S = 0.5
 
 
 @dataclass(slots=True)
@@ -83,7 +83,14 @@ class _Run:
         self.passthrough_schema = pa.schema([f for f in self.schema if f.name in kept])
         self.results_schema = pa.schema([f for f in self.schema if f.name not in kept])
         self.stats = RunStats()
-        self.outbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(1024, cfg.concurrency * 4))
+        # Finished records wait here for the writer; no queue hop per row.
+        self.loop = asyncio.get_running_loop()
+        self.pending: list[dict[str, Any]] = []
+        self.pending_since = 0.0
+        self.max_pending = 4 * cfg.flush_rows  # the writer thread is behind: workers wait for room
+        self.wake = asyncio.Event()  # flush now (flush_rows reached, or the end)
+        self.room = asyncio.Event()
+        self.ended = False
         self.new_records = 0
         self.interrupted = False
         # Connection failures in a row mean the server is gone: hold their records back (so a rerun
@@ -106,7 +113,7 @@ class _Run:
     async def _feed(self, pool: WorkerPool, status: bytearray) -> None:
         limit = self.cfg.limit
         retry_failed = self.cfg.retry_failed
-        mapper, outbox, submit = self.mapper, self.outbox, pool.submit
+        mapper, submit = self.mapper, pool.submit
         async for batch in self._batches():
             for row in batch:
                 index = row.index
@@ -123,7 +130,7 @@ class _Run:
                 else:
                     item = mapper.map(index, row.where, row.values)
                 if isinstance(item, RowProblem):
-                    await outbox.put(problem_record(item))
+                    await self._emit(problem_record(item))
                 else:
                     await submit(item)
 
@@ -144,41 +151,51 @@ class _Run:
             return
         if self.aborted is None:  # the streak was a passing failure: its rows are real error rows
             await self._release_streak()
-        await self.outbox.put(record)
+        await self._emit(record)
 
     async def _release_streak(self) -> None:
         for held in self.down_streak:
-            await self.outbox.put(held)
+            await self._emit(held)
         self.down_streak.clear()
 
+    async def _emit(self, record: dict[str, Any]) -> None:
+        """Keep one finished record for the next part; waits only when the writer thread is far behind."""
+        pending = self.pending
+        if not pending:
+            self.pending_since = self.loop.time()
+        pending.append(record)
+        self.stats.add(record)
+        if len(pending) >= self.cfg.flush_rows:
+            self.wake.set()
+            if len(pending) >= self.max_pending:
+                self.room.clear()
+                await self.room.wait()
+
     async def _write(self, writer: PartWriter, progress: Progress) -> None:
-        """The single writer: drain the outbox, write a part every flush_seconds or flush_rows."""
-        loop = asyncio.get_running_loop()
-        buffer: list[dict[str, Any]] = []
-        last_flush = loop.time()
-        done = False
-        while not done:
-            try:
-                timeout = max(0.0, self.cfg.flush_seconds - (loop.time() - last_flush))
-                item = self.outbox.get_nowait() if not self.outbox.empty() else await asyncio.wait_for(
-                    self.outbox.get(), timeout
-                )
-            except TimeoutError:
-                item = None
-            if item is _END:
-                done = True
-            elif item is not None:
-                buffer.append(item)
-                self.stats.add(item)
-                progress.update(1, self.client.retries_total)
-            now = loop.time()
-            if buffer and (done or now - last_flush >= self.cfg.flush_seconds or len(buffer) >= self.cfg.flush_rows):
-                records, buffer = buffer, []
+        """The single writer: a part every flush_seconds (or flush_rows), the progress display between."""
+        loop, flush_seconds, flush_rows = self.loop, self.cfg.flush_seconds, self.cfg.flush_rows
+        while True:
+            if not self.ended and len(self.pending) < flush_rows:
+                now = loop.time()
+                due = self.pending_since + flush_seconds if self.pending else now + flush_seconds
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, min(due - now, _PROGRESS_EVERY_S))):
+                        await self.wake.wait()
+            self.wake.clear()
+            progress.refresh(self.client.retries_total)
+            if not self.pending:
+                if self.ended:
+                    return
+                continue
+            if self.ended or len(self.pending) >= flush_rows or loop.time() >= self.pending_since + flush_seconds:
+                records, self.pending = self.pending, []
+                self.room.set()
                 await asyncio.to_thread(_write_part, writer, records)
                 self.new_records += len(records)
-                last_flush = now
-            elif not buffer:
-                last_flush = now  # nothing pending: the flush clock starts with the next record
+
+    def _end_writing(self) -> None:
+        self.ended = True
+        self.wake.set()
 
     async def execute(self) -> RunResult:
         total = self.source.total_rows()
@@ -202,7 +219,7 @@ class _Run:
                 write_task.result()
             if self.aborted is None and not self.interrupted:
                 await self._release_streak()
-            await self.outbox.put(_END)
+            self._end_writing()
             await write_task
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):

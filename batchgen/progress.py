@@ -78,11 +78,12 @@ class Progress:
         wall = max(self.stats.elapsed, 1e-9)
         return f"tok/s={self.stats.output_tokens / wall:.0f} err={self.stats.failed} retries={self.retries}"
 
-    def update(self, rows: int, retries: int) -> None:
+    def refresh(self, retries: int) -> None:
+        """Show the counters as they are now; called on a timer, not per row (tqdm costs µs per call)."""
         self.retries = retries
         if self._bar is not None:
-            self._bar.update(rows)
             self._bar.set_postfix_str(self._postfix(), refresh=False)
+            self._bar.update(self.stats.done - self._bar.n)
             return
         now = time.perf_counter()
         if now - self._last_log >= LOG_EVERY_S:
@@ -93,4 +94,6 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
+            self._bar.set_postfix_str(self._postfix(), refresh=False)
+            self._bar.update(self.stats.done - self._bar.n)
             self._bar.close()
