@@ -245,15 +245,18 @@ class Client:
         """
         if not validated:
             validate_request(body)
+        return await self.request(body, request_id=request_id)
+
+    def request(self, body: dict[str, Any], *, request_id: str | None = None) -> Awaitable[ChatCompletionResponse]:
+        """`complete()` for a body already validated, as a bare coroutine: the worker pool's per-row path.
+
+        Every coroutine between a task and aiohttp is resumed at each I/O step of a request, so
+        this one adds none of its own (measured: each layer cost ~1% of a run's CPU).
+        """
         payload = orjson.dumps(body)
-        attempt = self._stream_attempt if body.get("stream") else self._plain_attempt
-        started = time.perf_counter()
-        try:  # the first attempt inline: most requests need no retry machinery at all
-            response = await attempt(payload, request_id, 1)
-        except APIError as exc:
-            response = await self._retry(exc, lambda n: attempt(payload, request_id, n))
-        response.latency_s = time.perf_counter() - started
-        return response
+        if body.get("stream"):
+            return self._stream_request(payload, request_id)
+        return self._plain_request(payload, request_id)
 
     async def open_stream(self, body: dict[str, Any], *, request_id: str | None = None) -> Stream:
         """Open a stream; connection failures and error statuses before the first byte are retried."""
@@ -275,22 +278,26 @@ class Client:
 
     async def _retry(self, error: APIError, attempt_fn: Callable[[int], Awaitable[T]]) -> T:
         """Attempts 2, 3, ... after `error` ended attempt 1, as long as the policy allows."""
-        retries = 0
+        attempt = 1
         while True:
-            error.attempts = retries + 1
-            if not should_retry(error, retries, self.retry_policy):
-                raise error
-            retries += 1
-            self.retries_total += 1
-            await asyncio.sleep(backoff_delay(retries, self.retry_policy, getattr(error, "retry_after", None)))
+            await self._before_retry(error, attempt)
+            attempt += 1
             try:
-                result = await attempt_fn(retries + 1)
+                result = await attempt_fn(attempt)
             except APIError as exc:
                 error = exc
                 continue
             if isinstance(result, (ChatCompletionResponse, Stream)):
-                result.attempts = retries + 1
+                result.attempts = attempt
             return result
+
+    async def _before_retry(self, error: APIError, attempt: int) -> None:
+        """Raise `error` (which ended `attempt`) when the policy allows no more; else wait the backoff."""
+        error.attempts = attempt
+        if not should_retry(error, attempt - 1, self.retry_policy):
+            raise error
+        self.retries_total += 1
+        await asyncio.sleep(backoff_delay(attempt, self.retry_policy, getattr(error, "retry_after", None)))
 
     def _scrub(self, error: APIError) -> APIError:
         """Replace the API key in an error's text (a proxy may echo the Authorization header)."""
@@ -316,21 +323,31 @@ class Client:
             retry_after=parse_retry_after(response.headers),
         )
 
-    async def _plain_attempt(self, payload: bytes, request_id: str | None, attempt: int) -> ChatCompletionResponse:
-        try:
-            async with self.session.post(
-                self._chat_url, data=self._body(payload), headers=self._request_headers(request_id, attempt)
-            ) as response:
-                if response.status != 200:
-                    await self._raise_for_status(response)
-                data = await read_body(response, self.max_response_bytes)
-        except AIOHTTP_ERRORS as exc:  # a plain except, not a context manager: this runs per row
-            raise translate_error(exc) from exc
-        try:
-            raw = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise IncompleteResponseError(f"200 response body is not valid JSON ({exc})") from exc
-        return parse_completion(raw)
+    async def _plain_request(self, payload: bytes, request_id: str | None) -> ChatCompletionResponse:
+        started = time.perf_counter()
+        attempt = 1
+        while True:
+            try:
+                try:  # a plain except, not a context manager: this runs per row
+                    async with self.session.post(
+                        self._chat_url, data=self._body(payload), headers=self._request_headers(request_id, attempt)
+                    ) as response:
+                        if response.status != 200:
+                            await self._raise_for_status(response)
+                        data = await read_body(response, self.max_response_bytes)
+                except AIOHTTP_ERRORS as exc:
+                    raise translate_error(exc) from exc
+                try:
+                    result = parse_completion(orjson.loads(data))
+                except orjson.JSONDecodeError as exc:
+                    raise IncompleteResponseError(f"200 response body is not valid JSON ({exc})") from exc
+            except APIError as exc:
+                await self._before_retry(exc, attempt)
+                attempt += 1
+                continue
+            result.attempts = attempt
+            result.latency_s = time.perf_counter() - started
+            return result
 
     async def _open_stream_attempt(self, payload: bytes, request_id: str | None, attempt: int) -> Stream:
         started = time.perf_counter()
@@ -351,6 +368,12 @@ class Client:
         return Stream(
             response, attempts=attempt, started=started, max_bytes=self.max_response_bytes, scrub=self._scrub
         )
+
+    async def _stream_request(self, payload: bytes, request_id: str | None) -> ChatCompletionResponse:
+        started = time.perf_counter()
+        response = await self._with_retries(lambda n: self._stream_attempt(payload, request_id, n))
+        response.latency_s = time.perf_counter() - started
+        return response
 
     async def _stream_attempt(self, payload: bytes, request_id: str | None, attempt: int) -> ChatCompletionResponse:
         stream = await self._open_stream_attempt(payload, request_id, attempt)
