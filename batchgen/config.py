@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from batchgen import _constants as C
 from batchgen.errors import ConfigError
@@ -141,6 +140,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML job file into a flat mapping."""
+    import yaml  # only a config file needs it (start-up time)
+
     try:
         text = Path(path).read_text()
     except OSError as exc:

@@ -49,16 +49,23 @@ def parse_usage(value: Any) -> Usage | None:
     """Read a `usage` object; None when the server sent none."""
     if value is None:
         return None
-    if not isinstance(value, dict):
+    if type(value) is not dict:
         raise bad_type("usage", value, "an object")
+    prompt, completion, total = value.get("prompt_tokens"), value.get("completion_tokens"), value.get("total_tokens")
     details = value.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    cached = details.get("cached_tokens") if type(details) is dict else None
+    if {type(prompt), type(completion), type(total), type(cached)} <= _OPT_INT:  # the usual case: one check, no field names built
+        return Usage(prompt, completion, total, cached)
     return Usage(
-        prompt_tokens=_opt_int(value.get("prompt_tokens"), "usage.prompt_tokens"),
-        completion_tokens=_opt_int(value.get("completion_tokens"), "usage.completion_tokens"),
-        total_tokens=_opt_int(value.get("total_tokens"), "usage.total_tokens"),
+        prompt_tokens=_opt_int(prompt, "usage.prompt_tokens"),
+        completion_tokens=_opt_int(completion, "usage.completion_tokens"),
+        total_tokens=_opt_int(total, "usage.total_tokens"),
         cached_tokens=_opt_int(cached, "usage.prompt_tokens_details.cached_tokens"),
     )
+
+
+_OPT_INT = frozenset({int, type(None)})
+_OPT_STR = frozenset({str, type(None)})
 
 
 def _tool_calls(value: Any, where: str) -> list[ToolCall]:
@@ -86,6 +93,33 @@ def _tool_calls(value: Any, where: str) -> list[ToolCall]:
 
 
 def _choice(value: Any, position: int) -> Choice:
+    if type(value) is dict:
+        message = value.get("message")
+        if type(message) is dict:
+            role, content = message.get("role"), message.get("content")
+            reasoning = message.get("reasoning")
+            if reasoning is None:  # vLLM renamed reasoning_content to reasoning (v0.12 sent both)
+                reasoning = message.get("reasoning_content")
+            finish, index = value.get("finish_reason"), value.get("index", position)
+            calls = message.get("tool_calls")
+            if type(index) is int and {type(role), type(content), type(reasoning), type(finish)} <= _OPT_STR and not calls:
+                # The usual answer, checked in one pass; anything else takes the careful path below.
+                stop_reason = value.get("stop_reason")
+                return Choice(
+                    index,
+                    role,
+                    content,
+                    reasoning,
+                    [],
+                    finish,
+                    stop_reason if isinstance(stop_reason, (str, int)) else None,
+                    value.get("logprobs"),
+                )
+    return _checked_choice(value, position)
+
+
+def _checked_choice(value: Any, position: int) -> Choice:
+    """`_choice` field by field, so a malformed answer names the field that is wrong."""
     where = f"choices[{position}]"
     if not isinstance(value, dict):
         raise bad_type(where, value, "an object")
@@ -114,19 +148,23 @@ def parse_completion(raw: Any) -> ChatCompletionResponse:
     Raises:
         IncompleteResponseError: the body is not a chat completion (no choices, wrong types).
     """
-    if not isinstance(raw, dict):
+    if type(raw) is not dict:
         raise bad_type("the body", raw, "a JSON object")
     choices = raw.get("choices")
-    if not isinstance(choices, list) or not choices:
+    if type(choices) is not list or not choices:
         raise IncompleteResponseError("malformed response: no choices in a 200 response")
+    response_id, obj, created, model = raw.get("id"), raw.get("object"), raw.get("created"), raw.get("model")
+    if not ({type(response_id), type(obj), type(model)} <= _OPT_STR and type(created) in _OPT_INT):
+        response_id, obj, model = opt_str(response_id, "id"), opt_str(obj, "object"), opt_str(model, "model")
+        created = _opt_int(created, "created")
     return ChatCompletionResponse(
-        raw=raw,
-        id=opt_str(raw.get("id"), "id"),
-        object=opt_str(raw.get("object"), "object"),
-        created=_opt_int(raw.get("created"), "created"),
-        model=opt_str(raw.get("model"), "model"),
-        choices=[_choice(c, i) for i, c in enumerate(choices)],
-        usage=parse_usage(raw.get("usage")),
+        raw,
+        response_id,
+        obj,
+        created,
+        model,
+        [_choice(c, i) for i, c in enumerate(choices)],
+        parse_usage(raw.get("usage")),
     )
 
 

@@ -6,9 +6,10 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = ["Progress", "RunStats"]
 
@@ -72,6 +73,8 @@ class Progress:
         self._last_log = time.perf_counter()
         self._total = total
         if enabled and self.stream.isatty():
+            from tqdm import tqdm  # only a terminal shows a bar (start-up time)
+
             self._bar = tqdm(total=total, file=self.stream, unit="row", dynamic_ncols=True, smoothing=0.1)
 
     def _postfix(self) -> str:

@@ -31,35 +31,39 @@ _EMPTY_ANSWER = {
 def outcome_record(outcome: Outcome) -> dict[str, Any]:
     """The record of a request that was sent (answered, or failed after its retries)."""
     request = outcome.request
-    record: dict[str, Any] = {INDEX_COLUMN: request.index, "id": request.row_id}
     response = outcome.response
     if response is not None:
+        choice = response.choices[0]
         usage = response.usage
-        record.update(
-            content=response.content,
-            reasoning_content=response.reasoning_content,
-            tool_calls=[call.to_dict() for call in response.tool_calls],
-            finish_reason=response.finish_reason,
-            usage=None if usage is None else usage.to_dict(),
-            model=response.model,
-            response_id=response.id,
-            error=None,
-            error_type=None,
-            status_code=200,
-            ttft_s=response.ttft_s,
-        )
-    else:
-        error = outcome.error
-        assert error is not None
-        record.update(_EMPTY_ANSWER)
-        record.update(
-            error=str(error),
-            error_type=error.error_type,
-            status_code=error.status_code if isinstance(error, APIStatusError) else None,
-            ttft_s=None,
-        )
-    record["attempts"] = outcome.attempts
-    record["latency_s"] = outcome.latency_s
+        return {
+            INDEX_COLUMN: request.index,
+            "id": request.row_id,
+            "content": choice.content,
+            "reasoning_content": choice.reasoning_content,
+            "tool_calls": [call.to_dict() for call in choice.tool_calls] if choice.tool_calls else [],
+            "finish_reason": choice.finish_reason,
+            "usage": None if usage is None else usage.to_dict(),
+            "model": response.model,
+            "response_id": response.id,
+            "error": None,
+            "error_type": None,
+            "status_code": 200,
+            "ttft_s": response.ttft_s,
+            "attempts": outcome.attempts,
+            "latency_s": outcome.latency_s,
+        }
+    error = outcome.error
+    assert error is not None
+    record: dict[str, Any] = {INDEX_COLUMN: request.index, "id": request.row_id}
+    record.update(_EMPTY_ANSWER)
+    record.update(
+        error=str(error),
+        error_type=error.error_type,
+        status_code=error.status_code if isinstance(error, APIStatusError) else None,
+        ttft_s=None,
+        attempts=outcome.attempts,
+        latency_s=outcome.latency_s,
+    )
     return record
 
 
