@@ -14,8 +14,8 @@ from typing import Any
 
 import orjson
 
-from batchgen.errors import InputError, ValidationError
-from batchgen.validation import validate_request
+from batchgen.errors import ConfigError, InputError, ValidationError
+from batchgen.validation import validate_fields, validate_messages, validate_request, validate_tool_choice
 
 __all__ = ["OVERRIDE_FIELDS", "RowMapper", "RowProblem", "RowRequest"]
 
@@ -55,9 +55,12 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
+_ONLY_STR = frozenset({str})
+
+
 def _clean_message(message: Any) -> Any:
     # The common message is {role: str, content: str}: keep it as it is, without a copy.
-    if isinstance(message, dict) and not all(type(v) is str for v in message.values()):
+    if type(message) is dict and not set(map(type, message.values())) <= _ONLY_STR:
         return _drop_nulls(message)
     return message
 
@@ -94,10 +97,14 @@ class RowMapper:
         stream: bool = False,
     ) -> None:
         self.fmt = fmt
-        self.model = model
         self.defaults = dict(defaults)
+        try:  # once here, so a bad default is a config error rather than an error on every row
+            validate_fields(self.defaults, self.defaults)
+        except ValidationError as exc:
+            raise ConfigError(f"config: {exc}") from exc
         self.system_prompt = system_prompt
         self.stream = stream
+        self.model = model
         names = set(columns)
         self.id_column: str | None
         if fmt == "openai-batch":
@@ -118,6 +125,18 @@ class RowMapper:
         self.overrides = [f for f in OVERRIDE_FIELDS if f in names and f != self.text_column]
         self.has_extra = "extra" in names and self.text_column != "extra"
         self.has_system = "system" in names and self.mode == "prompt"
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @model.setter
+    def model(self, model: str) -> None:
+        # Every row's body starts as a copy of this: the model, then the config defaults.
+        self._model = model
+        self._base = {"model": model, **self.defaults}
+        if not self.stream:
+            self._base.pop("stream", None)
 
     @property
     def columns_used(self) -> list[str]:
@@ -147,7 +166,12 @@ class RowMapper:
         try:
             body, from_row = self._body(values)
             self._finish(body)
-            validate_request(body)
+            if self.mode == "body":
+                validate_request(body)  # the row's body may replace anything, the model included
+            else:  # the defaults were checked once: only what the row brought
+                validate_messages(body["messages"])
+                validate_fields(body, from_row)
+                validate_tool_choice(body)
         except ValidationError as exc:
             root = exc.field.split("[")[0].split(".")[0]
             origin = self._origin(root, from_row)
@@ -164,8 +188,7 @@ class RowMapper:
         return "config"
 
     def _body(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], set[str]]:
-        body: dict[str, Any] = {"model": self.model}
-        body.update(self.defaults)
+        body = self._base.copy()
         from_row: set[str] = set()
         if self.mode == "body":
             row_body = values.get("body")

@@ -8,12 +8,12 @@ vLLM accepts many extensions, and the server is the authority on those.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from batchgen.errors import ValidationError
 
-__all__ = ["ROLES", "validate_messages", "validate_request"]
+__all__ = ["ROLES", "validate_fields", "validate_messages", "validate_request", "validate_tool_choice"]
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 TOOL_CHOICE_WORDS = frozenset({"auto", "none", "required"})
@@ -127,8 +127,14 @@ def _check_object(field: str) -> Callable[[Any], None]:
     return check
 
 
+def _check_model(value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValidationError("model", f"must be a non-empty string, got {_short(value)}", value)
+
+
 # A route table instead of an if/elif chain: one checker per known field.
 _CHECKS: dict[str, Callable[[Any], None]] = {
+    "model": _check_model,
     "temperature": _check_temperature,
     "top_p": _check_top_p,
     "max_tokens": _positive_int("max_tokens"),
@@ -156,28 +162,34 @@ def validate_messages(messages: Any, field: str = "messages") -> None:
     if not isinstance(messages, list) or not messages:
         raise ValidationError(field, f"must be a non-empty list of message objects, got {_short(messages)}", messages)
     for i, message in enumerate(messages):
-        where = f"{field}[{i}]"
-        if not isinstance(message, dict):
-            raise ValidationError(where, f"must be an object with role and content, got {_short(message)}", message)
-        role = message.get("role")
-        if role not in ROLES:
-            raise ValidationError(
-                where + ".role", f"must be one of {', '.join(sorted(ROLES))}, got {_short(role)}", role
-            )
-        content = message.get("content")
-        if content is None:
-            # Only an assistant turn that made tool calls may have no content.
-            if role == "assistant" and message.get("tool_calls"):
+        # The usual message, {role, content: str}, passes in one test; others are checked in full.
+        if type(message) is dict:
+            role = message.get("role")
+            if type(role) is str and role in ROLES and type(message.get("content")) is str:
                 continue
-            raise ValidationError(where + ".content", "is missing", None)
-        if not isinstance(content, str) and not (
-            isinstance(content, list) and all(isinstance(part, dict) and "type" in part for part in content)
-        ):
-            raise ValidationError(
-                where + ".content",
-                f"must be a string or a list of content parts ({{'type': ...}}), got {_short(content)}",
-                content,
-            )
+        _check_message(message, f"{field}[{i}]")
+
+
+def _check_message(message: Any, where: str) -> None:
+    if not isinstance(message, dict):
+        raise ValidationError(where, f"must be an object with role and content, got {_short(message)}", message)
+    role = message.get("role")
+    if not isinstance(role, str) or role not in ROLES:  # (a list is unhashable: test the type first)
+        raise ValidationError(where + ".role", f"must be one of {', '.join(sorted(ROLES))}, got {_short(role)}", role)
+    content = message.get("content")
+    if content is None:
+        # Only an assistant turn that made tool calls may have no content.
+        if role == "assistant" and message.get("tool_calls"):
+            return
+        raise ValidationError(where + ".content", "is missing", None)
+    if not isinstance(content, str) and not (
+        isinstance(content, list) and all(isinstance(part, dict) and "type" in part for part in content)
+    ):
+        raise ValidationError(
+            where + ".content",
+            f"must be a string or a list of content parts ({{'type': ...}}), got {_short(content)}",
+            content,
+        )
 
 
 def validate_request(body: dict[str, Any]) -> None:
@@ -190,9 +202,21 @@ def validate_request(body: dict[str, Any]) -> None:
     if not isinstance(model, str) or not model:
         raise ValidationError("model", f"is required and must be a non-empty string, got {_short(model)}", model)
     validate_messages(body.get("messages"))
-    for key, value in body.items():
+    validate_fields(body, body)
+    validate_tool_choice(body)
+
+
+def validate_fields(body: dict[str, Any], names: Iterable[str]) -> None:
+    """Check the fields `names` of `body` that batchgen knows (null ones are left out of a request)."""
+    for key in names:
         check = _CHECKS.get(key)
-        if check is not None and value is not None:
-            check(value)
+        if check is not None:
+            value = body.get(key)
+            if value is not None:
+                check(value)
+
+
+def validate_tool_choice(body: dict[str, Any]) -> None:
+    """A `tool_choice` other than "none" needs tools (they may come from elsewhere than the choice)."""
     if "tool_choice" in body and body["tool_choice"] not in (None, "none") and not body.get("tools"):
         raise ValidationError("tool_choice", "is set but no tools are given", body["tool_choice"])

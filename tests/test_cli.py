@@ -71,3 +71,23 @@ def test_api_key_env_never_echoes_a_pasted_key() -> None:
     with pytest.raises(ConfigError) as caught:
         cfg.resolve_api_key()
     assert "sk-secret-value-123" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("temperature: 5", "config: temperature: must be a finite number in [0, 2], got 5"),
+     ("extra: {top_k: -7}", "config: top_k: must be an integer that is -1, 0 or >= 1, got -7")],
+)  # fmt: skip
+def test_an_invalid_request_default_stops_the_run_before_any_request(
+    setting: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Checked once, up front: not one error row per input row. The URL has no server: nothing is sent.
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"input: {tmp_path / 'in.jsonl'}\noutput: {tmp_path / 'out.parquet'}\n"
+        f"base_url: http://127.0.0.1:9/v1\nmodel: m\n{setting}\n"
+    )
+    assert main(["run", str(config)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.parquet").exists()
