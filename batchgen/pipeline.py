@@ -103,13 +103,17 @@ class _Run:
         self.feeder: asyncio.Task[None] | None = None
 
     async def _batches(self) -> AsyncIterator[list[SourceRow]]:
+        """Input batches, decoded off the loop; the next one is read while this one is fed."""
         self.source.decode_only(self.mapper.columns_used)
         batches: Iterator[list[SourceRow]] = self.source.iter_batches()
-        while True:
-            batch = await asyncio.to_thread(next, batches, None)  # pyarrow / file reads off the loop
-            if batch is None:
-                return
-            yield batch
+        ahead = asyncio.ensure_future(asyncio.to_thread(next, batches, None))
+        try:
+            while (batch := await ahead) is not None:
+                # Without the read-ahead the workers ran dry while a batch was being decoded.
+                ahead = asyncio.ensure_future(asyncio.to_thread(next, batches, None))
+                yield batch
+        finally:
+            ahead.cancel()  # a stop or --limit: the thread finishes its read, and the batch is dropped
 
     async def _feed(self, pool: WorkerPool, status: bytearray) -> None:
         limit = self.cfg.limit
