@@ -2,7 +2,9 @@
 
 A stream makes one chunk per generated token, so a chunk only keeps the decoded JSON until a
 field is read; the fields are then checked and cached together. A caller that only counts or
-times chunks never pays for parsing, and one that reads them pays once.
+times chunks never pays for parsing, and one that reads them pays once. `has_text` and `usage`,
+which a benchmark reads on every chunk, answer the usual chunk (a text delta, no usage) from the
+field they need alone.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import orjson
 from batchgen.parsing import bad_type, opt_str, parse_usage
 from batchgen.types import Usage
 
-__all__ = ["ChatCompletionChunk", "ToolCallDelta", "parse_chunk"]
+__all__ = ["ChatCompletionChunk", "ToolCallDelta", "event_usage", "has_text", "parse_chunk"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +89,16 @@ class ChatCompletionChunk:
 
     @property
     def usage(self) -> Usage | None:
+        if self._fields is None and self.raw.get("usage") is None:  # most chunks: nothing to parse
+            return None
         return (self._fields or self._parse())[6]
 
     @property
     def has_text(self) -> bool:
         """True when the chunk carries generated text in any channel (used for TTFT and ITL)."""
-        fields = self._fields or self._parse()
+        fields = self._fields
+        if fields is None:
+            return has_text(self.raw)
         if fields[2] or fields[3]:
             return True
         return any(d.arguments for d in fields[4])
@@ -103,6 +109,29 @@ class ChatCompletionChunk:
             f"ChatCompletionChunk(index={index!r}, content={content!r}, reasoning_content={reasoning!r}, "
             f"tool_calls={list(calls)!r}, finish_reason={finish!r}, usage={usage!r})"
         )
+
+
+def has_text(raw: dict[str, Any]) -> bool:
+    """`ChatCompletionChunk(raw).has_text` without the chunk: a timing loop asks it of every event.
+
+    The usual token event answers from its content alone; any other shape is parsed in full
+    (and a malformed one raises `IncompleteResponseError`).
+    """
+    choices = raw.get("choices")
+    if type(choices) is list and choices:
+        choice = choices[0]
+        delta = choice.get("delta") if type(choice) is dict else None
+        content = delta.get("content") if type(delta) is dict else None
+        if type(content) is str and content:
+            return True
+    _, _, content, reasoning, calls, _, _ = _parse_fields(raw)
+    return bool(content or reasoning or any(d.arguments for d in calls))
+
+
+def event_usage(raw: dict[str, Any]) -> Usage | None:
+    """`ChatCompletionChunk(raw).usage` without the chunk (None for most events)."""
+    usage = raw.get("usage")
+    return None if usage is None else parse_usage(usage)
 
 
 def parse_chunk(raw: Any) -> ChatCompletionChunk:

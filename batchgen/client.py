@@ -351,16 +351,19 @@ class Client:
 
     async def _open_stream_attempt(self, payload: bytes, request_id: str | None, attempt: int) -> Stream:
         started = time.perf_counter()
-        with map_aiohttp_errors():
+        try:  # a plain except, not a context manager: this runs per stream
             response = await self.session.post(
                 self._chat_url, data=self._body(payload), headers=self._request_headers(request_id, attempt)
             )
+        except AIOHTTP_ERRORS as exc:
+            raise translate_error(exc) from exc
+        if response.status != 200:
             try:
-                if response.status != 200:
-                    await self._raise_for_status(response)
-            except BaseException:
+                await self._raise_for_status(response)
+            except AIOHTTP_ERRORS as exc:
+                raise translate_error(exc) from exc
+            finally:
                 response.release()
-                raise
         content_type = response.headers.get("content-type", "")
         if not content_type.startswith("text/event-stream"):
             response.release()
@@ -377,7 +380,7 @@ class Client:
 
     async def _stream_attempt(self, payload: bytes, request_id: str | None, attempt: int) -> ChatCompletionResponse:
         stream = await self._open_stream_attempt(payload, request_id, attempt)
-        async for _ in stream:
+        async for _ in stream.reads():  # no chunk objects: the response is assembled from the events
             pass
         assert stream.response is not None  # set by the iterator on [DONE], else it raised
         return stream.response

@@ -33,6 +33,7 @@ import aiohttp
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere, like the other scripts
+from batchgen.chunks import event_usage, has_text
 from batchgen.client import Client
 
 TARGET = 0.9  # batchgen must read streams at >= 90% of the plain loop's rate per CPU second
@@ -130,7 +131,24 @@ async def _fan_out(streams: int, concurrency: int, one: Callable[[], Awaitable[i
 
 
 async def batchgen_path(url: str, streams: int, concurrency: int) -> int:
-    """What `batchgen bench` does per request: open_stream, then every chunk, reading has_text and usage."""
+    """What `batchgen bench` does per request (bench/runner.py): open_stream, then per network read
+    its events, asking each `has_text` and `event_usage` (`run --stream` reads the same way)."""
+    async with Client(url, "x", max_retries=0, max_connections=concurrency) as client:
+
+        async def one() -> int:
+            n = 0
+            stream = await client.open_stream(dict(BODY))
+            async for _, events in stream.reads():
+                for event in events:
+                    n += 1
+                    _ = has_text(event), event_usage(event)
+            return n
+
+        return await _fan_out(streams, concurrency, one)
+
+
+async def batchgen_chunks(url: str, streams: int, concurrency: int) -> int:
+    """The public per-chunk API: `async for chunk in stream`, reading `has_text` and `usage` of each."""
     async with Client(url, "x", max_retries=0, max_connections=concurrency) as client:
 
         async def one() -> int:
@@ -214,7 +232,7 @@ async def openai_sdk(url: str, streams: int, concurrency: int) -> int:
 
 def clients() -> dict[str, Runner]:
     found: dict[str, Runner] = {"plain aiohttp": plain_aiohttp, "batchgen": batchgen_path,
-                                "aiohttp lines": aiohttp_lines}  # fmt: skip
+                                "batchgen chunks": batchgen_chunks, "aiohttp lines": aiohttp_lines}  # fmt: skip
     try:
         import openai  # noqa: F401
     except ImportError:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchgen.bench.metrics import ClientLoad, RequestRecord
+from batchgen.chunks import event_usage, has_text
 from batchgen.client import Client
 from batchgen.errors import APIError, ConfigError
 
@@ -173,20 +174,21 @@ class _Shard:
         sent = time.perf_counter()
         try:
             stream = await self.client.open_stream(body)
-            async for chunk in stream:
-                now = time.perf_counter()
-                chunk_usage = chunk.usage
-                if chunk_usage is not None:
-                    usage = chunk_usage
-                if chunk.has_text:
-                    times.append(now - sent)
-                    running = chunk_usage.completion_tokens if chunk_usage is not None else None
-                    if tokens is not None and running is not None:
-                        # Continuous usage is cumulative: this chunk brought the tokens counted since the last.
-                        tokens.append(running - counted)
-                        counted = running
-                    else:
-                        tokens = None  # a chunk without usage: per-chunk counts are unknown for this request
+            # Per network read, not per chunk: the chunks of one read arrived at the same time.
+            async for now, events in stream.reads():
+                for event in events:
+                    chunk_usage = event_usage(event)
+                    if chunk_usage is not None:
+                        usage = chunk_usage
+                    if has_text(event):
+                        times.append(now - sent)
+                        running = chunk_usage.completion_tokens if chunk_usage is not None else None
+                        if tokens is not None and running is not None:
+                            # Continuous usage is cumulative: this chunk brought the tokens counted since the last.
+                            tokens.append(running - counted)
+                            counted = running
+                        else:
+                            tokens = None  # a chunk without usage: per-chunk counts are unknown for this request
             if not times:
                 error, error_type = "the stream carried no generated text", "empty_stream"
         except APIError as exc:
