@@ -81,7 +81,9 @@ class Stream:
         self._max_bytes = max_bytes
         self._scrub = scrub
         self._started = started
-        self._events: list[dict[str, Any]] = []  # every decoded event, for `response`
+        # The events' raw JSON, decoded again only if `response` is read: bytes are not tracked by
+        # the garbage collector, decoded dicts are (kept, they made every collection slower).
+        self._payloads: list[bytes] = []
         self._done = False
         self._response: ChatCompletionResponse | None = None
         self.attempts = attempts
@@ -106,7 +108,7 @@ class Stream:
         (`async for chunk in stream`) gives the same events as `ChatCompletionChunk`s.
         """
         decoder = SSEDecoder()
-        keep = self._events.extend
+        keep = self._payloads.extend
         limit, size = self._max_bytes, 0
         try:
             async for data in self._http.content.iter_any():
@@ -122,7 +124,7 @@ class Stream:
                 if done:
                     payloads = payloads[: payloads.index(DONE)]
                 events = decode_events(payloads)
-                keep(events)
+                keep(payloads)
                 if self.ttft_s is None and any(map(has_text, events)):
                     self.ttft_s = now - self._started
                 yield now, events
@@ -157,7 +159,7 @@ class Stream:
             return None
         if self._response is None:
             assembler = StreamAssembler()
-            for raw in self._events:
+            for raw in decode_events(self._payloads):
                 assembler.add(ChatCompletionChunk(raw))
             response = assembler.response()
             if not response.choices:
