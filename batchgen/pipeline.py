@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import shutil
 import signal
 import sys
@@ -23,7 +22,14 @@ import pyarrow as pa
 
 from batchgen.client import Client
 from batchgen.config import MOCK_URL, RunConfig
-from batchgen.errors import APIConnectionError, APIError, APITimeoutError, BatchgenError, InputError, OutputError
+from batchgen.errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    BatchgenError,
+    InputError,
+    OutputError,
+)
 from batchgen.idcheck import find_duplicate_id, source_ids
 from batchgen.io.merge import MergeResult, finalize
 from batchgen.io.parts import PartWriter, scan_checkpoint
@@ -32,6 +38,7 @@ from batchgen.io.schema import output_schema, state_schema
 from batchgen.progress import Progress, RunStats
 from batchgen.records import outcome_record, problem_record
 from batchgen.rows import RowMapper, RowProblem, RowRequest
+from batchgen.runtime import lean_gc
 from batchgen.types import ChatCompletionResponse
 from batchgen.worker import Outcome, WorkerPool
 
@@ -367,28 +374,9 @@ def _use_jemalloc() -> None:
         pa.set_memory_pool(pa.jemalloc_memory_pool())
 
 
-@contextlib.contextmanager
-def _lean_gc() -> Iterator[None]:
-    """Collect garbage less often during a run, then restore the caller's settings.
-
-    Each request allocates hundreds of short-lived objects (aiohttp, JSON), so with the default
-    threshold of 700 the collector ran ~440 times per 20k rows and took ~7% of the CPU; frozen
-    start-up objects and a 10k threshold cut that to ~1% (benchmarks/README.md). Memory stays
-    flat: the objects are freed by reference counting, not by the collector.
-    """
-    thresholds = gc.get_threshold()
-    gc.freeze()  # the imported modules are never garbage: stop traversing them
-    gc.set_threshold(10_000, thresholds[1], thresholds[2])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
-
-
 async def run_async(cfg: RunConfig, *, log: TextIO | None = None) -> RunResult:
     """Run a job to completion (or interruption) and return its result; see `run`."""
-    with _lean_gc():
+    with lean_gc():
         return await _run_async(cfg, log=log or sys.stderr)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 from batchgen.bench.metrics import ClientLoad, RequestRecord
 from batchgen.bench.runner import LoadSpec, ServerSpec, ShardResult, run_shard
 from batchgen.errors import BatchgenError, ConfigError
+from batchgen.runtime import lean_gc
 
 __all__ = ["LevelResult", "merge_shards", "run_level", "split_load"]
 
@@ -104,7 +105,8 @@ def _child(
         await asyncio.to_thread(barrier.wait, _BARRIER_TIMEOUT_S)
 
     try:
-        shard = asyncio.run(run_shard(server, bodies, load, process=process, processes=processes, ready=ready))
+        with lean_gc():
+            shard = asyncio.run(run_shard(server, bodies, load, process=process, processes=processes, ready=ready))
     except BaseException as exc:  # reported to the parent, which owns the error message
         barrier.abort()  # release the siblings waiting at the start line
         results.put((process, "error", f"{type(exc).__name__}: {exc}"))
@@ -158,5 +160,7 @@ def run_level(server: ServerSpec, bodies: Sequence[dict[str, Any]], load: LoadSp
         ClientProcessError: a client process failed.
     """
     if processes == 1:
-        return merge_shards(load, [asyncio.run(run_shard(server, bodies, load))])
+        with lean_gc():  # the collector's pauses would count as client lag
+            shard = asyncio.run(run_shard(server, bodies, load))
+        return merge_shards(load, [shard])
     return merge_shards(load, _run_processes(server, bodies, split_load(load, processes)))
