@@ -162,7 +162,7 @@ class _Run:
                 )
                 self._stop(cancel_in_flight=False)
             return
-        if self.aborted is None:  # the streak was a passing failure: its rows are real error rows
+        if self.down_streak and self.aborted is None:  # a passing failure: its rows are real error rows
             await self._release_streak()
         await self._emit(record)
 

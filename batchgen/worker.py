@@ -108,7 +108,8 @@ class WorkerPool:
             if self.stopping:
                 continue
             self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            if self.in_flight > self.max_in_flight:
+                self.max_in_flight = self.in_flight
             started = time.perf_counter()
             try:
                 response = await send(request)
