@@ -261,7 +261,10 @@ class Client:
     async def open_stream(self, body: dict[str, Any], *, request_id: str | None = None) -> Stream:
         """Open a stream; connection failures and error statuses before the first byte are retried."""
         payload = orjson.dumps(body)
-        return await self._with_retries(lambda n: self._open_stream_attempt(payload, request_id, n))
+        try:  # the first attempt inline: a coroutine layer less at every step of opening
+            return await self._open_stream_attempt(payload, request_id, 1)
+        except APIError as exc:
+            return await self._retry(exc, lambda n: self._open_stream_attempt(payload, request_id, n))
 
     def _request_headers(self, request_id: str | None, attempt: int) -> dict[str, str]:
         headers = dict(self._headers)

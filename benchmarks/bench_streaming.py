@@ -269,6 +269,9 @@ def report(results: dict[str, list[tuple[float, float, int]]], args: argparse.Na
     base = float(medians["plain aiohttp"][2])
     for name, (streams, per_wall, per_cpu, chunks_cpu) in medians.items():
         print(f"{name:<16}{streams:>8}{per_wall:>11.0f}{per_cpu:>15.0f}{chunks_cpu:>14.0f}{per_cpu / base:>9.2f}x")
+    # Per-repeat ratios (the clients of one repeat ran back to back): the spread shows the noise.
+    pairs = [pc / bc for (_, pc, _), (_, bc, _) in zip(results["plain aiohttp"], results["batchgen"], strict=True)]
+    print(f"batchgen / plain per repeat: {', '.join(f'{r:.2f}' for r in sorted(pairs))}")
     return float(medians["batchgen"][2]) / base
 
 
