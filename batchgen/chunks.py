@@ -36,6 +36,8 @@ _Fields = tuple[
     int | None, str | None, str | None, str | None, Sequence[ToolCallDelta], str | None, "Usage | None"
 ]
 _USAGE_ONLY: Any = (None, None, None, None, (), None)
+_NO_TEXT_KEYS = frozenset({"role", "content"})
+_STR_OR_NONE = frozenset({str, type(None)})
 
 
 class ChatCompletionChunk:
@@ -118,12 +120,18 @@ def has_text(raw: dict[str, Any]) -> bool:
     (and a malformed one raises `IncompleteResponseError`).
     """
     choices = raw.get("choices")
-    if type(choices) is list and choices:
+    if type(choices) is list:
+        if not choices:  # the usage event
+            return False
         choice = choices[0]
         delta = choice.get("delta") if type(choice) is dict else None
-        content = delta.get("content") if type(delta) is dict else None
-        if type(content) is str and content:
-            return True
+        if type(delta) is dict:
+            content = delta.get("content")
+            if type(content) is str and content:
+                return True
+            # The role event and the finish event: {role?, content: ""} carry no text.
+            if delta.keys() <= _NO_TEXT_KEYS and {type(v) for v in delta.values()} <= _STR_OR_NONE:
+                return False
     _, _, content, reasoning, calls, _, _ = _parse_fields(raw)
     return bool(content or reasoning or any(d.arguments for d in calls))
 

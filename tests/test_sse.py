@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from batchgen.chunks import ChatCompletionChunk, event_usage, has_text, parse_chunk
+from batchgen.errors import IncompleteResponseError
 from batchgen.sse import SSEDecoder
+from batchgen.types import Usage
 
 STREAM = (
     'data: {"choices":[{"delta":{"content":"Grüße "}}]}\n\n'
@@ -51,3 +57,30 @@ def test_flush_returns_a_last_event_without_blank_line() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b"data: [DONE]") == []
     assert decoder.flush() == [b"[DONE]"]
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        ({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}, False),
+        ({"choices": [{"index": 0, "delta": {"content": " word"}}]}, True),
+        ({"choices": [{"index": 0, "delta": {"reasoning": "think"}}]}, True),
+        ({"choices": [{"index": 0, "delta": {"reasoning_content": "think"}}]}, True),
+        ({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}}]}, True),
+        ({"choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "stop"}]}, False),
+        ({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}, False),
+    ],
+)
+def test_has_text_on_raw_events_agrees_with_the_chunk(event: dict[str, Any], expected: bool) -> None:
+    assert has_text(event) is expected
+    assert ChatCompletionChunk(event).has_text is expected  # unparsed: the same fast path
+    assert parse_chunk(event).has_text is expected  # parsed: from the checked fields
+
+
+def test_has_text_and_event_usage_reject_malformed_events() -> None:
+    with pytest.raises(IncompleteResponseError, match="delta.content"):
+        has_text({"choices": [{"index": 0, "delta": {"content": 5}}]})
+    with pytest.raises(IncompleteResponseError, match="usage"):
+        event_usage({"choices": [], "usage": [1, 2]})
+    assert event_usage({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}) == Usage(3, 2, 5)
+    assert event_usage({"choices": [{"index": 0, "delta": {"content": "x"}}]}) is None
