@@ -9,7 +9,7 @@ matching `APIStatusError`.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
@@ -97,11 +97,15 @@ class Stream:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[ChatCompletionChunk]:
-        async for _, events in self.reads():
-            for raw in events:
-                yield ChatCompletionChunk(raw)
+        reads = self.reads()
+        try:
+            async for _, events in reads:
+                for raw in events:
+                    yield ChatCompletionChunk(raw)
+        finally:
+            await reads.aclose()  # a consumer that stops early releases the connection now
 
-    async def reads(self) -> AsyncIterator[tuple[float, list[dict[str, Any]]]]:
+    async def reads(self) -> AsyncGenerator[tuple[float, list[dict[str, Any]]], None]:
         """The decoded events of each network read, with the time it arrived: one step per read.
 
         The fast way to consume a stream when chunk objects are not needed (`batchgen bench`,

@@ -360,3 +360,19 @@ def test_tool_arguments_parse_errors_are_clear() -> None:
     with pytest.raises(ToolArgumentsError, match="not an object"):
         Function("f", "[1, 2]").parse_arguments()
     assert Function("f", "").parse_arguments() == {}
+
+
+async def test_a_consumer_that_stops_early_hands_the_connection_back(scripted_server: Any) -> None:
+    # One pooled connection: if a stream left early kept it, the next open would wait for ever.
+    events = [_chunk({"role": "assistant", "content": ""})] + [_chunk({"content": f" w{i}"}) for i in range(50)]
+    server = await scripted_server([Reply(chunks=_sse(*events), content_type="text/event-stream")])
+    async with Client(server.url, max_retries=0, max_connections=1, timeout=5) as client:
+        for _ in range(3):
+            stream = await client.open_stream({"model": "m", "messages": MESSAGES, "stream": True})
+            async for chunk in stream:
+                if chunk.has_text:
+                    break
+            stream = await client.open_stream({"model": "m", "messages": MESSAGES, "stream": True})
+            async for _ in stream.reads():
+                break
+    assert len(server.requests) == 6
