@@ -1,8 +1,9 @@
 """`Client`: the chat-completions API over aiohttp, with validation and retries.
 
 `client.chat.completions.create(...)` mirrors the OpenAI call; `.builder()` gives the fluent form;
-`client.complete(body)` is the hot path the worker pool uses (one validated body in, one response out,
-streamed or not, retried as the policy says).
+`client.complete(body)` sends one body (one response out, streamed or not, retried as the policy
+says); `client.request(body)` is the same for a body already validated, and is the worker pool's
+per-row path. `client.open_stream(body)` returns a `Stream` to read as it arrives.
 """
 
 from __future__ import annotations
