@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from batchgen.parsing import bad_type, opt_str, parse_usage
+from batchgen.parsing import STR_OR_NONE, bad_type, opt_str, parse_usage
 from batchgen.types import Usage
 
 __all__ = ["ChatCompletionChunk", "ToolCallDelta", "event_usage", "has_text", "parse_chunk"]
@@ -37,7 +37,6 @@ _Fields = tuple[
 ]
 _USAGE_ONLY: Any = (None, None, None, None, (), None)
 _NO_TEXT_KEYS = frozenset({"role", "content"})
-_STR_OR_NONE = frozenset({str, type(None)})
 
 
 class ChatCompletionChunk:
@@ -130,7 +129,7 @@ def has_text(raw: dict[str, Any]) -> bool:
             if type(content) is str and content:
                 return True
             # The role event and the finish event: {role?, content: ""} carry no text.
-            if delta.keys() <= _NO_TEXT_KEYS and {type(v) for v in delta.values()} <= _STR_OR_NONE:
+            if delta.keys() <= _NO_TEXT_KEYS and {type(v) for v in delta.values()} <= STR_OR_NONE:
                 return False
     _, _, content, reasoning, calls, _, _ = _parse_fields(raw)
     return bool(content or reasoning or any(d.arguments for d in calls))

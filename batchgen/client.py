@@ -262,10 +262,7 @@ class Client:
     async def open_stream(self, body: dict[str, Any], *, request_id: str | None = None) -> Stream:
         """Open a stream; connection failures and error statuses before the first byte are retried."""
         payload = orjson.dumps(body)
-        try:  # the first attempt inline: a coroutine layer less at every step of opening
-            return await self._open_stream_attempt(payload, request_id, 1)
-        except APIError as exc:
-            return await self._retry(exc, lambda n: self._open_stream_attempt(payload, request_id, n))
+        return await self._with_retries(lambda n: self._open_stream_attempt(payload, request_id, n))
 
     def _request_headers(self, request_id: str | None, attempt: int) -> dict[str, str]:
         headers = dict(self._headers)
@@ -384,7 +381,4 @@ class Client:
 
     async def _stream_attempt(self, payload: bytes, request_id: str | None, attempt: int) -> ChatCompletionResponse:
         stream = await self._open_stream_attempt(payload, request_id, attempt)
-        async for _ in stream.reads():  # no chunk objects: the response is assembled from the events
-            pass
-        assert stream.response is not None  # set by the iterator on [DONE], else it raised
-        return stream.response
+        return await stream.read_response()

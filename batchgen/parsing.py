@@ -14,8 +14,20 @@ import orjson
 from batchgen.errors import APIStatusError, IncompleteResponseError, status_error
 from batchgen.types import ChatCompletionResponse, Choice, Function, ToolCall, Usage
 
-__all__ = ["bad_type", "error_from_body", "error_from_event", "opt_str", "parse_completion", "parse_usage"]
+__all__ = [
+    "INT_OR_NONE",
+    "STR_OR_NONE",
+    "bad_type",
+    "error_from_body",
+    "error_from_event",
+    "opt_str",
+    "parse_completion",
+    "parse_usage",
+]
 
+# Sets of types: one subset test checks several fields of the usual answer at once.
+STR_OR_NONE = frozenset({str, type(None)})
+INT_OR_NONE = frozenset({int, type(None)})
 _MAX_ERROR_TEXT = 500  # keep error rows readable when a proxy returns a whole HTML page
 
 
@@ -54,7 +66,8 @@ def parse_usage(value: Any) -> Usage | None:
     prompt, completion, total = value.get("prompt_tokens"), value.get("completion_tokens"), value.get("total_tokens")
     details = value.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if type(details) is dict else None
-    if {type(prompt), type(completion), type(total), type(cached)} <= _OPT_INT:  # the usual case: one check, no field names built
+    # The usual case: one check, no field names built.
+    if {type(prompt), type(completion), type(total), type(cached)} <= INT_OR_NONE:
         return Usage(prompt, completion, total, cached)
     return Usage(
         prompt_tokens=_opt_int(prompt, "usage.prompt_tokens"),
@@ -64,8 +77,6 @@ def parse_usage(value: Any) -> Usage | None:
     )
 
 
-_OPT_INT = frozenset({int, type(None)})
-_OPT_STR = frozenset({str, type(None)})
 
 
 def _tool_calls(value: Any, where: str) -> list[ToolCall]:
@@ -102,7 +113,8 @@ def _choice(value: Any, position: int) -> Choice:
                 reasoning = message.get("reasoning_content")
             finish, index = value.get("finish_reason"), value.get("index", position)
             calls = message.get("tool_calls")
-            if type(index) is int and {type(role), type(content), type(reasoning), type(finish)} <= _OPT_STR and not calls:
+            texts_ok = {type(role), type(content), type(reasoning), type(finish)} <= STR_OR_NONE
+            if type(index) is int and texts_ok and not calls:
                 # The usual answer, checked in one pass; anything else takes the careful path below.
                 stop_reason = value.get("stop_reason")
                 return Choice(
@@ -154,7 +166,7 @@ def parse_completion(raw: Any) -> ChatCompletionResponse:
     if type(choices) is not list or not choices:
         raise IncompleteResponseError("malformed response: no choices in a 200 response")
     response_id, obj, created, model = raw.get("id"), raw.get("object"), raw.get("created"), raw.get("model")
-    if not ({type(response_id), type(obj), type(model)} <= _OPT_STR and type(created) in _OPT_INT):
+    if not ({type(response_id), type(obj), type(model)} <= STR_OR_NONE and type(created) in INT_OR_NONE):
         response_id, obj, model = opt_str(response_id, "id"), opt_str(obj, "object"), opt_str(model, "model")
         created = _opt_int(created, "created")
     return ChatCompletionResponse(

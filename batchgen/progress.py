@@ -97,6 +97,5 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.set_postfix_str(self._postfix(), refresh=False)
-            self._bar.update(self.stats.done - self._bar.n)
+            self.refresh(self.retries)
             self._bar.close()

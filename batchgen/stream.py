@@ -106,7 +106,8 @@ class Stream:
             await reads.aclose()  # a consumer that stops early releases the connection now
 
     async def reads(self) -> AsyncGenerator[tuple[float, list[dict[str, Any]]], None]:
-        """The decoded events of each network read, with the time it arrived: one step per read.
+        """The decoded events of each network read, with the time it arrived: one step per read
+        (a read of many events comes in steps of 32).
 
         The fast way to consume a stream when chunk objects are not needed (`batchgen bench`,
         `run --stream`): events of one read arrived together, and `chunks.has_text(event)` /
@@ -170,14 +171,27 @@ class Stream:
             assembler = StreamAssembler()
             for raw in decode_events(self._payloads):
                 assembler.add(ChatCompletionChunk(raw))
-            response = assembler.response()
-            if not response.choices:
-                raise IncompleteResponseError("stream ended with [DONE] but carried no choices")
-            response.attempts = self.attempts
-            response.ttft_s = self.ttft_s
-            response.latency_s = self.latency_s
-            self._response = response
+            self._response = self._assembled(assembler)
         return self._response
+
+    async def read_response(self) -> ChatCompletionResponse:
+        """Read the stream to the end and return the answer, assembled as the events come (each
+        decoded once): what `Client.complete` does with a streamed body."""
+        assembler = StreamAssembler()
+        async for _, events in self.reads():
+            for raw in events:
+                assembler.add(ChatCompletionChunk(raw))
+        self._response = self._assembled(assembler)
+        return self._response
+
+    def _assembled(self, assembler: StreamAssembler) -> ChatCompletionResponse:
+        response = assembler.response()
+        if not response.choices:
+            raise IncompleteResponseError("stream ended with [DONE] but carried no choices")
+        response.attempts = self.attempts
+        response.ttft_s = self.ttft_s
+        response.latency_s = self.latency_s
+        return response
 
     async def aclose(self) -> None:
         """Stop reading and release the connection (safe to call twice)."""

@@ -1,7 +1,8 @@
 """The aiohttp edge: one session factory, one place that translates aiohttp errors, bounded reads.
 
-Nothing outside this module catches aiohttp exceptions: `map_aiohttp_errors` turns each into the
-most specific `APIError` (the httpx `map_httpcore_exceptions` pattern) and chains the original.
+Every aiohttp exception becomes the most specific `APIError` through `translate_error` (the httpx
+`map_httpcore_exceptions` pattern), with the original chained: via `map_aiohttp_errors`, or on the
+per-row and per-stream paths via a plain `except AIOHTTP_ERRORS` (a context manager costs more).
 """
 
 from __future__ import annotations

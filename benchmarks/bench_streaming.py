@@ -35,6 +35,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere, like the other scripts
 from batchgen.chunks import event_usage, has_text
 from batchgen.client import Client
+from batchgen.stream import Stream
 
 TARGET = 0.9  # batchgen must read streams at >= 90% of the plain loop's rate per CPU second
 _PIECE = 3000  # nginx refuses config tokens over 4096 bytes, so the body is split into variables
@@ -130,36 +131,41 @@ async def _fan_out(streams: int, concurrency: int, one: Callable[[], Awaitable[i
     return total
 
 
-async def batchgen_path(url: str, streams: int, concurrency: int) -> int:
-    """What `batchgen bench` does per request (bench/runner.py): open_stream, then per network read
-    its events, asking each `has_text` and `event_usage` (`run --stream` reads the same way)."""
+async def _batchgen(url: str, streams: int, concurrency: int, read: Callable[[Stream], Awaitable[int]]) -> int:
     async with Client(url, "x", max_retries=0, max_connections=concurrency) as client:
 
         async def one() -> int:
-            n = 0
-            stream = await client.open_stream(dict(BODY))
-            async for _, events in stream.reads():
-                for event in events:
-                    n += 1
-                    _ = has_text(event), event_usage(event)
-            return n
+            return await read(await client.open_stream(dict(BODY)))
 
         return await _fan_out(streams, concurrency, one)
+
+
+async def _read_per_read(stream: Stream) -> int:
+    n = 0
+    async for _, events in stream.reads():
+        for event in events:
+            n += 1
+            _ = has_text(event), event_usage(event)
+    return n
+
+
+async def _read_per_chunk(stream: Stream) -> int:
+    n = 0
+    async for chunk in stream:
+        n += 1
+        _ = chunk.has_text, chunk.usage
+    return n
+
+
+async def batchgen_path(url: str, streams: int, concurrency: int) -> int:
+    """What `batchgen bench` does per request (bench/runner.py): open_stream, then per network read
+    its events, asking each `has_text` and `event_usage` (`run --stream` reads the same way)."""
+    return await _batchgen(url, streams, concurrency, _read_per_read)
 
 
 async def batchgen_chunks(url: str, streams: int, concurrency: int) -> int:
     """The public per-chunk API: `async for chunk in stream`, reading `has_text` and `usage` of each."""
-    async with Client(url, "x", max_retries=0, max_connections=concurrency) as client:
-
-        async def one() -> int:
-            n = 0
-            stream = await client.open_stream(dict(BODY))
-            async for chunk in stream:
-                n += 1
-                _ = chunk.has_text, chunk.usage
-            return n
-
-        return await _fan_out(streams, concurrency, one)
+    return await _batchgen(url, streams, concurrency, _read_per_chunk)
 
 
 async def plain_aiohttp(url: str, streams: int, concurrency: int) -> int:

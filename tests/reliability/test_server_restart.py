@@ -17,6 +17,7 @@ from batchgen.pipeline import EXIT_OK, run_async
 from batchgen.testing.mock_server import MockConfig, MockServer
 
 from .conftest import (
+    CliResult,
     MockProcess,
     assert_every_row_once_in_order,
     await_until,
@@ -78,16 +79,9 @@ async def test_server_never_comes_back_run_ends_with_clear_message_and_resumes(
 ) -> None:
     """The server is SIGKILLed mid-run and not restarted: `batchgen run` (max_retries 2) ends by itself with a non-zero exit code and a message saying the server could not be reached, no traceback; after a server comes back on the same address, rerunning the same command with --retry-failed completes every row exactly once and resends only rows that were not done."""
     rows = 600
-    server = mock_process("--latency-ms", "20")
-    await server.astart()
-    input_path, output = write_prompts(tmp_path / "in.parquet", rows), tmp_path / "out.parquet"
-    config = yaml_config(tmp_path / "job.yaml", flush_seconds=0.1, backoff_base=0.05, timeout=5)
-    args = run_args(input_path, output, server.url, "--concurrency", "4", "--max-retries", "2", config=config)
-    first = asyncio.create_task(run_cli_async(args, timeout=60))
-    await await_until(lambda: rows_on_disk(output) >= 50 or first.done(), 60, "50 rows on disk")
-    assert not first.done(), "the run finished before the server could be killed"
-    server.kill()
-    result = await first
+    server, args, output, result = await _lose_server_mid_run(
+        tmp_path, mock_process, rows, backoff_base=0.05, max_retries=2, deadline_s=60
+    )
     assert not result.timed_out, "the run did not end within 60 s of losing its server"
     assert result.returncode != 0, "a run that lost its server must not report success"
     assert "Traceback" not in result.stderr, result.stderr
@@ -110,16 +104,9 @@ async def test_lost_server_stops_the_run_within_the_retry_budget_not_after_every
     tmp_path: Path, mock_process: Callable[..., MockProcess], figures: Any
 ) -> None:
     """With a realistic retry budget (3 retries, backoff 0.5 s: about 3.5 s per row) and 2,000 rows, losing the server for good must end the run in about one retry budget, with a message that says the server is unreachable and how to resume; not after every remaining row has spent its own budget (here about 2,000 / 4 x 3.5 s = 30 min)."""
-    server = mock_process("--latency-ms", "20")
-    await server.astart()
-    input_path, output = write_prompts(tmp_path / "in.parquet", ROWS), tmp_path / "out.parquet"
-    config = yaml_config(tmp_path / "job.yaml", flush_seconds=0.1, backoff_base=0.5, timeout=5)
-    args = run_args(input_path, output, server.url, "--concurrency", "4", "--max-retries", "3", config=config)
-    first = asyncio.create_task(run_cli_async(args, timeout=30))
-    await await_until(lambda: rows_on_disk(output) >= 50 or first.done(), 60, "50 rows on disk")
-    assert not first.done(), "the run finished before the server could be killed"
-    server.kill()
-    result = await first
+    _, _, _, result = await _lose_server_mid_run(
+        tmp_path, mock_process, ROWS, backoff_base=0.5, max_retries=3, deadline_s=30
+    )
     figures(rows=ROWS, deadline_s=30, run_s=round(result.seconds, 1),
             exit_code="killed at deadline" if result.timed_out else result.returncode)
     assert not result.timed_out, (
@@ -129,3 +116,28 @@ async def test_lost_server_stops_the_run_within_the_retry_budget_not_after_every
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert mentions_lost_server(result.stderr), result.stderr
     assert "--retry-failed" in result.stderr or "rerun" in result.stderr.lower(), f"no hint how to resume:\n{result.stderr}"
+
+
+async def _lose_server_mid_run(
+    tmp_path: Path,
+    mock_process: Callable[..., MockProcess],
+    rows: int,
+    *,
+    backoff_base: float,
+    max_retries: int,
+    deadline_s: float,
+) -> tuple[MockProcess, list[str], Path, CliResult]:
+    """Start a mock and a run against it, SIGKILL the mock once 50 rows are on disk (for good), and
+    return the server, the run's arguments, its output path and its result (killed at `deadline_s`)."""
+    server = mock_process("--latency-ms", "20")
+    await server.astart()
+    input_path, output = write_prompts(tmp_path / "in.parquet", rows), tmp_path / "out.parquet"
+    config = yaml_config(tmp_path / "job.yaml", flush_seconds=0.1, backoff_base=backoff_base, timeout=5)
+    args = run_args(
+        input_path, output, server.url, "--concurrency", "4", "--max-retries", str(max_retries), config=config
+    )
+    first = asyncio.create_task(run_cli_async(args, timeout=deadline_s))
+    await await_until(lambda: rows_on_disk(output) >= 50 or first.done(), 60, "50 rows on disk")
+    assert not first.done(), "the run finished before the server could be killed"
+    server.kill()
+    return server, args, output, await first
