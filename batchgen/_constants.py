@@ -15,8 +15,3 @@ DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 DEFAULT_CONCURRENCY = 64
 DEFAULT_FLUSH_SECONDS = 2.0
 DEFAULT_FLUSH_ROWS = 10_000
-
-# Headers sent with every request: they tie server logs to batch rows and let fake servers
-# script per-attempt faults.
-REQUEST_ID_HEADER = "x-request-id"
-ATTEMPT_HEADER = "x-batchgen-attempt"

@@ -62,6 +62,11 @@ def _add_run_parser(commands: Any) -> None:
     server.add_argument("--max-retries", type=int, metavar="N", help="retries per row (default 5)")
     server.add_argument("--timeout", type=float, metavar="SECONDS", help="per attempt (default 600)")
     server.add_argument("--stream", action="store_true", help="use SSE and record time to first token (ttft_s)")
+    server.add_argument("--header", dest="headers", action="append", metavar="'NAME: VALUE'",
+                        help="an HTTP header sent with every request; repeatable (YAML headers: adds to these)")
+    server.add_argument("--request-id-header", metavar="NAME",
+                        help="send a fresh UUID4 per attempt under this header (e.g. X-Request-Id); off by default")
+    io.add_argument("--keep-raw", action="store_true", help="add the response JSON as received to the raw column")
     sampling = parser.add_argument_group("defaults for every row (a column of the same name wins)")
     sampling.add_argument("--temperature", type=float)
     sampling.add_argument("--max-tokens", type=int)
@@ -84,6 +89,11 @@ def _run_command(args: argparse.Namespace) -> int:
 
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "handler", "command")}
     settings = read_yaml(args.config) if getattr(args, "config", None) else {}
+    if "headers" in flags and isinstance(settings.get("headers"), dict):
+        # Headers add up: the file's, then the flags' (a flag wins for the same name).
+        from batchgen.headers import parse_header_lines
+
+        flags["headers"] = {**settings["headers"], **parse_header_lines(flags["headers"])}
     settings.update(flags)
     cfg = load_config(settings, source=getattr(args, "config", None) or "flags")
     try:

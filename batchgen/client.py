@@ -21,6 +21,7 @@ import orjson
 
 from batchgen import _constants as C
 from batchgen.errors import APIError, ConfigError, IncompleteResponseError
+from batchgen.headers import attempt_headers, check_headers, secret_values
 from batchgen.parsing import error_from_body, parse_completion
 from batchgen.retry import RetryPolicy, backoff_delay, parse_retry_after, should_retry
 from batchgen.stream import Stream
@@ -136,7 +137,10 @@ class Client:
             `OPENAI_API_KEY`. Never printed.
         timeout: seconds allowed for one attempt (a whole stream included).
         max_retries: retries after the first attempt for retryable failures.
-        headers: extra headers sent with every request.
+        headers: extra headers sent with every request (values of credential-like names such as
+            `X-Api-Key` are scrubbed from error text, as the key is).
+        request_id_header: when set, each attempt carries a fresh UUID4 under this name (e.g.
+            `X-Request-Id` for log correlation); by default no per-request header is sent.
         read_timeout: seconds allowed between two reads (catches a stalled stream); None = no limit.
         backoff_base / backoff_max / max_retry_after: see `RetryPolicy`.
         max_connections: the connection pool size (set it to the wanted concurrency).
@@ -156,6 +160,7 @@ class Client:
         timeout: float = C.DEFAULT_TIMEOUT,
         max_retries: int = C.DEFAULT_MAX_RETRIES,
         headers: Mapping[str, str] | None = None,
+        request_id_header: str | None = None,
         read_timeout: float | None = None,
         backoff_base: float = C.DEFAULT_BACKOFF_BASE,
         backoff_max: float = C.DEFAULT_BACKOFF_MAX,
@@ -180,10 +185,17 @@ class Client:
         self._chat_url = self.base_url + "/chat/completions"
         self._headers = {"Content-Type": "application/json"}
         key = resolve_api_key(api_key)
-        self._secret = key  # only to scrub it from error text a server echoes back
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
-        self._headers.update(headers or {})
+        user_headers = check_headers(headers or {})
+        self._headers.update(user_headers)
+        if request_id_header is not None:
+            check_headers({request_id_header: ""}, where="request_id_header")
+        self.request_id_header = request_id_header
+        # Only to scrub them from error text a server or proxy echoes back; longest first, so a
+        # key inside a header value is replaced with the whole value.
+        secrets = ([key] if key else []) + secret_values(user_headers)
+        self._secrets = sorted(set(secrets), key=len, reverse=True)
         self._session: aiohttp.ClientSession | None = None
         self.retries_total = 0  # read by progress displays
         self.chat = Chat(self)
@@ -237,18 +249,16 @@ class Client:
             raise IncompleteResponseError(f"GET {path}: body is not JSON") from exc
 
     # -- the request path ------------------------------------------------------------------
-    async def complete(
-        self, body: dict[str, Any], *, request_id: str | None = None, validated: bool = False
-    ) -> ChatCompletionResponse:
+    async def complete(self, body: dict[str, Any], *, validated: bool = False) -> ChatCompletionResponse:
         """Send one request body and return the whole answer, retrying as the policy allows.
 
         A streamed body (`"stream": true`) is read to the end and assembled; its `ttft_s` is set.
         """
         if not validated:
             validate_request(body)
-        return await self.request(body, request_id=request_id)
+        return await self.request(body)
 
-    def request(self, body: dict[str, Any], *, request_id: str | None = None) -> Awaitable[ChatCompletionResponse]:
+    def request(self, body: dict[str, Any]) -> Awaitable[ChatCompletionResponse]:
         """`complete()` for a body already validated, as a bare coroutine: the worker pool's per-row path.
 
         Every coroutine between a task and aiohttp is resumed at each I/O step of a request, so
@@ -256,20 +266,13 @@ class Client:
         """
         payload = orjson.dumps(body)
         if body.get("stream"):
-            return self._stream_request(payload, request_id)
-        return self._plain_request(payload, request_id)
+            return self._stream_request(payload)
+        return self._plain_request(payload)
 
-    async def open_stream(self, body: dict[str, Any], *, request_id: str | None = None) -> Stream:
+    async def open_stream(self, body: dict[str, Any]) -> Stream:
         """Open a stream; connection failures and error statuses before the first byte are retried."""
         payload = orjson.dumps(body)
-        return await self._with_retries(lambda n: self._open_stream_attempt(payload, request_id, n))
-
-    def _request_headers(self, request_id: str | None, attempt: int) -> dict[str, str]:
-        headers = dict(self._headers)
-        headers[C.ATTEMPT_HEADER] = str(attempt)
-        if request_id is not None:
-            headers[C.REQUEST_ID_HEADER] = request_id
-        return headers
+        return await self._with_retries(lambda n: self._open_stream_attempt(payload, n))
 
     async def _with_retries(self, attempt_fn: Callable[[int], Awaitable[T]]) -> T:
         try:
@@ -301,11 +304,11 @@ class Client:
         await asyncio.sleep(backoff_delay(attempt, self.retry_policy, getattr(error, "retry_after", None)))
 
     def _scrub(self, error: APIError) -> APIError:
-        """Replace the API key in an error's text (a proxy may echo the Authorization header)."""
-        secret = self._secret
-        if secret and secret in str(error):
-            error.args = tuple(a.replace(secret, "***") if isinstance(a, str) else a for a in error.args)
-            error.message = error.message.replace(secret, "***")
+        """Replace the API key and secret header values in an error's text (a proxy may echo them)."""
+        for secret in self._secrets:
+            if secret in str(error):
+                error.args = tuple(a.replace(secret, "***") if isinstance(a, str) else a for a in error.args)
+                error.message = error.message.replace(secret, "***")
         return error
 
     def _body(self, payload: bytes) -> bytes | io.BytesIO:
@@ -315,8 +318,8 @@ class Client:
 
     async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
         body = await read_body(response, self.max_response_bytes)
-        if self._secret:
-            body = body.replace(self._secret.encode(), b"***")
+        for secret in self._secrets:
+            body = body.replace(secret.encode(), b"***")
         raise error_from_body(
             response.status,
             body,
@@ -324,14 +327,14 @@ class Client:
             retry_after=parse_retry_after(response.headers),
         )
 
-    async def _plain_request(self, payload: bytes, request_id: str | None) -> ChatCompletionResponse:
+    async def _plain_request(self, payload: bytes) -> ChatCompletionResponse:
         started = time.perf_counter()
         attempt = 1
         while True:
             try:
                 try:  # a plain except, not a context manager: this runs per row
                     async with self.session.post(
-                        self._chat_url, data=self._body(payload), headers=self._request_headers(request_id, attempt)
+                        self._chat_url, data=self._body(payload), headers=attempt_headers(self._headers, self.request_id_header)
                     ) as response:
                         if response.status != 200:
                             await self._raise_for_status(response)
@@ -348,13 +351,14 @@ class Client:
                 continue
             result.attempts = attempt
             result.latency_s = time.perf_counter() - started
+            result.body = data
             return result
 
-    async def _open_stream_attempt(self, payload: bytes, request_id: str | None, attempt: int) -> Stream:
+    async def _open_stream_attempt(self, payload: bytes, attempt: int) -> Stream:
         started = time.perf_counter()
         try:  # a plain except, not a context manager: this runs per stream
             response = await self.session.post(
-                self._chat_url, data=self._body(payload), headers=self._request_headers(request_id, attempt)
+                self._chat_url, data=self._body(payload), headers=attempt_headers(self._headers, self.request_id_header)
             )
         except AIOHTTP_ERRORS as exc:
             raise translate_error(exc) from exc
@@ -373,12 +377,12 @@ class Client:
             response, attempts=attempt, started=started, max_bytes=self.max_response_bytes, scrub=self._scrub
         )
 
-    async def _stream_request(self, payload: bytes, request_id: str | None) -> ChatCompletionResponse:
+    async def _stream_request(self, payload: bytes) -> ChatCompletionResponse:
         started = time.perf_counter()
-        response = await self._with_retries(lambda n: self._stream_attempt(payload, request_id, n))
+        response = await self._with_retries(lambda n: self._stream_attempt(payload, n))
         response.latency_s = time.perf_counter() - started
         return response
 
-    async def _stream_attempt(self, payload: bytes, request_id: str | None, attempt: int) -> ChatCompletionResponse:
-        stream = await self._open_stream_attempt(payload, request_id, attempt)
+    async def _stream_attempt(self, payload: bytes, attempt: int) -> ChatCompletionResponse:
+        stream = await self._open_stream_attempt(payload, attempt)
         return await stream.read_response()

@@ -20,6 +20,7 @@ from typing import Any
 
 from batchgen import _constants as C
 from batchgen.errors import ConfigError
+from batchgen.headers import check_headers, parse_header_lines
 
 __all__ = ["INPUT_FORMATS", "MOCK_URL", "RunConfig", "load_config", "read_yaml"]
 
@@ -43,6 +44,8 @@ class RunConfig:
     api_key_env: str | None = None
     api_key_file: str | None = None
     api_key: str | None = None  # works, but warns: keys belong in the environment or a file
+    headers: dict[str, str] = field(default_factory=dict)
+    request_id_header: str | None = None
     model: str | None = None
     concurrency: int = C.DEFAULT_CONCURRENCY
     max_retries: int = C.DEFAULT_MAX_RETRIES
@@ -52,6 +55,7 @@ class RunConfig:
     max_retry_after: float = C.DEFAULT_MAX_RETRY_AFTER
     max_response_bytes: int = C.DEFAULT_MAX_RESPONSE_BYTES
     stream: bool = False
+    keep_raw: bool = False
     temperature: float | None = None
     max_tokens: int | None = None
     top_p: float | None = None
@@ -162,6 +166,15 @@ def _coerce(name: str, value: Any) -> Any:
     kind = str(FIELDS[name].type)
     if value is None:
         return None
+    if name == "headers":
+        # YAML gives a mapping; repeated --header flags give "Name: value" lines.
+        if isinstance(value, Mapping):
+            return check_headers({str(k): v if isinstance(v, str) else str(v) for k, v in value.items()})
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return parse_header_lines(value)
+        raise ConfigError("headers must be a mapping of header names to values, or a list of 'Name: value' lines")
+    if name == "request_id_header":
+        return next(iter(check_headers({str(value): ""}, where="request_id_header")))
     if name == "stop":
         if isinstance(value, str):
             return [value]
@@ -199,8 +212,9 @@ def load_config(settings: Mapping[str, Any], *, source: str = "config") -> RunCo
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{source}: unknown setting {raw_key!r}{hint}")
         values[key] = _coerce(key, value)
-    if values.get("extra") is None:
-        values.pop("extra", None)
+    for name in ("extra", "headers"):
+        if values.get(name) is None:
+            values.pop(name, None)
     try:
         return RunConfig(**values)
     except TypeError as exc:

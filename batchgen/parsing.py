@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from batchgen.errors import APIStatusError, IncompleteResponseError, status_error
-from batchgen.types import ChatCompletionResponse, Choice, Function, ToolCall, Usage
+from batchgen.types import ChatCompletionResponse, Choice, Function, TokenLogprob, ToolCall, TopLogprob, Usage
 
 __all__ = [
     "INT_OR_NONE",
@@ -22,12 +22,15 @@ __all__ = [
     "error_from_event",
     "opt_str",
     "parse_completion",
+    "parse_logprobs",
     "parse_usage",
+    "stop_reason",
 ]
 
 # Sets of types: one subset test checks several fields of the usual answer at once.
 STR_OR_NONE = frozenset({str, type(None)})
 INT_OR_NONE = frozenset({int, type(None)})
+STOP_TYPES = frozenset({str, int, type(None)})
 _MAX_ERROR_TEXT = 500  # keep error rows readable when a proxy returns a whole HTML page
 
 
@@ -57,6 +60,11 @@ def _reasoning(message: dict[str, Any], where: str) -> str | None:
     return opt_str(value, where + ".reasoning")
 
 
+def _detail(value: dict[str, Any], key: str, name: str) -> Any:
+    details = value.get(key)
+    return details.get(name) if type(details) is dict else None
+
+
 def parse_usage(value: Any) -> Usage | None:
     """Read a `usage` object; None when the server sent none."""
     if value is None:
@@ -64,19 +72,89 @@ def parse_usage(value: Any) -> Usage | None:
     if type(value) is not dict:
         raise bad_type("usage", value, "an object")
     prompt, completion, total = value.get("prompt_tokens"), value.get("completion_tokens"), value.get("total_tokens")
-    details = value.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if type(details) is dict else None
+    cached = _detail(value, "prompt_tokens_details", "cached_tokens")
+    reasoning = _detail(value, "completion_tokens_details", "reasoning_tokens")
     # The usual case: one check, no field names built.
-    if {type(prompt), type(completion), type(total), type(cached)} <= INT_OR_NONE:
-        return Usage(prompt, completion, total, cached)
+    if {type(prompt), type(completion), type(total), type(cached), type(reasoning)} <= INT_OR_NONE:
+        return Usage(prompt, completion, total, cached, reasoning)
     return Usage(
         prompt_tokens=_opt_int(prompt, "usage.prompt_tokens"),
         completion_tokens=_opt_int(completion, "usage.completion_tokens"),
         total_tokens=_opt_int(total, "usage.total_tokens"),
         cached_tokens=_opt_int(cached, "usage.prompt_tokens_details.cached_tokens"),
+        reasoning_tokens=_opt_int(reasoning, "usage.completion_tokens_details.reasoning_tokens"),
     )
 
 
+def _logprob(value: Any, where: str) -> float:
+    if (type(value) is float or type(value) is int) and value == value:  # not NaN
+        return float(value)
+    raise bad_type(where, value, "a number")
+
+
+def _token_bytes(value: Any, where: str) -> list[int] | None:
+    if value is None or (type(value) is list and all(type(b) is int for b in value)):
+        return value
+    raise bad_type(where, value, "a list of byte values or null")
+
+
+def _top_logprobs(value: Any, where: str) -> list[TopLogprob]:
+    if value is None:
+        return []
+    if type(value) is not list:
+        raise bad_type(where, value, "a list")
+    tops = []
+    for i, item in enumerate(value):
+        if type(item) is not dict:
+            raise bad_type(f"{where}[{i}]", item, "an object")
+        token = item.get("token")
+        if type(token) is not str:
+            raise bad_type(f"{where}[{i}].token", token, "a string")
+        tops.append(
+            TopLogprob(token, _logprob(item.get("logprob"), f"{where}[{i}].logprob"),
+                       _token_bytes(item.get("bytes"), f"{where}[{i}].bytes"))
+        )
+    return tops
+
+
+def parse_logprobs(value: Any, where: str = "logprobs") -> list[TokenLogprob] | None:
+    """Read a choice's `logprobs` (`{"content": [...]}`, or the `content` list itself, as an
+    assembled stream holds it); None when the server sent none."""
+    if value is None:
+        return None
+    if type(value) is dict:
+        value, where = value.get("content"), where + ".content"
+        if value is None:
+            return None
+    if type(value) is not list:
+        raise bad_type(where, value, "a list")
+    tokens = []
+    for i, item in enumerate(value):
+        at = f"{where}[{i}]"
+        if type(item) is not dict:
+            raise bad_type(at, item, "an object")
+        token = item.get("token")
+        if type(token) is not str:
+            raise bad_type(at + ".token", token, "a string")
+        tokens.append(
+            TokenLogprob(
+                token,
+                _logprob(item.get("logprob"), at + ".logprob"),
+                _token_bytes(item.get("bytes"), at + ".bytes"),
+                _top_logprobs(item.get("top_logprobs"), at + ".top_logprobs"),
+            )
+        )
+    return tokens
+
+
+def stop_reason(value: Any) -> str | int | None:
+    """vLLM's `stop_reason`: the stop string, or the stop token id; None at EOS or length.
+
+    Any other value is kept as its JSON text: an odd extension field must not cost the answer.
+    """
+    if value is None or type(value) is str or type(value) is int:
+        return value
+    return orjson.dumps(value).decode()
 
 
 def _tool_calls(value: Any, where: str) -> list[ToolCall]:
@@ -114,19 +192,10 @@ def _choice(value: Any, position: int) -> Choice:
             finish, index = value.get("finish_reason"), value.get("index", position)
             calls = message.get("tool_calls")
             texts_ok = {type(role), type(content), type(reasoning), type(finish)} <= STR_OR_NONE
-            if type(index) is int and texts_ok and not calls:
+            stop, logprobs = value.get("stop_reason"), value.get("logprobs")
+            if type(index) is int and texts_ok and not calls and logprobs is None and type(stop) in STOP_TYPES:
                 # The usual answer, checked in one pass; anything else takes the careful path below.
-                stop_reason = value.get("stop_reason")
-                return Choice(
-                    index,
-                    role,
-                    content,
-                    reasoning,
-                    [],
-                    finish,
-                    stop_reason if isinstance(stop_reason, (str, int)) else None,
-                    value.get("logprobs"),
-                )
+                return Choice(index, role, content, reasoning, [], finish, stop, None)
     return _checked_choice(value, position)
 
 
@@ -138,7 +207,6 @@ def _checked_choice(value: Any, position: int) -> Choice:
     message = value.get("message")
     if not isinstance(message, dict):
         raise bad_type(where + ".message", message, "an object")
-    stop_reason = value.get("stop_reason")
     index = value.get("index", position)
     if type(index) is not int:
         raise bad_type(where + ".index", index, "an integer")
@@ -149,8 +217,8 @@ def _checked_choice(value: Any, position: int) -> Choice:
         reasoning_content=_reasoning(message, where + ".message"),
         tool_calls=_tool_calls(message.get("tool_calls"), where + ".message.tool_calls"),
         finish_reason=opt_str(value.get("finish_reason"), where + ".finish_reason"),
-        stop_reason=stop_reason if isinstance(stop_reason, (str, int)) else None,
-        logprobs=value.get("logprobs"),
+        stop_reason=stop_reason(value.get("stop_reason")),
+        logprobs=parse_logprobs(value.get("logprobs"), where + ".logprobs"),
     )
 
 

@@ -148,10 +148,10 @@ class _Run:
 
     def _send(self, request: RowRequest) -> Awaitable[ChatCompletionResponse]:
         # Not a coroutine itself: it hands the pool the client's, one frame fewer per I/O step.
-        return self.client.request(request.body, request_id=request.row_id)
+        return self.client.request(request.body)
 
     async def _on_outcome(self, outcome: Outcome) -> None:
-        record = outcome_record(outcome)
+        record = outcome_record(outcome, keep_raw=self.cfg.keep_raw)
         # A refused or reset connection says the server is gone; a timeout only that a row is slow.
         if isinstance(outcome.error, APIConnectionError) and not isinstance(outcome.error, APITimeoutError):
             self.down_streak.append(record)
@@ -416,6 +416,8 @@ async def _run_async(cfg: RunConfig, *, log: TextIO) -> RunResult:
             max_retry_after=cfg.max_retry_after,
             max_connections=cfg.concurrency,
             max_response_bytes=cfg.max_response_bytes,
+            headers=cfg.headers,
+            request_id_header=cfg.request_id_header,
         )
         async with client:
             try:

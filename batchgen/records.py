@@ -13,6 +13,7 @@ from typing import Any
 from batchgen.errors import APIStatusError
 from batchgen.io.schema import INDEX_COLUMN
 from batchgen.rows import RowProblem
+from batchgen.types import Choice
 from batchgen.worker import Outcome
 
 __all__ = ["outcome_record", "problem_record"]
@@ -22,26 +23,62 @@ _EMPTY_ANSWER = {
     "reasoning_content": None,
     "tool_calls": None,
     "finish_reason": None,
+    "stop_reason": None,
+    "logprobs": None,
+    "choices": None,
     "usage": None,
     "model": None,
     "response_id": None,
+    "raw": None,
 }
 
 
-def outcome_record(outcome: Outcome) -> dict[str, Any]:
-    """The record of a request that was sent (answered, or failed after its retries)."""
+def _stop_text(choice: Choice) -> str | None:
+    stop = choice.stop_reason
+    return stop if stop is None or type(stop) is str else str(stop)  # a stop token id, as text
+
+
+def _logprobs(choice: Choice) -> list[dict[str, Any]] | None:
+    return None if choice.logprobs is None else [token.to_dict() for token in choice.logprobs]
+
+
+def _tool_calls(choice: Choice) -> list[dict[str, Any]]:
+    return [call.to_dict() for call in choice.tool_calls] if choice.tool_calls else []
+
+
+def _choice_record(choice: Choice) -> dict[str, Any]:
+    return {
+        "index": choice.index,
+        "content": choice.content,
+        "reasoning_content": choice.reasoning_content,
+        "tool_calls": _tool_calls(choice),
+        "finish_reason": choice.finish_reason,
+        "stop_reason": _stop_text(choice),
+        "logprobs": _logprobs(choice),
+    }
+
+
+def outcome_record(outcome: Outcome, *, keep_raw: bool = False) -> dict[str, Any]:
+    """The record of a request that was sent (answered, or failed after its retries).
+
+    The answer columns are the first choice's; `choices` holds them all when there are several.
+    """
     request = outcome.request
     response = outcome.response
     if response is not None:
-        choice = response.choices[0]
+        choices = response.choices
+        choice = choices[0]
         usage = response.usage
         return {
             INDEX_COLUMN: request.index,
             "id": request.row_id,
             "content": choice.content,
             "reasoning_content": choice.reasoning_content,
-            "tool_calls": [call.to_dict() for call in choice.tool_calls] if choice.tool_calls else [],
+            "tool_calls": _tool_calls(choice),
             "finish_reason": choice.finish_reason,
+            "stop_reason": None if choice.stop_reason is None else _stop_text(choice),
+            "logprobs": None if choice.logprobs is None else _logprobs(choice),
+            "choices": [_choice_record(c) for c in choices] if len(choices) > 1 else None,
             "usage": None if usage is None else usage.to_dict(),
             "model": response.model,
             "response_id": response.id,
@@ -51,6 +88,7 @@ def outcome_record(outcome: Outcome) -> dict[str, Any]:
             "ttft_s": response.ttft_s,
             "attempts": outcome.attempts,
             "latency_s": outcome.latency_s,
+            "raw": response.raw_json() if keep_raw else None,
         }
     error = outcome.error
     assert error is not None

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchgen.chunks import ChatCompletionChunk, parse_chunk
+from batchgen.parsing import bad_type, parse_logprobs, stop_reason
 from batchgen.types import ChatCompletionResponse, Choice, Function, ToolCall, Usage
 
 __all__ = ["DONE", "SSEDecoder", "StreamAssembler"]
@@ -89,6 +90,7 @@ class _ChoiceParts:
     tool_calls: dict[int, _ToolCallParts] = field(default_factory=dict)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    logprobs: list[Any] | None = None  # the raw `logprobs.content` entries, parsed once at the end
 
 
 class StreamAssembler:
@@ -96,7 +98,9 @@ class StreamAssembler:
 
     Content and reasoning are concatenated per choice; tool calls are joined per `index`, taking
     id/type/name from the first delta that has them (servers may repeat them or send them once)
-    and concatenating every argument piece, including any in the finish chunk.
+    and concatenating every argument piece, including any in the finish chunk. Each chunk's
+    `logprobs.content` entries are joined per choice; `stop_reason` comes from the finishing chunk
+    and usage (with its details) from the last chunk that carried one.
     """
 
     __slots__ = ("_choices", "_id", "_model", "_created", "_usage")
@@ -128,7 +132,7 @@ class StreamAssembler:
 
     def _add_token(self, choice: Any) -> bool:
         """The fast path for a plain token delta `{"content": "..."}`; False when it is anything else."""
-        if type(choice) is not dict or choice.get("finish_reason") is not None:
+        if type(choice) is not dict or choice.get("finish_reason") is not None or choice.get("logprobs") is not None:
             return False
         delta = choice.get("delta")
         if type(delta) is not dict or len(delta) != 1:
@@ -165,10 +169,21 @@ class StreamAssembler:
             call.name = call.name or delta.name
             if delta.arguments:
                 call.arguments.append(delta.arguments)
+        choice = parsed.raw["choices"][0]
+        logprobs = choice.get("logprobs")
+        if logprobs is not None:
+            entries = logprobs.get("content") if type(logprobs) is dict else None
+            if entries is not None and type(entries) is not list:
+                raise bad_type("chunk logprobs.content", entries, "a list")
+            if entries:
+                if parts.logprobs is None:
+                    parts.logprobs = []
+                parts.logprobs.extend(entries)
+            elif parts.logprobs is None:
+                parts.logprobs = []  # asked for and sent, even if this delta had no token
         if parsed.finish_reason is not None:
             parts.finish_reason = parsed.finish_reason
-            stop = parsed.raw["choices"][0].get("stop_reason") if parsed.raw.get("choices") else None
-            parts.stop_reason = stop if isinstance(stop, (str, int)) else None
+            parts.stop_reason = stop_reason(choice.get("stop_reason"))
 
     def response(self) -> ChatCompletionResponse:
         choices = []
@@ -189,6 +204,7 @@ class StreamAssembler:
                     tool_calls=calls,
                     finish_reason=parts.finish_reason,
                     stop_reason=parts.stop_reason,
+                    logprobs=parse_logprobs(parts.logprobs, f"choices[{index}].logprobs.content"),
                 )
             )
         raw = {
@@ -205,12 +221,13 @@ class StreamAssembler:
                         "reasoning_content": c.reasoning_content,
                         "tool_calls": [t.to_dict() for t in c.tool_calls],
                     },
+                    "logprobs": None if parts.logprobs is None else {"content": parts.logprobs},
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
                 }
-                for c in choices
+                for c, parts in zip(choices, (self._choices[i] for i in sorted(self._choices)), strict=True)
             ],
-            "usage": None if self._usage is None else self._usage.to_dict(),
+            "usage": None if self._usage is None else self._usage.to_wire(),
         }
         return ChatCompletionResponse(
             raw=raw,

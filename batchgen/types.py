@@ -1,7 +1,7 @@
 """Typed views of chat-completion responses and stream chunks, as the client returns them.
 
 Every object keeps the server's parsed JSON in `raw`, so fields batchgen does not model
-(logprobs, token ids, vLLM extensions) are never lost.
+(token ids, vLLM extensions) are never lost.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ __all__ = [
     "ChatCompletionResponse",
     "Choice",
     "Function",
+    "TokenLogprob",
     "ToolCall",
+    "TopLogprob",
     "Usage",
 ]
 
@@ -70,24 +72,78 @@ class ToolCall:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token counts. `cached_tokens` is None unless the server reports prompt-cache hits."""
+    """Token counts. The details are None unless the server sends them: `cached_tokens` from
+    `prompt_tokens_details` (prompt-cache hits), `reasoning_tokens` from `completion_tokens_details`
+    (vLLM with a reasoning parser, OpenAI reasoning models)."""
 
     prompt_tokens: int | None
     completion_tokens: int | None
     total_tokens: int | None
     cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
 
     def to_dict(self) -> dict[str, int | None]:
+        """The flat form of the output's `usage` column."""
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "cached_tokens": self.cached_tokens,
+            "reasoning_tokens": self.reasoning_tokens,
+        }
+
+    def to_wire(self) -> dict[str, Any]:
+        """The OpenAI/vLLM JSON shape, details nested (for an assembled stream's `raw`)."""
+        wire: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+        if self.cached_tokens is not None:
+            wire["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.reasoning_tokens is not None:
+            wire["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return wire
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One alternative at a position: the token text and its log-probability."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token with its log-probability and the `top_logprobs` alternatives asked for.
+
+    `bytes` are the token's UTF-8 bytes when the server sends them (a token may hold part of a
+    character); `token` is the text as the server sent it.
+    """
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The output column's form: `{token, logprob, top_logprobs: [{token, logprob}]}`."""
+        return {
+            "token": self.token,
+            "logprob": self.logprob,
+            "top_logprobs": [{"token": t.token, "logprob": t.logprob} for t in self.top_logprobs],
         }
 
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    """One generated alternative (there are several when the request sets `n`)."""
+    """One generated alternative (there are several when the request sets `n`).
+
+    `stop_reason` is vLLM's: the stop string that ended the text, or the stop token id (an int),
+    None at EOS or length. `logprobs` is the `logprobs.content` list, None when not asked for.
+    """
 
     index: int
     role: str | None
@@ -96,7 +152,7 @@ class Choice:
     tool_calls: list[ToolCall]
     finish_reason: str | None
     stop_reason: str | int | None = None
-    logprobs: Any = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
@@ -105,7 +161,8 @@ class ChatCompletionResponse:
 
     `attempts` counts the tries the client made (1 when no retry was needed), `latency_s` is the
     wall time from the first send to the full answer (retries included), and `ttft_s` the time to
-    the first text-bearing chunk of the successful attempt when streaming.
+    the first text-bearing chunk of the successful attempt when streaming. `body` is the JSON
+    exactly as received for a plain answer (None for a stream, whose `raw` is assembled).
     """
 
     raw: dict[str, Any]
@@ -118,6 +175,11 @@ class ChatCompletionResponse:
     attempts: int = 1
     latency_s: float | None = None
     ttft_s: float | None = None
+    body: bytes | None = None
+
+    def raw_json(self) -> str:
+        """The answer as JSON text: the body as received, or the assembled stream."""
+        return (self.body if self.body is not None else orjson.dumps(self.raw)).decode()
 
     @property
     def content(self) -> str | None:
@@ -134,3 +196,11 @@ class ChatCompletionResponse:
     @property
     def finish_reason(self) -> str | None:
         return self.choices[0].finish_reason if self.choices else None
+
+    @property
+    def stop_reason(self) -> str | int | None:
+        return self.choices[0].stop_reason if self.choices else None
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        return self.choices[0].logprobs if self.choices else None

@@ -44,8 +44,10 @@ def _check_answer(response: ChatCompletionResponse, expect: dict[str, Any]) -> N
     if "stop_reason" in expect:
         assert response.choices[0].stop_reason == expect["stop_reason"]
     if "logprob_tokens" in expect:
-        tokens = [t["token"] for t in response.choices[0].logprobs["content"]]
-        assert tokens == expect["logprob_tokens"]
+        logprobs = response.choices[0].logprobs
+        assert logprobs is not None
+        assert [t.token for t in logprobs] == expect["logprob_tokens"]
+        assert all(t.logprob <= 0 and t.bytes == list(t.token.encode()) for t in logprobs)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -27,16 +27,43 @@ _USAGE = pa.struct(
         pa.field("prompt_tokens", pa.int64()),
         pa.field("completion_tokens", pa.int64()),
         pa.field("total_tokens", pa.int64()),
+        pa.field("cached_tokens", pa.int64()),  # usage.prompt_tokens_details.cached_tokens
+        pa.field("reasoning_tokens", pa.int64()),  # usage.completion_tokens_details.reasoning_tokens
+    ]
+)
+_LOGPROBS = pa.list_(
+    pa.struct(
+        [
+            pa.field("token", pa.string()),
+            pa.field("logprob", pa.float64()),
+            pa.field("top_logprobs", pa.list_(pa.struct([pa.field("token", pa.string()), pa.field("logprob", pa.float64())]))),
+        ]
+    )
+)
+_TOOL_CALLS = pa.list_(_TOOL_CALL)
+_CHOICE = pa.struct(
+    [
+        pa.field("index", pa.int32()),
+        pa.field("content", pa.large_string()),
+        pa.field("reasoning_content", pa.large_string()),
+        pa.field("tool_calls", _TOOL_CALLS),
+        pa.field("finish_reason", pa.string()),
+        pa.field("stop_reason", pa.string()),
+        pa.field("logprobs", _LOGPROBS),
     ]
 )
 
 # Model text can be long (reasoning traces), hence large_string: a plain string column overflows
-# its 32-bit offsets at 2 GiB per chunk.
+# its 32-bit offsets at 2 GiB per chunk. The top-level answer columns are choice 0's; `choices`
+# holds every choice when the server sent more than one (`n` > 1), else null.
 RESULT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("content", pa.large_string()),
     pa.field("reasoning_content", pa.large_string()),
-    pa.field("tool_calls", pa.list_(_TOOL_CALL)),
+    pa.field("tool_calls", _TOOL_CALLS),
     pa.field("finish_reason", pa.string()),
+    pa.field("stop_reason", pa.string()),  # vLLM: the stop string, or the stop token id as text
+    pa.field("logprobs", _LOGPROBS),
+    pa.field("choices", pa.list_(_CHOICE)),
     pa.field("usage", _USAGE),
     pa.field("model", pa.string()),
     pa.field("response_id", pa.string()),
@@ -45,8 +72,10 @@ RESULT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("status_code", pa.int32()),
     pa.field("attempts", pa.int32()),
     pa.field("latency_s", pa.float64()),
-    # Always present (null when not streaming) so the schema never depends on the run's settings.
+    # Always present (null when not streaming / without keep_raw) so the schema never depends on
+    # the run's settings, and a resumed run with other settings still matches its part files.
     pa.field("ttft_s", pa.float64()),
+    pa.field("raw", pa.large_string()),
 )
 RESULT_COLUMNS: tuple[str, ...] = tuple(field.name for field in RESULT_FIELDS)
 

@@ -15,6 +15,9 @@ def test_result_columns_in_order() -> None:
         "reasoning_content",
         "tool_calls",
         "finish_reason",
+        "stop_reason",
+        "logprobs",
+        "choices",
         "usage",
         "model",
         "response_id",
@@ -24,6 +27,7 @@ def test_result_columns_in_order() -> None:
         "attempts",
         "latency_s",
         "ttft_s",
+        "raw",
     )
 
 
@@ -35,8 +39,19 @@ def test_layout_id_then_passthrough_then_results() -> None:
     assert schema.field("id").type == pa.string()
     assert schema.field("content").type == pa.large_string()
     assert schema.field("usage").type == pa.struct(
-        [("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("total_tokens", pa.int64())]
+        [("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()), ("total_tokens", pa.int64()),
+         ("cached_tokens", pa.int64()), ("reasoning_tokens", pa.int64())]
     )
+    top = pa.list_(pa.struct([("token", pa.string()), ("logprob", pa.float64())]))
+    logprobs = pa.list_(pa.struct([("token", pa.string()), ("logprob", pa.float64()), ("top_logprobs", top)]))
+    assert schema.field("logprobs").type == logprobs
+    assert schema.field("stop_reason").type == pa.string()
+    choice = schema.field("choices").type.value_type
+    assert [f.name for f in choice] == [
+        "index", "content", "reasoning_content", "tool_calls", "finish_reason", "stop_reason", "logprobs"
+    ]
+    assert choice.field("tool_calls").type == schema.field("tool_calls").type
+    assert choice.field("logprobs").type == logprobs
     tool_call = schema.field("tool_calls").type.value_type
     assert tool_call.field("function").type == pa.struct([("name", pa.string()), ("arguments", pa.large_string())])
     assert schema.field("status_code").type == pa.int32()
