@@ -16,7 +16,9 @@ __all__ = ["main"]
 RUN_EPILOG = """\
 Every flag is also a key of the YAML config (--max-tokens is max_tokens:); flags win.
 Extra config-only keys: api_key_file, read_timeout, backoff_base, max_retry_after,
-max_response_bytes, flush_seconds (default 2), flush_rows (default 10000).
+max_response_bytes, flush_seconds (default 2), flush_rows (default 10000). YAML headers: is a
+mapping; --header lines add to it. No per-row header is sent (--request-id-header opts in to a
+fresh UUID4 per attempt).
 
 Input columns: a messages column (list of {role, content, ...}, or its JSON text) or a prompt
 column (text; a `system` column or --system-prompt adds a system message). Columns named like a
@@ -26,8 +28,10 @@ logprobs, top_logprobs, chat_template_kwargs, reasoning_effort, structured_outpu
 config for their row when not null; an `extra` column (object or JSON text) is merged last.
 
 Output: the input columns (one clashing with an output column is renamed input_<name>), then
-id, content, reasoning_content, tool_calls, finish_reason, usage, model, response_id, error,
-error_type, status_code, attempts, latency_s, ttft_s; one row per input row, in input order.
+id, content, reasoning_content, tool_calls, finish_reason, stop_reason, logprobs, choices (every
+choice when n > 1), usage (with cached_tokens, reasoning_tokens), model, response_id, error,
+error_type, status_code, attempts, latency_s, ttft_s, raw (--keep-raw); one row per input row,
+in input order.
 Progress is saved to OUTPUT.batchgen/ as it goes: rerun the same command to resume.
 
 Exit codes: 0 every row succeeded; 1 completed with error rows; 2 config or input error

@@ -14,6 +14,7 @@ from typing import Any
 
 
 from batchgen._cli_types import json_object
+from batchgen.headers import parse_header_lines
 
 __all__ = ["add_bench_parser"]
 
@@ -93,6 +94,8 @@ def add_bench_parser(commands: Any) -> None:
     server.add_argument("--model", metavar="NAME", help="default: the first model GET /v1/models lists")
     server.add_argument("--api-key-env", metavar="VAR", help="env var holding the API key (default BATCHGEN_API_KEY, "
                         "then OPENAI_API_KEY)")
+    server.add_argument("--header", dest="headers", action="append", metavar="'NAME: VALUE'",
+                        help="an HTTP header sent with every request; repeatable")
     server.add_argument("--timeout", type=_positive_float, default=600.0, metavar="SECONDS",
                         help="per request, whole stream included (default %(default)g)")
     data = parser.add_argument_group("dataset")
@@ -172,7 +175,8 @@ def _options(args: argparse.Namespace) -> Any:
         defaults=defaults, continuous_usage=args.continuous_usage,
     )  # fmt: skip
     return BenchOptions(
-        server=ServerSpec(base_url=args.base_url, api_key=_api_key(args), timeout=args.timeout),
+        server=ServerSpec(base_url=args.base_url, api_key=_api_key(args), timeout=args.timeout,
+                          headers=parse_header_lines(args.headers or [])),
         dataset=dataset, loads=loads, model=args.model, processes=args.client_processes,
         goodput_ms=dict(args.goodput) if args.goodput else None,
         result_json=args.result_json, raw_output=args.raw_output, plot=args.plot,

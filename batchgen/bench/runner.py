@@ -15,8 +15,8 @@ import itertools
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from batchgen.bench.metrics import ClientLoad, RequestRecord
@@ -31,11 +31,12 @@ TICK_S = 0.005  # event-loop lag probe period: fine enough to see a 10 ms stall,
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerSpec:
-    """Where to send: base URL, key (never printed) and the per-request timeout in seconds."""
+    """Where to send: base URL, key (never printed), the user's own headers and the per-request timeout in seconds."""
 
     base_url: str
     api_key: str | None = None
     timeout: float = 600.0
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,7 +136,7 @@ def arrival_offsets(load: LoadSpec, count: int | None) -> Iterator[float]:
 
 async def discover_model(server: ServerSpec) -> str:
     """The first model the server lists (GET /v1/models), as vLLM's bench does without --model."""
-    async with Client(server.base_url, server.api_key, timeout=min(server.timeout, 60.0), max_retries=2) as client:
+    async with Client(server.base_url, server.api_key, timeout=min(server.timeout, 60.0), max_retries=2, headers=server.headers) as client:
         models = await client.list_models()
     if not models or not isinstance(models[0].get("id"), str):
         raise ConfigError(f"{server.base_url}/models lists no model; pass --model")
@@ -288,7 +289,7 @@ async def run_shard(
     if not bodies:
         raise ConfigError("no request bodies to send")
     client = Client(server.base_url, server.api_key, timeout=server.timeout, max_retries=0,
-                    max_connections=load.in_flight_limit)  # fmt: skip
+                    max_connections=load.in_flight_limit, headers=server.headers)  # fmt: skip
     async with client:
         shard = _Shard(client, bodies, process, processes)
         if load.warmup:
