@@ -91,3 +91,9 @@ def test_an_invalid_request_default_stops_the_run_before_any_request(
     assert main(["run", str(config)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(config: Path) -> None:
+    cfg = load_config(read_yaml(config), source=str(config))
+    assert cfg.input and cfg.output

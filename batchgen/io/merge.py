@@ -192,7 +192,19 @@ def _read_range(part: _Part, start: int, stop: int, state: pa.Schema) -> pa.Tabl
         raise OutputError(f"{part.path}: unreadable part file ({exc})") from exc
     index = table.column(INDEX_COLUMN)
     table = table.filter(pc.and_(pc.greater_equal(index, start), pc.less(index, stop)))
-    return table if table.schema.equals(state) else table.select(state.names).cast(state)
+    return table if table.schema.equals(state) else conform(table, state)
+
+
+def conform(table: pa.Table, state: pa.Schema) -> pa.Table:
+    """`table` in `state`'s columns and types. Columns that an older batchgen did not write yet
+    (`stop_reason`, `logprobs`, ...) come back null, so a job started before an upgrade resumes."""
+    columns = [
+        table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in state
+    ]
+    try:
+        return pa.Table.from_arrays(columns, names=state.names).cast(state)
+    except (pa.ArrowException, ValueError) as exc:
+        raise OutputError(f"earlier results do not match this run's output columns ({exc}); rerun with --overwrite") from exc
 
 
 def _merge_window(parts: list[_Part], previous: _RowStream | None, start: int, stop: int, state: pa.Schema) -> pa.Table:
@@ -249,9 +261,10 @@ def _previous_rows(path: Path, results: pa.Schema, chunk: int) -> tuple[_RowStre
 
     def parquet_chunks() -> Iterator[pa.Table]:
         with pq.ParquetFile(path, pre_buffer=False) as reader:
-            for batch in reader.iter_batches(batch_size=chunk, columns=results.names):
+            stored = set(reader.schema_arrow.names)
+            for batch in reader.iter_batches(batch_size=chunk, columns=[n for n in results.names if n in stored]):
                 table = pa.Table.from_batches([batch])
-                yield table if table.schema.equals(results) else table.cast(results)
+                yield table if table.schema.equals(results) else conform(table, results)
 
     return _RowStream(_converted(path, parquet_chunks()), results), rows
 
