@@ -1,9 +1,11 @@
-"""Shared fixtures: a scripted HTTP server on 127.0.0.1, a clean environment, instant backoff."""
+"""Shared fixtures: a scripted HTTP server on 127.0.0.1, a clean environment, instant backoff; and
+the helpers that tell which row (and which attempt) a recorded request is for."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,50 @@ def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
         return real(retry, policy, retry_after) if retry_after is not None else 0.0
 
     monkeypatch.setattr(client_module, "backoff_delay", fast)
+
+
+# ---------------------------------------------------------------- which row a request is for
+#
+# batchgen sends no row-id or attempt header (issue 9: real servers reject or misuse them), so a test
+# tells a recorded request's row by its prompt, which every test writes as a function of the row id,
+# and its attempt by counting: a row's attempts are sent one after another, never two at once, so the
+# k-th request seen for a row is its attempt k.
+
+
+def prompt_of(body: Mapping[str, Any]) -> str:
+    """The text of a chat request's (or an input row's) last message."""
+    content = body["messages"][-1]["content"]
+    assert isinstance(content, str), f"a request whose last message is not text: {content!r:.80}"
+    return content
+
+
+def row_lookup(ids_by_prompt: Mapping[str, str]) -> Callable[[str], str]:
+    """Prompt -> row id for a test that lists its prompts; a prompt of no listed row fails the test."""
+
+    def row_of(prompt: str) -> str:
+        assert prompt in ids_by_prompt, f"a request for no known row: prompt {prompt[:80]!r}"
+        return ids_by_prompt[prompt]
+
+    return row_of
+
+
+def rows_sent(bodies: Iterable[Mapping[str, Any]], row_of: Callable[[str], str]) -> list[str]:
+    """The row id of each recorded request body, in record order (`row_of` maps a prompt to its row)."""
+    return [row_of(prompt_of(body)) for body in bodies]
+
+
+class AttemptCounter:
+    """Numbers one server's requests per row, in arrival order: the k-th request for a row is its attempt k."""
+
+    def __init__(self) -> None:
+        self._seen: Counter[str] = Counter()
+
+    def next(self, row_id: str) -> int:
+        self._seen[row_id] += 1
+        return self._seen[row_id]
+
+
+# ---------------------------------------------------------------- scripted server
 
 
 @dataclass

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -17,6 +18,8 @@ import pytest
 
 from batchgen.io.parts import scan_checkpoint
 from batchgen.testing.mock_server import MockConfig, mock_server_thread
+
+from .conftest import row_lookup, rows_sent
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = 400
@@ -36,6 +39,11 @@ def _done_ids(state_dir: Path) -> set[str]:
         return set()
     status = scan_checkpoint(state_dir, ROWS).status
     return {str(i) for i, s in enumerate(status) if s}
+
+
+def _rows_sent(bodies: list[dict[str, Any]]) -> set[str]:
+    """Ids of the rows requested: the prompt "question i" is row "i"."""
+    return set(rows_sent(bodies, row_lookup({f"question {i}": str(i) for i in range(ROWS)})))
 
 
 def _output_is_absent_or_valid(output: Path) -> None:
@@ -65,13 +73,13 @@ def test_kill_9_at_random_points_then_resume(tmp_path: Path) -> None:
                 kills += 1
             proc.wait(timeout=30)
             _output_is_absent_or_valid(output)
-            resent = {h["x-request-id"] for h in server.state.request_headers}
+            resent = _rows_sent(server.state.requests)
             assert not (resent & before), "rows already on disk were requested again"
         server.state.reset()
         before = _done_ids(state_dir)
         final = subprocess.run(_command(server.url, input_path, output), env=_env(), capture_output=True, timeout=120)
         assert final.returncode == 0, final.stderr.decode()
-        assert not ({h["x-request-id"] for h in server.state.request_headers} & before)
+        assert not (_rows_sent(server.state.requests) & before)
     assert kills >= 1
     out = pl.read_parquet(output)
     assert out["id"].to_list() == [str(i) for i in range(ROWS)]

@@ -17,6 +17,8 @@ from batchgen.errors import InputError
 from batchgen.pipeline import EXIT_OK, EXIT_ROW_ERRORS, run_async
 from batchgen.testing.mock_server import MockConfig, MockServer
 
+from .conftest import prompt_of, row_lookup, rows_sent
+
 MSG = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
@@ -30,8 +32,10 @@ async def _run(server: MockServer, tmp_path: Path, input_path: Path, output: str
     return await run_async(load_config(settings), log=io.StringIO())
 
 
-def _by_request_id(server: MockServer) -> dict[str, dict[str, Any]]:
-    return {h["x-request-id"]: body for body, h in zip(server.state.requests, server.state.request_headers, strict=True)}
+def _sent_by_row(server: MockServer, ids_by_prompt: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The body the server received for each row, the row told by its prompt."""
+    rows = rows_sent(server.state.requests, row_lookup(ids_by_prompt))
+    return dict(zip(rows, server.state.requests, strict=True))
 
 
 async def test_overrides_reach_the_server_and_every_column_is_filled(tmp_path: Path) -> None:
@@ -51,7 +55,7 @@ async def test_overrides_reach_the_server_and_every_column_is_filled(tmp_path: P
     async with MockServer() as server:
         result = await _run(server, tmp_path, path, temperature=0.7, max_tokens=50, seed=3)
     assert result.exit_code == EXIT_OK, result.message
-    sent = _by_request_id(server)
+    sent = _sent_by_row(server, {prompt_of(row): row["id"] for row in rows})
     assert sent["plain"]["temperature"] == 0.1 and sent["plain"]["max_tokens"] == 50 and sent["plain"]["seed"] == 3
     assert sent["length"]["temperature"] == 0.7 and sent["length"]["max_tokens"] == 2
     assert sent["reason"]["chat_template_kwargs"] == {"enable_thinking": True} and sent["reason"]["min_p"] == 0.05
@@ -60,12 +64,16 @@ async def test_overrides_reach_the_server_and_every_column_is_filled(tmp_path: P
     assert out["id"].to_list() == ["plain", "length", "reason", "tool"]
     plain, length, reason, tool = out.to_dicts()
     assert plain["content"] == "echo: hello there" and plain["finish_reason"] == "stop"
-    assert plain["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert plain["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5,
+                              "cached_tokens": None, "reasoning_tokens": None}
+    assert plain["stop_reason"] is None and plain["logprobs"] is None and plain["choices"] is None
+    assert plain["raw"] is None
     assert plain["model"] == "mock-model" and plain["response_id"] and plain["status_code"] == 200
     assert plain["attempts"] == 1 and plain["latency_s"] > 0 and plain["error"] is None
     assert plain["tool_calls"] == [] and plain["reasoning_content"] is None and plain["ttft_s"] is None
     assert length["finish_reason"] == "length" and length["usage"]["completion_tokens"] == 2 and length["error"] is None
     assert reason["reasoning_content"] and reason["content"].startswith("\n\n")
+    assert reason["usage"]["reasoning_tokens"] == len(reason["reasoning_content"].split())
     assert tool["content"] is None and tool["finish_reason"] == "tool_calls"
     assert tool["tool_calls"][0]["function"]["name"] == "lookup"
     assert orjson.loads(tool["tool_calls"][0]["function"]["arguments"]) == {"query": "weather in Paris"}
@@ -112,7 +120,7 @@ async def test_bad_rows_become_error_rows_and_good_rows_survive(tmp_path: Path) 
     assert "line 4" in by_id["d"]["error"] and "role" in by_id["d"]["error"]
     assert "column 'messages'" in by_id["e"]["error"]
     assert by_id["f"]["status_code"] == 404 and by_id["f"]["error_type"] == "not_found" and by_id["f"]["attempts"] == 1
-    sent = [h["x-request-id"] for h in server.state.request_headers]
+    sent = rows_sent(server.state.requests, row_lookup({"fine": "a", "also fine": "f", "last": "g"}))
     assert sorted(sent) == ["a", "f", "g"]  # bad rows never reached the server; the 404 was tried once
 
 
@@ -128,7 +136,7 @@ async def test_openai_batch_input_body_wins_over_defaults(tmp_path: Path) -> Non
     async with MockServer() as server:
         result = await _run(server, tmp_path, path, input_format="openai-batch", max_tokens=20, temperature=0.5)
     assert result.exit_code == EXIT_OK, result.message
-    sent = _by_request_id(server)
+    sent = _sent_by_row(server, {"first": "req-1", "second": "req-2"})
     assert sent["req-1"]["max_tokens"] == 1 and sent["req-2"]["max_tokens"] == 20
     assert sent["req-2"]["model"] == "mock-model" and sent["req-2"]["temperature"] == 0.5
     out = pl.read_parquet(tmp_path / "out.parquet")
@@ -167,7 +175,7 @@ async def test_rerun_of_a_finished_job_sends_nothing_and_retry_failed_resends_on
         assert healthy.state.requests == [] and "nothing to do" in again.message
         fixed = await _run(healthy, tmp_path, path, retry_failed=True)
     assert fixed.exit_code == EXIT_OK
-    assert sorted(h["x-request-id"] for h in healthy.state.request_headers) == sorted(failed)
+    assert sorted(rows_sent(healthy.state.requests, row_lookup({f"p {i}": str(i) for i in range(n)}))) == sorted(failed)
     after = pl.read_parquet(tmp_path / "out.parquet")
     assert after["id"].to_list() == [str(i) for i in range(n)] and after["error"].null_count() == n
     kept = before.filter(pl.col("error").is_null())

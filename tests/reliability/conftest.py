@@ -32,6 +32,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from ..conftest import AttemptCounter, prompt_of
+
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
@@ -273,6 +275,13 @@ def prompts(n: int) -> list[str]:
     return [f"question {i}" for i in range(n)]
 
 
+def row_of_prompt(prompt: str) -> str:
+    """The row a prompt of `prompts` belongs to: "question 7" -> "r7"; any other prompt fails the test."""
+    number = prompt.removeprefix("question ")
+    assert number != prompt and number.isdigit(), f"a request for no row of `prompts`: {prompt[:80]!r}"
+    return f"r{number}"
+
+
 def echo(prompt: str) -> str:
     """The mock server's deterministic answer to a one-message conversation."""
     return f"echo: {prompt}"
@@ -340,18 +349,21 @@ class Attempt:
     fault: str | None
 
 
-def replay_faults(headers: Sequence[Mapping[str, str]], fault_rate: float, faults: Sequence[str],
+def replay_faults(requests: Sequence[Mapping[str, Any]], fault_rate: float, faults: Sequence[str],
                   seed: int) -> list[Attempt]:
-    """Which fault the mock gave each recorded attempt.
+    """Which fault the mock gave each recorded attempt (`requests`: the bodies in `MockState.requests`).
 
     The mock records a request and draws its fault from `random.Random(seed)` in one synchronous
     step (`_Routes._accept`), so replaying the draws in record order gives each attempt's fault.
+    The row comes from the prompt (`row_of_prompt`), the attempt from counting that row's requests.
     """
     rng = random.Random(seed)
+    counter = AttemptCounter()
     attempts = []
-    for h in headers:
+    for body in requests:
         fault = rng.choice(list(faults)) if rng.random() < fault_rate else None
-        attempts.append(Attempt(h["x-request-id"], int(h.get("x-batchgen-attempt", "1")), fault))
+        row_id = row_of_prompt(prompt_of(body))
+        attempts.append(Attempt(row_id, counter.next(row_id), fault))
     return attempts
 
 
@@ -390,7 +402,8 @@ DONE = b"data: [DONE]\n\n"
 
 @dataclass
 class Call:
-    """One request to a `bad_server`: the row, the attempt, what the normal answer would be."""
+    """One request to a `bad_server`: the row (from the prompt), the attempt (that row's k-th request
+    to this server), what the normal answer would be."""
 
     request: web.Request
     body: dict[str, Any]
@@ -431,17 +444,19 @@ async def _normal_answer(call: Call) -> web.StreamResponse:
 @pytest.fixture
 async def bad_server() -> AsyncIterator[Callable[[Misbehave], Awaitable[BadServer]]]:
     """Start an OpenAI-compatible server that answers `echo: <prompt>` (plain or SSE, as asked)
-    unless `misbehave(call)` returns a response of its own for that call."""
+    unless `misbehave(call)` returns a response of its own for that call. Prompts must be those of
+    `prompts` (`write_prompts`): they tell each call's row."""
     servers: list[TestServer] = []
 
     async def start(misbehave: Misbehave) -> BadServer:
         state = BadServer(url="")
+        attempts = AttemptCounter()
 
         async def chat(request: web.Request) -> web.StreamResponse:
             body = orjson.loads(await request.read())
-            call = Call(request, body, request.headers.get("x-request-id", ""),
-                        int(request.headers.get("x-batchgen-attempt", "1")),
-                        echo(body["messages"][-1]["content"]), bool(body.get("stream")))
+            prompt = prompt_of(body)
+            row_id = row_of_prompt(prompt)
+            call = Call(request, body, row_id, attempts.next(row_id), echo(prompt), bool(body.get("stream")))
             state.calls.append((call.row_id, call.attempt))
             response = await misbehave(call)
             return response if response is not None else await _normal_answer(call)

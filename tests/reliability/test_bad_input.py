@@ -14,6 +14,7 @@ import pytest
 from batchgen.pipeline import EXIT_OK, EXIT_ROW_ERRORS
 from batchgen.testing.mock_server import MockServer
 
+from ..conftest import rows_sent
 from .conftest import Recorder, echo, read_output, run_bounded, run_cli_async, state_dir, write_jsonl
 
 
@@ -84,8 +85,20 @@ def _check_error_row(record: dict[str, Any], where: str, words: tuple[str, ...],
     assert record["id"] == bad_id and record["content"] is None and record["attempts"] == 0, record
 
 
+BIG_PROMPT_CHARS = 20 * 1024 * 1024
+
+
+def _row_of_prompt(prompt: str) -> str:
+    """The row a good prompt belongs to: "good 7" -> "g7", the 20 MB prompt -> "big"; no other row may be sent."""
+    if len(prompt) == BIG_PROMPT_CHARS:
+        return "big"
+    number = prompt.removeprefix("good ")
+    assert number != prompt and number.isdigit(), f"a bad row was sent: prompt {prompt[:80]!r}"
+    return f"g{number}"
+
+
 def _sent_ids(server: MockServer) -> list[str]:
-    return sorted(h["x-request-id"] for h in server.state.request_headers)
+    return sorted(rows_sent(server.state.requests, _row_of_prompt))
 
 
 @pytest.mark.parametrize("case", list(ROW_CASES), ids=list(ROW_CASES))
@@ -164,7 +177,7 @@ async def test_bad_parquet_row_becomes_an_error_row_naming_row_and_field(case: s
 @pytest.mark.slow
 async def test_a_single_20_mb_row_goes_through_and_its_neighbours_are_intact(tmp_path: Path, figures: Any) -> None:
     """A single 20 MB JSONL row (one 20 MB word, within the mock's context limit) between two small rows, run in-process under the project's warnings-are-errors setting: all three are answered, each with its own full echo, in order (a warning about one row must not take down the run)."""
-    big = "x" * (20 * 1024 * 1024)
+    big = "x" * BIG_PROMPT_CHARS
     path = write_jsonl(tmp_path / "in.jsonl", [_good(0), {"id": "big", "messages": _msgs(big)}, _good(1)])
     result, server = await _run(tmp_path, path, "out.parquet", max_retries=2)
     assert result.exit_code == EXIT_OK, result.message
@@ -178,7 +191,7 @@ async def test_a_single_20_mb_row_goes_through_and_its_neighbours_are_intact(tmp
 @pytest.mark.slow
 async def test_a_single_20_mb_row_through_the_cli(tmp_path: Path, figures: Any) -> None:
     """The same 20 MB row through `batchgen run` with Python's default warning filters: all three rows are answered, each with its own full echo, in order."""
-    big = "x" * (20 * 1024 * 1024)
+    big = "x" * BIG_PROMPT_CHARS
     path = write_jsonl(tmp_path / "in.jsonl", [_good(0), {"id": "big", "messages": _msgs(big)}, _good(1)])
     output = tmp_path / "out.parquet"
     async with MockServer() as server:

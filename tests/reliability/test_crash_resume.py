@@ -18,6 +18,7 @@ import pytest
 
 from batchgen.testing.mock_server import MockConfig, mock_server_thread
 
+from ..conftest import rows_sent
 from .conftest import (
     assert_every_row_once_in_order,
     batchgen_command,
@@ -25,6 +26,7 @@ from .conftest import (
     ok_ids_on_disk,
     read_output,
     row_ids,
+    row_of_prompt,
     rows_on_disk,
     run_args,
     run_cli,
@@ -117,7 +119,7 @@ def test_kill_9_at_ten_random_points_then_resume_equals_uninterrupted_run(tmp_pa
                 finally:
                     proc.kill()
                     proc.wait(timeout=30)
-                resent_done += sorted({h["x-request-id"] for h in server.state.request_headers} & done)
+                resent_done += sorted(set(rows_sent(server.state.requests, row_of_prompt)) & done)
             # One more, aimed at the merge: kill the moment every row is on disk, when the run is
             # finalizing (or about to). Not counted among the 10: the run may win the race.
             done = ok_ids_on_disk(output)
@@ -131,11 +133,11 @@ def test_kill_9_at_ten_random_points_then_resume_equals_uninterrupted_run(tmp_pa
             finally:
                 proc.kill()
                 proc.wait(timeout=30)
-            resent_done += sorted({h["x-request-id"] for h in server.state.request_headers} & done)
+            resent_done += sorted(set(rows_sent(server.state.requests, row_of_prompt)) & done)
             done = ok_ids_on_disk(output)
             server.state.reset()
             final = run_cli(args, timeout=90)
-            resent_done += sorted({h["x-request-id"] for h in server.state.request_headers} & done)
+            resent_done += sorted(set(rows_sent(server.state.requests, row_of_prompt)) & done)
         finally:
             watcher.stop.set()
             thread.join(timeout=10)

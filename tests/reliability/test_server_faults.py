@@ -64,11 +64,10 @@ async def _run(server: MockServer, tmp_path: Path, *, stream: bool, max_retries:
 
 
 def _by_row(attempts: list[Attempt]) -> dict[str, list[Attempt]]:
+    """Each row's attempts, in the order they reached the server (which is their attempt order)."""
     rows: dict[str, list[Attempt]] = defaultdict(list)
     for attempt in attempts:
         rows[attempt.row_id].append(attempt)
-    for tries in rows.values():
-        tries.sort(key=lambda a: a.attempt)
     return rows
 
 
@@ -88,12 +87,15 @@ async def test_enough_retries_every_row_succeeds_exactly_once_in_order(
     assert set(injected) == set(FAULT_KINDS), f"not every fault kind was injected: {dict(injected)}"
     # Each attempt the client counted reached the server, and none the client did not count.
     assert out["attempts"].sum() == len(server.state.requests)
-    attempts = replay_faults(server.state.request_headers, FAULT_RATE, FAULT_KINDS, seed)
+    attempts = replay_faults(server.state.requests, FAULT_RATE, FAULT_KINDS, seed)
     assert sum(a.fault is not None for a in attempts) == sum(injected.values()), "fault replay out of step"
-    for row_id, tries in _by_row(attempts).items():
+    rows = _by_row(attempts)
+    for row_id, attempts_counted in zip(out["id"].to_list(), out["attempts"].to_list(), strict=True):
+        tries = rows[row_id]
         clean = [a for a in tries if a.fault is None]
         assert len(clean) == 1 and clean[0] is tries[-1], f"{row_id}: fault-free attempts {clean}, all {tries}"
-        assert [a.attempt for a in tries] == list(range(1, len(tries) + 1)), f"{row_id}: attempts {tries}"
+        # The row's own attempt count is what reached the server for it (no attempt header to compare).
+        assert attempts_counted == len(tries), f"{row_id}: {attempts_counted} attempts counted, sent {tries}"
     assert not state_dir(tmp_path / "out.parquet").exists()
     figures(rows=ROWS, faults_injected=sum(injected.values()), retries=result.stats.retries,
             requests=len(server.state.requests), **{f"fault_{k}": v for k, v in sorted(injected.items())})
@@ -111,7 +113,7 @@ async def test_spent_retry_budget_gives_typed_error_rows_and_leaves_other_rows_i
     assert result.exit_code == EXIT_ROW_ERRORS, result.message
     out = read_output(tmp_path / "out.parquet")
     assert out["id"].to_list() == row_ids(ROWS)
-    rows = _by_row(replay_faults(server.state.request_headers, FAULT_RATE, FAULT_KINDS, seed))
+    rows = _by_row(replay_faults(server.state.requests, FAULT_RATE, FAULT_KINDS, seed))
     assert sorted(rows) == sorted(row_ids(ROWS)), "some row was never sent, or an unknown id was"
     final_faults: Counter[str] = Counter()
     for record, prompt in zip(out.iter_rows(named=True), prompts(ROWS), strict=True):

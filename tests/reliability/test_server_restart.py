@@ -16,6 +16,7 @@ from batchgen.config import load_config
 from batchgen.pipeline import EXIT_OK, run_async
 from batchgen.testing.mock_server import MockConfig, MockServer
 
+from ..conftest import rows_sent
 from .conftest import (
     CliResult,
     MockProcess,
@@ -24,6 +25,7 @@ from .conftest import (
     mentions_lost_server,
     ok_ids_on_disk,
     read_output,
+    row_of_prompt,
     rows_on_disk,
     run_args,
     run_cli_async,
@@ -91,7 +93,7 @@ async def test_server_never_comes_back_run_ends_with_clear_message_and_resumes(
         again = await run_cli_async([*args, "--retry-failed"], timeout=60)
     assert again.returncode == 0, again.stderr
     assert_every_row_once_in_order(read_output(output), rows)
-    resent = [h["x-request-id"] for h in back.state.request_headers]
+    resent = rows_sent(back.state.requests, row_of_prompt)
     assert len(resent) == len(set(resent)) == rows - len(done_before), "the resumed run sent a row twice or sent a done row"
     assert not set(resent) & done_before, "the resumed run asked again for rows already done"
     assert not state_dir(output).exists()
