@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -21,6 +22,8 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchgen.testing import (
     FAULT_KINDS,
@@ -32,6 +35,7 @@ from batchgen.testing import (
     make_app,
     mock_server_thread,
 )
+from batchgen.testing.mock_replies import ALT_TOKENS, completion_body, plan_chat, stream_events
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -117,6 +121,59 @@ def joined(chunks: list[dict[str, Any]], key: str, index: int = 0) -> str:
     )
 
 
+def reassemble(chunks: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Rebuild every choice of a stream by its index, as a client must: one choice per chunk, any order."""
+    choices: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        assert len(chunk["choices"]) <= 1
+        for c in chunk["choices"]:
+            new: dict[str, Any] = {"reasoning": "", "content": "", "arguments": "", "logprobs": []}
+            acc = choices.setdefault(c["index"], {**new, "finish_reason": None, "stop_reason": None})
+            assert acc["finish_reason"] is None, "a chunk after the finish chunk"
+            delta = c["delta"]
+            acc["reasoning"] += delta.get("reasoning", "")
+            acc["content"] += delta.get("content", "")
+            acc["arguments"] += "".join(t["function"].get("arguments", "") for t in delta.get("tool_calls", []))
+            if c["logprobs"] is not None:
+                acc["logprobs"] += c["logprobs"]["content"]
+            if c["finish_reason"] is not None:
+                acc["finish_reason"], acc["stop_reason"] = c["finish_reason"], c["stop_reason"]
+    return choices
+
+
+def plain_view(choice: dict[str, Any]) -> dict[str, Any]:
+    """A plain body's choice in `reassemble`'s shape (a stream cannot tell null content from "")."""
+    message = choice["message"]
+    return {
+        "reasoning": message["reasoning"] or "",
+        "content": message["content"] or "",
+        "arguments": "".join(t["function"]["arguments"] for t in message["tool_calls"]),
+        "logprobs": (choice["logprobs"] or {"content": []})["content"],
+        "finish_reason": choice["finish_reason"],
+        "stop_reason": choice["stop_reason"],
+    }
+
+
+def expected_logprob(position: int, token: str, k: int) -> dict[str, Any]:
+    """The logprobs rule of mock_replies' docstring, written out again."""
+    h = int.from_bytes(hashlib.blake2b(f"{position}:{token}".encode(), digest_size=8).digest(), "big")
+    start = h % len(ALT_TOKENS)
+    others = [t for t in ALT_TOKENS[start:] + ALT_TOKENS[:start] if t != token]
+    top = [(token, 0), *((t, i) for i, t in enumerate(others, start=1))][:k]
+    entries = [{"token": t, "logprob": -(h % 5000 + 1000 * i) / 1000, "bytes": list(t.encode())} for t, i in top]
+    return {"token": token, "logprob": -(h % 5000) / 1000, "bytes": list(token.encode()), "top_logprobs": entries}
+
+
+def expected_logprobs(tokens: list[str], k: int) -> list[dict[str, Any]]:
+    return [expected_logprob(p, t, k) for p, t in enumerate(tokens)]
+
+
+ECHO_TOKENS = ["echo:", " hello", " there", " world"]
+CACHED_SYSTEM = {"cached_tokens": 2}  # chat()'s system message, "be brief", is the cached prefix
+EXACT_6_MIN_2 = {"ignore_eos": True, "max_tokens": 6, "min_tokens": 2}
+THINKING_TOKENS = ["Thinking", " about:", " hello", " there", " world"]
+
+
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
@@ -162,14 +219,23 @@ async def test_plain_answer_has_every_vllm_key(server: MockServer, session: aioh
     assert body.keys() == expected.keys()
     assert body["choices"][0].keys() == expected["choices"][0].keys()
     assert body["choices"][0]["message"].keys() == expected["choices"][0]["message"].keys()
-    assert body["usage"].keys() == expected["usage"].keys()
+    # 2026 main adds completion_tokens_details (null without reasoning) to the v0.16-v0.23 fixture's keys.
+    assert list(body["usage"]) == [*expected["usage"], "completion_tokens_details"]
     assert re.fullmatch(r"chatcmpl-[0-9a-f]{32}", body["id"])
     assert isinstance(body["created"], int) and body["model"] == "mock-model"
     message = body["choices"][0]["message"]
     assert message["content"] == "echo: hello there world"
     assert message["tool_calls"] == [] and message["reasoning"] is None
-    assert body["choices"][0]["finish_reason"] == "stop"
-    usage = {"prompt_tokens": 5, "total_tokens": 9, "completion_tokens": 4, "prompt_tokens_details": None}
+    assert body["choices"][0]["finish_reason"] == "stop" and body["choices"][0]["stop_reason"] is None
+    assert body["choices"][0]["logprobs"] is None
+    # The system message is the cached prefix: 2 of the 5 prompt tokens.
+    usage = {
+        "prompt_tokens": 5,
+        "total_tokens": 9,
+        "completion_tokens": 4,
+        "prompt_tokens_details": {"cached_tokens": 2},
+        "completion_tokens_details": None,
+    }
     assert body["usage"] == usage
 
 
@@ -330,7 +396,8 @@ async def test_stream_usage_chunk_and_continuous_stats(server: MockServer, sessi
     chunks = await stream(session, server, chat(stream_options={"include_usage": True}))
     assert chunks[-1].keys() == {"id", "object", "created", "model", "choices", "usage"}
     assert chunks[-1]["choices"] == []
-    assert chunks[-1]["usage"] == {"prompt_tokens": 5, "total_tokens": 9, "completion_tokens": 4}
+    usage = {"prompt_tokens": 5, "total_tokens": 9, "completion_tokens": 4, "prompt_tokens_details": CACHED_SYSTEM}
+    assert chunks[-1]["usage"] == usage
     assert all("usage" not in c for c in chunks[:-1])
 
     options = {"include_usage": True, "continuous_usage_stats": True}
@@ -338,6 +405,8 @@ async def test_stream_usage_chunk_and_continuous_stats(server: MockServer, sessi
     running = [c["usage"]["completion_tokens"] for c in chunks]
     assert running == [0, 1, 2, 3, 4, 4, 4]  # role, 4 tokens, EOS finish chunk, final usage chunk
     assert all(c["usage"]["total_tokens"] == 5 + c["usage"]["completion_tokens"] for c in chunks)
+    assert [sorted(c["usage"]) for c in chunks[:-1]] == [["completion_tokens", "prompt_tokens", "total_tokens"]] * 6
+    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}  # only the final chunk has details
 
 
 async def test_stream_length_cut_puts_last_token_in_finish_chunk(
@@ -409,6 +478,364 @@ async def test_max_in_flight_counts_concurrent_requests(
     assert server.state.max_in_flight == count
 
 
+# ---------------------------------------------------------------- n and logprobs
+
+
+def test_logprob_rule_pinned() -> None:
+    # One literal value, so a change to the rule (here and in the mock alike) cannot pass unnoticed.
+    assert expected_logprob(0, "echo:", 3) == {
+        "token": "echo:",
+        "logprob": -2.771,
+        "bytes": [101, 99, 104, 111, 58],
+        "top_logprobs": [
+            {"token": "echo:", "logprob": -2.771, "bytes": [101, 99, 104, 111, 58]},
+            {"token": " of", "logprob": -3.771, "bytes": [32, 111, 102]},
+            {"token": " to", "logprob": -4.771, "bytes": [32, 116, 111]},
+        ],
+    }
+
+
+async def test_plain_logprobs_exact(server: MockServer, session: aiohttp.ClientSession) -> None:
+    body = await post_json(session, server, chat(logprobs=True, top_logprobs=3))
+    logprobs = body["choices"][0]["logprobs"]
+    assert logprobs == {"content": expected_logprobs(ECHO_TOKENS, 3)}
+    assert logprobs["content"][0] == expected_logprob(0, "echo:", 3)  # the pinned value above
+    for entry in logprobs["content"]:
+        tops = [t["logprob"] for t in entry["top_logprobs"]]
+        assert entry["top_logprobs"][0]["token"] == entry["token"] and tops == sorted(tops, reverse=True)
+        assert len(set(tops)) == 3 and all(lp <= 0 for lp in tops)
+    without_tops = await post_json(session, server, chat(logprobs=True))
+    assert without_tops["choices"][0]["logprobs"] == {"content": expected_logprobs(ECHO_TOKENS, 0)}
+    assert all(e["top_logprobs"] == [] for e in without_tops["choices"][0]["logprobs"]["content"])
+    off = await post_json(session, server, chat(logprobs=False, top_logprobs=0))  # 0 needs no logprobs
+    assert off["choices"][0]["logprobs"] is None
+    # A piece that is also a runner-up token (" the") is not listed twice.
+    body = await post_json(session, server, chat("the end", logprobs=True, top_logprobs=20))
+    [_, the, _] = body["choices"][0]["logprobs"]["content"]
+    assert the == expected_logprob(1, " the", 20)
+    assert [t["token"] for t in the["top_logprobs"]].count(" the") == 1 and len(the["top_logprobs"]) == 20
+
+
+async def test_logprobs_cover_reasoning_content_and_tool_arguments(
+    server: MockServer, session: aiohttp.ClientSession
+) -> None:
+    thinking = {"enable_thinking": True}
+    body = await post_json(session, server, chat(logprobs=True, top_logprobs=1, chat_template_kwargs=thinking))
+    tokens = THINKING_TOKENS + ["\n\necho:", " hello", " there", " world"]
+    assert body["choices"][0]["logprobs"]["content"] == expected_logprobs(tokens, 1)
+    message = body["choices"][0]["message"]
+    assert "".join(tokens) == message["reasoning"] + message["content"]
+
+    text = "weather in Zürich?"
+    body = await post_json(session, server, chat(text, tools=TOOLS, logprobs=True, chat_template_kwargs=thinking))
+    arguments = body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    entries = body["choices"][0]["logprobs"]["content"]
+    reasoning = ["Thinking", " about:", " weather", " in", " Zürich?"]
+    assert [e["token"] for e in entries] == [*reasoning, '{"query":', ' "weather', " in", ' Zürich?"}']
+    assert "".join(e["token"] for e in entries) == body["choices"][0]["message"]["reasoning"] + arguments
+    assert entries[4]["bytes"] == list(" Zürich?".encode())  # bytes are UTF-8, not characters
+    assert len(entries) == body["usage"]["completion_tokens"]
+
+
+async def test_n_choices_with_logprobs_plain(server: MockServer, session: aiohttp.ClientSession) -> None:
+    body = await post_json(session, server, chat(n=3, logprobs=True, top_logprobs=2))
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    for choice in body["choices"]:
+        assert choice["message"]["content"] == "echo: hello there world"
+        assert choice["logprobs"] == {"content": expected_logprobs(ECHO_TOKENS, 2)}
+    assert body["usage"]["completion_tokens"] == 12 and body["usage"]["total_tokens"] == 17
+
+
+async def test_stream_n3_with_logprobs_interleaves_choices(server: MockServer, session: aiohttp.ClientSession) -> None:
+    options = {"include_usage": True}
+    chunks = await stream(session, server, chat(n=3, logprobs=True, top_logprobs=2, stream_options=options))
+    per_choice = [c["choices"][0] for c in chunks[:-1]]
+    # Role chunks first, then one chunk per choice per step, round-robin: 4 tokens, then the finish chunks.
+    assert [c["index"] for c in per_choice] == [0, 1, 2] * 6
+    roles, tokens, finishes = per_choice[:3], per_choice[3:15], per_choice[15:]
+    assert all(c["delta"] == {"role": "assistant", "content": ""} and c["logprobs"] is None for c in roles)
+    for c in tokens:
+        [entry] = c["logprobs"]["content"]
+        assert entry["token"] == c["delta"]["content"] and len(entry["top_logprobs"]) == 2
+    assert all(c["delta"] == {"content": ""} and c["logprobs"] is None for c in finishes)
+    assert all(c["finish_reason"] == "stop" and c["stop_reason"] is None for c in finishes)
+    choices = reassemble(chunks)
+    assert sorted(choices) == [0, 1, 2]
+    for choice in choices.values():
+        assert choice["content"] == "echo: hello there world"
+        assert choice["logprobs"] == expected_logprobs(ECHO_TOKENS, 2)
+    usage = {"prompt_tokens": 5, "total_tokens": 17, "completion_tokens": 12, "prompt_tokens_details": CACHED_SYSTEM}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
+
+
+async def test_stream_length_cut_carries_last_logprob_in_finish_chunk(
+    server: MockServer, session: aiohttp.ClientSession
+) -> None:
+    chunks = await stream(session, server, chat(max_tokens=2, logprobs=True))
+    finish = chunks[-1]["choices"][0]
+    assert finish["finish_reason"] == "length" and finish["delta"] == {"content": " hello"}
+    assert finish["logprobs"] == {"content": [expected_logprob(1, " hello", 0)]}
+    assert reassemble(chunks)[0]["logprobs"] == expected_logprobs(["echo:", " hello"], 0)
+
+
+# ---------------------------------------------------------------- stop strings
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize(
+    ("stop", "extra", "content", "finish", "stop_reason", "tokens"),
+    [
+        ("there", {}, "echo: hello ", "stop", "there", 3),  # cut inside " there": its " " stays
+        (["world", "ell"], {}, "echo: h", "stop", "ell", 2),  # "ell" completes first
+        (["lo", "hel"], {}, "echo: hel", "stop", "lo", 2),  # one token completes both: list order wins
+        ("hello there", {}, "echo: ", "stop", "hello there", 3),  # over two tokens, both counted
+        ("echo", {}, "", "stop", "echo", 1),
+        ("nope", {}, "echo: hello there world", "stop", None, 4),
+        ([], {}, "echo: hello there world", "stop", None, 4),
+        ("hello", {"max_tokens": 3}, "echo: ", "stop", "hello", 2),  # a stop beats a length cut
+        ("world", {"max_tokens": 2}, "echo: hello", "length", None, 2),  # never generated
+        # No stop counts until more than min_tokens tokens exist: the first "hello" (token 2) is skipped.
+        ("hello", EXACT_6_MIN_2, "echo: hello there world ", "stop", "hello", 5),
+    ],
+)
+async def test_stop_strings(
+    server: MockServer,
+    session: aiohttp.ClientSession,
+    streamed: bool,
+    stop: str | list[str],
+    extra: dict[str, Any],
+    content: str,
+    finish: str,
+    stop_reason: str | None,
+    tokens: int,
+) -> None:
+    request = chat(stop=stop, logprobs=True, **extra)
+    if streamed:
+        options = {"include_usage": True, "continuous_usage_stats": True}
+        chunks = await stream(session, server, {**request, "stream_options": options})
+        choice = reassemble(chunks)[0]
+        finish_chunk = chunks[-2]
+        assert finish_chunk["choices"][0]["finish_reason"] == finish
+        assert finish_chunk["usage"]["completion_tokens"] == tokens  # running count ends on the total
+        usage = chunks[-1]["usage"]
+    else:
+        body = await post_json(session, server, request)
+        assert body["choices"][0]["message"]["content"] == content  # "", not null, without reasoning
+        choice = plain_view(body["choices"][0])
+        usage = body["usage"]
+    assert choice["content"] == content
+    assert (choice["finish_reason"], choice["stop_reason"]) == (finish, stop_reason)
+    assert usage["completion_tokens"] == tokens
+    assert "".join(e["token"] for e in choice["logprobs"]) == content  # the stop string has no entries
+
+
+async def test_stop_inside_reasoning(server: MockServer, session: aiohttp.ClientSession) -> None:
+    request = chat(stop="about", chat_template_kwargs={"enable_thinking": True})
+    body = await post_json(session, server, request)
+    choice = body["choices"][0]
+    assert choice["message"]["reasoning"] == "Thinking " and choice["message"]["content"] is None
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", "about")
+    assert body["usage"]["completion_tokens"] == 2
+    assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": 2}
+    chunks = await stream(session, server, request)
+    assert chunks[-1]["choices"][0]["delta"] == {} and chunks[-1]["choices"][0]["stop_reason"] == "about"
+    assert reassemble(chunks)[0] == plain_view(choice)
+    # A cut before the tool call drops it.
+    tool = await post_json(session, server, {**request, "tools": TOOLS, "tool_choice": "required"})
+    choice = tool["choices"][0]
+    assert choice["message"]["tool_calls"] == [] and choice["message"]["content"] is None
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", "about")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"n": 3, "logprobs": True, "top_logprobs": 2},
+        {"stop": ["there", "x"], "logprobs": True, "n": 2},
+        {"stop": "hello", "reasoning_effort": "low", "logprobs": True, "top_logprobs": 20},
+        {"tools": TOOLS, "tool_choice": "required", "logprobs": True, "reasoning_effort": "high"},
+        {"max_tokens": 6, "reasoning_effort": "low", "logprobs": True},
+    ],
+)
+async def test_stream_reassembles_to_the_plain_body(
+    server: MockServer, session: aiohttp.ClientSession, extra: dict[str, Any]
+) -> None:
+    body = await post_json(session, server, chat(**extra))
+    chunks = await stream(session, server, chat(**extra, stream_options={"include_usage": True}))
+    assert reassemble(chunks) == {c["index"]: plain_view(c) for c in body["choices"]}
+    assert chunks[-1]["usage"] == {k: v for k, v in body["usage"].items() if v is not None}
+
+
+# ---------------------------------------------------------------- usage details
+
+CONVERSATION = [
+    {"role": "user", "content": "what is up"},
+    {"role": "assistant", "content": "not much"},
+    {"role": "user", "content": "hello there world"},
+]
+
+
+async def test_cached_prompt_tokens_of_a_conversation(server: MockServer, session: aiohttp.ClientSession) -> None:
+    request = {"model": "mock-model", "messages": CONVERSATION}
+    body = await post_json(session, server, request)
+    assert body["usage"] == {
+        "prompt_tokens": 8,
+        "total_tokens": 12,
+        "completion_tokens": 4,
+        "prompt_tokens_details": {"cached_tokens": 5},  # the first two messages
+        "completion_tokens_details": None,
+    }
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = await stream(session, server, {**request, "stream_options": options})
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 8,
+        "total_tokens": 12,
+        "completion_tokens": 4,
+        "prompt_tokens_details": {"cached_tokens": 5},
+    }
+    assert all(c["usage"].keys() == {"prompt_tokens", "total_tokens", "completion_tokens"} for c in chunks[:-1])
+
+    single = {"model": "mock-model", "messages": [{"role": "user", "content": "hello there world"}]}
+    body = await post_json(session, server, single)
+    assert body["usage"]["prompt_tokens_details"] is None  # nothing before the last message
+    chunks = await stream(session, server, {**single, "stream_options": {"include_usage": True}})
+    assert chunks[-1]["usage"] == {"prompt_tokens": 3, "total_tokens": 7, "completion_tokens": 4}
+
+
+async def test_prompt_tokens_details_can_be_off(start_server: StartServer, session: aiohttp.ClientSession) -> None:
+    server = await start_server(prompt_tokens_details=False)
+    request = {"model": "mock-model", "messages": CONVERSATION}
+    body = await post_json(session, server, request)
+    assert body["usage"]["prompt_tokens_details"] is None and body["usage"]["prompt_tokens"] == 8
+    chunks = await stream(session, server, {**request, "stream_options": {"include_usage": True}})
+    assert chunks[-1]["usage"] == {"prompt_tokens": 8, "total_tokens": 12, "completion_tokens": 4}
+
+
+async def test_reasoning_tokens_in_usage(server: MockServer, session: aiohttp.ClientSession) -> None:
+    thinking = {"enable_thinking": True}
+    body = await post_json(session, server, chat(chat_template_kwargs=thinking))
+    assert body["usage"]["completion_tokens"] == 9
+    assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": 5}
+    body = await post_json(session, server, chat(n=2, chat_template_kwargs=thinking))
+    assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": 10}  # summed over choices
+    chunks = await stream(session, server, chat(chat_template_kwargs=thinking, stream_options={"include_usage": True}))
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 5,
+        "total_tokens": 14,
+        "completion_tokens": 9,
+        "prompt_tokens_details": {"cached_tokens": 2},
+        "completion_tokens_details": {"reasoning_tokens": 5},
+    }
+    off = chat(chat_template_kwargs={"enable_thinking": False}, stream_options={"include_usage": True})
+    chunks = await stream(session, server, off)
+    assert "completion_tokens_details" not in chunks[-1]["usage"]
+
+
+# ---------------------------------------------------------------- fast paths and their careful twins
+
+_WORDS = st.lists(st.sampled_from(["a", "b", "ab", "ba", "a:b", "é", "the"]), max_size=6)
+
+
+def _plan(body: dict[str, Any]) -> Any:
+    return plan_chat(body, models=("m",), output_tokens=None, request_id=None, created=1)
+
+
+def _frames(body: dict[str, Any]) -> list[dict[str, Any]]:
+    return sse_payloads(b"".join(e.data for e in stream_events(_plan(body))))
+
+
+def _body(words: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": " ".join(words)}], **extra}
+
+
+def _without_logprobs(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: None if k == "logprobs" else _without_logprobs(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_logprobs(v) for v in value]
+    return value
+
+
+_OPTIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        "n": st.integers(1, 3),
+        "max_tokens": st.integers(1, 12),
+        "reasoning_effort": st.sampled_from(["none", "low"]),
+        "ignore_eos": st.booleans(),
+        "tools": st.just(TOOLS),
+        "stop": st.lists(st.text("ab: é", min_size=1, max_size=3), max_size=3),
+    },
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(words=_WORDS, extra=_OPTIONS, top=st.integers(0, 20))
+def test_logprobs_add_nothing_but_logprobs(words: list[str], extra: dict[str, Any], top: int) -> None:
+    """The no-logprobs fast path (no per-token work) gives the same answer, minus the logprobs."""
+    if "max_tokens" not in extra and extra.get("ignore_eos"):
+        extra["max_tokens"] = 7
+    plain, with_logprobs = _body(words, extra), _body(words, {**extra, "logprobs": True, "top_logprobs": top})
+    fast, careful = completion_body(_plan(plain)), completion_body(_plan(with_logprobs))
+    del careful["id"], fast["id"]  # the id hashes the body
+    assert _without_logprobs(careful) == fast
+    for choice in careful["choices"]:
+        message, entries = choice["message"], choice["logprobs"]["content"]
+        arguments = "".join(t["function"]["arguments"] for t in message["tool_calls"])
+        text = (message["reasoning"] or "") + (message["content"] or "") + arguments
+        assert "".join(e["token"] for e in entries) == text
+        assert all(len({t["token"] for t in e["top_logprobs"]}) == top for e in entries)  # distinct tokens
+    fast_frames = _frames({**plain, "stream": True})
+    careful_frames = _frames({**with_logprobs, "stream": True})
+    assert [{**f, "id": None} for f in _without_logprobs(careful_frames)] == [{**f, "id": None} for f in fast_frames]
+
+
+def _reference_stop(pieces: list[str], stops: list[str], min_tokens: int) -> tuple[str, int, str] | None:
+    """vLLM's incremental check, one token at a time: (text kept, tokens generated, stop) or None."""
+    text = ""
+    for generated, piece in enumerate(pieces, start=1):
+        text += piece
+        if generated <= min_tokens:
+            continue
+        for stop in stops:
+            index = text.find(stop, max(0, len(text) + 1 - len(piece) - len(stop)))
+            if index >= 0:
+                return text[:index], generated, stop
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    words=_WORDS,
+    stops=st.lists(st.text("ab: é", min_size=1, max_size=4), min_size=1, max_size=3),
+    thinking=st.booleans(),
+    min_tokens=st.integers(0, 3),
+)
+def test_stop_matches_vllms_incremental_check(
+    words: list[str], stops: list[str], thinking: bool, min_tokens: int
+) -> None:
+    """The mock finds stops on the whole text at once; vLLM checks after every token. Same result."""
+    extra = {"reasoning_effort": "low" if thinking else "none", "min_tokens": min_tokens, "max_tokens": 9}
+    [uncut] = _plan(_body(words, extra)).choices
+    pieces = [*uncut.reasoning, *(uncut.content or ())]
+    body = completion_body(_plan(_body(words, {**extra, "stop": stops, "logprobs": True})))
+    choice, message = body["choices"][0], body["choices"][0]["message"]
+    reference = _reference_stop(pieces, stops, min_tokens)
+    if reference is None:
+        assert (choice["finish_reason"], choice["stop_reason"]) == (uncut.finish_reason, None)
+        assert body["usage"]["completion_tokens"] == len(pieces)
+        return
+    kept, generated, stop = reference
+    assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", stop)
+    assert (message["reasoning"] or "") + (message["content"] or "") == kept
+    assert body["usage"]["completion_tokens"] == generated
+    assert "".join(e["token"] for e in choice["logprobs"]["content"]) == kept
+    reasoning_text = "".join(uncut.reasoning)
+    assert (message["reasoning"] or "") == kept[: len(reasoning_text)]
+    if thinking and len(kept) <= len(reasoning_text):
+        assert message["content"] is None
+
+
 # ---------------------------------------------------------------- request errors
 
 
@@ -439,6 +866,16 @@ def _error(raw: bytes) -> dict[str, Any]:
         (chat(tools=[]), "tools"),
         (chat(max_tokens=8190), "max_tokens"),
         (chat(min_tokens=9, max_tokens=5), "min_tokens"),
+        (chat(logprobs="yes"), "logprobs"),
+        (chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+        (chat(logprobs=True, top_logprobs=-1), "top_logprobs"),
+        (chat(logprobs=True, top_logprobs=2.0), "top_logprobs"),
+        (chat(top_logprobs=2), "top_logprobs"),
+        (chat(logprobs=False, top_logprobs=1), "top_logprobs"),
+        (chat(stop=5), "stop"),
+        (chat(stop=["a", 5]), "stop"),
+        (chat(stop=["a", ""]), "stop"),
+        (chat(stop=""), "stop"),
     ],
 )
 async def test_bad_request_names_the_param(
@@ -513,33 +950,58 @@ async def test_api_key_guards_v1_only(start_server: StartServer, session: aiohtt
 # ---------------------------------------------------------------- faults
 
 
-def attempt(n: int, faults: str) -> dict[str, str]:
-    return {"x-mock-faults": faults, "x-batchgen-attempt": str(n)}
+INTERNAL_ERROR = {"message": "Internal server error", "type": "InternalServerError", "param": None, "code": 500}
 
 
-async def test_forced_faults_follow_the_attempt_number(server: MockServer, session: aiohttp.ClientSession) -> None:
-    plan = "500,429,503"
-    status, _, raw = await post(session, server, chat(), attempt(1, plan))
-    assert status == 500
-    internal = {"message": "Internal server error", "type": "InternalServerError", "param": None, "code": 500}
-    assert _error(raw) == internal
-    status, headers, raw = await post(session, server, chat(), attempt(2, plan))
+async def test_forced_faults_follow_the_count_of_identical_bodies(
+    server: MockServer, session: aiohttp.ClientSession
+) -> None:
+    faults = {"x-mock-faults": "500,429,503"}
+    row, other_row = chat(), chat("another row")
+    status, _, raw = await post(session, server, row, faults)
+    assert status == 500 and _error(raw) == INTERNAL_ERROR
+    status, headers, raw = await post(session, server, row, faults)  # the same bytes again: attempt 2
     assert status == 429 and headers["Retry-After"] == "0.05" and _error(raw)["type"] == "RateLimitError"
-    status, headers, _ = await post(session, server, chat(), attempt(3, plan))
+    status, _, raw = await post(session, server, other_row, faults)  # another body has its own count
+    assert status == 500
+    status, headers, _ = await post(session, server, row, faults)
     assert status == 503 and headers["Retry-After"] == "0.05"
-    await post_json(session, server, chat(), headers=attempt(4, plan))
-    await post_json(session, server, chat(), headers={"x-mock-faults": "500,500", "x-batchgen-attempt": "3"})
-    status, _, _ = await post(session, server, chat(), {"x-mock-faults": "429"})  # attempt defaults to 1
-    assert status == 429
-    assert server.state.faults_injected == Counter({"500": 1, "429": 2, "503": 1})
+    await post_json(session, server, row, headers=faults)  # attempt 4: past the list, so it succeeds
+    await post_json(session, server, row)  # without the header a request is neither faulted nor counted
+    assert server.state.faults_injected == Counter({"500": 2, "429": 1, "503": 1})
+    assert sorted(server.state.attempts.values()) == [1, 4]
     assert len(server.state.requests) == 6  # faulted attempts are recorded too
+    server.state.reset()
+    assert not server.state.attempts
+    status, _, _ = await post(session, server, row, faults)  # counting starts over after a reset
+    assert status == 500
+
+
+async def test_forced_fault_attempts_are_per_body_bytes(server: MockServer, session: aiohttp.ClientSession) -> None:
+    url = f"{server.url}/chat/completions"
+    headers = {"x-mock-faults": "500", "Content-Type": "application/json"}
+    statuses = []
+    # Equal JSON, different bytes: two bodies, so both get the first fault.
+    for data in (orjson.dumps(chat()), json.dumps(chat(), indent=1).encode(), orjson.dumps(chat())):
+        async with session.post(url, data=data, headers=headers) as resp:
+            statuses.append(resp.status)
+    assert statuses == [500, 500, 200]
+
+
+async def test_attempt_header_is_ignored(server: MockServer, session: aiohttp.ClientSession) -> None:
+    # batchgen no longer sends x-batchgen-attempt: the mock must not read it.
+    status, _, _ = await post(session, server, chat(), {"x-mock-faults": "500,429", "x-batchgen-attempt": "2"})
+    assert status == 500
+    status, _, _ = await post(session, server, chat(), {"x-mock-faults": "500,429", "x-batchgen-attempt": "0"})
+    assert status == 429
 
 
 async def test_unknown_forced_fault_is_rejected(server: MockServer, session: aiohttp.ClientSession) -> None:
     status, _, raw = await post(session, server, chat(), {"x-mock-faults": "500,boom"})
     assert status == 400 and _error(raw)["param"] == "x-mock-faults"
-    status, _, raw = await post(session, server, chat(), attempt(0, "500"))
-    assert status == 400 and _error(raw)["param"] == "x-batchgen-attempt"
+    assert not server.state.attempts  # a refused request is not an attempt
+    status, _, _ = await post(session, server, chat(), {"x-mock-faults": "500"})
+    assert status == 500
 
 
 @pytest.mark.parametrize("streamed", [False, True])
@@ -662,6 +1124,14 @@ def test_arguments_defaults_and_validation() -> None:
     assert args.models == ["a", "b"] and args.faults == ("500", "stall") and args.fault_rate == 0.2
     with pytest.raises(SystemExit):
         _parse(["--faults", "500,boom"])
+
+
+def test_prompt_tokens_details_flag_reaches_the_config() -> None:
+    from batchgen.testing.mock_server import _config_from_args
+
+    assert _parse([]).prompt_tokens_details is True
+    assert _config_from_args(_parse([])).prompt_tokens_details is True
+    assert _config_from_args(_parse(["--no-prompt-tokens-details"])).prompt_tokens_details is False
 
 
 def test_main_refuses_a_missing_key_variable(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,8 +7,10 @@ exactly what reached the server; `MockState` records the requests and the concur
 
 Faults: each chat attempt gets one with probability `MockConfig.fault_rate`, drawn from the state's
 seeded RNG. A request can force faults instead with the header ``x-mock-faults: 500,429,disconnect``:
-the k-th kind applies to attempt k (header ``x-batchgen-attempt``, 1-based, default 1) and later
-attempts succeed. Only requests that pass validation get faults, so a 4xx is never masked.
+the k-th kind applies to attempt k and later attempts succeed. A retry is told apart by its body, not by
+a header (batchgen sends none): attempt k is the k-th arrival of the same body bytes with that header since
+the last `MockState.reset`, so two rows with byte-identical bodies share one count. Only requests that
+pass validation get faults, so a 4xx is never masked.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import os
 import random
@@ -60,7 +63,6 @@ __all__ = [
 FAULT_KINDS: Final = ("429", "500", "503", "disconnect", "stall", "malformed", "truncated")
 MOCK_VERSION: Final = "0.16.0-mock"
 FORCED_FAULTS_HEADER: Final = "x-mock-faults"
-ATTEMPT_HEADER: Final = "x-batchgen-attempt"
 _SHUTDOWN_GRACE_S: Final = 1.0  # in-flight handlers (a stall, a slow stream) get this long on close
 _MAX_BODY_BYTES: Final = 64 * 1024 * 1024  # vLLM has no small body cap; aiohttp's 1 MiB default would be one
 _MALFORMED_BODY: Final = b'{"id": "x", "choices": '
@@ -80,6 +82,8 @@ class MockConfig:
         retry_after_s: Retry-After sent with 429 and 503 faults.
         stall_s: how long a "stall" fault hangs before closing the connection.
         api_key: when set, /v1/* requires ``Authorization: Bearer <key>`` (else 401, as vLLM).
+        prompt_tokens_details: report cached prompt tokens in usage, as vLLM does with
+            ``--enable-prompt-tokens-details`` (rule in `mock_replies`); False never sends them.
 
     Example: ``MockConfig(ttft_ms=20, itl_ms=5, output_tokens=128)``.
     """
@@ -95,6 +99,7 @@ class MockConfig:
     retry_after_s: float = 0.05
     stall_s: float = 30.0
     api_key: str | None = None
+    prompt_tokens_details: bool = True
 
     def __post_init__(self) -> None:
         # Accept any iterable of names, but store tuples so the config stays hashable and immutable.
@@ -126,6 +131,7 @@ class MockState:
     in_flight: int = 0
     max_in_flight: int = 0
     faults_injected: Counter[str] = field(default_factory=Counter)
+    attempts: Counter[bytes] = field(default_factory=Counter)  # forced-fault arrivals per body digest
     rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -137,11 +143,18 @@ class MockState:
         self.request_headers.clear()
         self.max_in_flight = self.in_flight
         self.faults_injected.clear()
+        self.attempts.clear()
         self.rng.seed(self.seed)
 
     def record(self, body: dict[str, Any], headers: Mapping[str, str]) -> None:
         self.requests.append(body)
         self.request_headers.append({k.lower(): v for k, v in headers.items()})
+
+    def count_attempt(self, raw_body: bytes) -> int:
+        """Count one more arrival of these body bytes; returns which one it is (1-based)."""
+        key = hashlib.blake2b(raw_body, digest_size=16).digest()
+        self.attempts[key] += 1
+        return self.attempts[key]
 
     @contextlib.contextmanager
     def track(self) -> Iterator[None]:
@@ -161,28 +174,26 @@ def _bad_header(name: str, message: str) -> RequestRejected:
     return RequestRejected(400, f"{name}: {message}", error_type="BadRequestError", param=name)
 
 
-def _forced_fault(spec: str, attempt_header: str) -> str | None:
+def _forced_kinds(spec: str) -> list[str]:
     kinds = [k.strip() for k in spec.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in FAULT_KINDS]
     if unknown:
         raise _bad_header(FORCED_FAULTS_HEADER, f"unknown fault kinds {unknown}")
-    try:
-        attempt = int(attempt_header)
-    except ValueError:
-        attempt = 0
-    if attempt < 1:
-        raise _bad_header(ATTEMPT_HEADER, f"must be an integer >= 1, got {attempt_header!r}")
-    return kinds[attempt - 1] if attempt <= len(kinds) else None
+    return kinds
 
 
-def choose_fault(headers: Mapping[str, str], config: MockConfig, rng: random.Random) -> str | None:
+def choose_fault(
+    headers: Mapping[str, str], raw_body: bytes, config: MockConfig, state: MockState
+) -> str | None:
     """The fault for this attempt: forced by header if present, else random at `fault_rate`."""
     forced = headers.get(FORCED_FAULTS_HEADER)
     if forced is not None:
-        return _forced_fault(forced, headers.get(ATTEMPT_HEADER, "1"))
+        kinds = _forced_kinds(forced)  # a refused header is not an attempt
+        attempt = state.count_attempt(raw_body)  # only here: unforced requests are never hashed or kept
+        return kinds[attempt - 1] if attempt <= len(kinds) else None
     # Draw only when faults are on, so a fault-free server never touches the RNG.
-    if config.fault_rate > 0 and rng.random() < config.fault_rate:
-        return rng.choice(config.faults)
+    if config.fault_rate > 0 and state.rng.random() < config.fault_rate:
+        return state.rng.choice(config.faults)
     return None
 
 
@@ -330,7 +341,8 @@ class _Routes:
         if request.content_type != "application/json":  # vLLM rejects other media types with a 400
             message = "Unsupported Media Type: Only 'application/json' is allowed"
             raise RequestRejected(400, message, error_type="BadRequestError", param=None)
-        body = parse_body(await request.read())
+        raw = await request.read()
+        body = parse_body(raw)
         self._state.record(body, request.headers)
         plan = plan_chat(
             body,
@@ -338,8 +350,9 @@ class _Routes:
             output_tokens=self._config.output_tokens,
             request_id=request.headers.get("X-Request-Id"),
             created=int(time.time()),
+            prompt_tokens_details=self._config.prompt_tokens_details,
         )
-        return plan, choose_fault(request.headers, self._config, self._state.rng)
+        return plan, choose_fault(request.headers, raw, self._config, self._state)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         return _json(models_body(self._config.models, self._created))
@@ -544,6 +557,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--stall-s", type=float, default=30.0, help="how long a stall fault hangs")
     add("--api-key-env", metavar="VAR", default=None,
         help="require this environment variable's value as the Bearer key on /v1/*")
+    add("--prompt-tokens-details", action=argparse.BooleanOptionalAction, default=True,
+        help="report cached prompt tokens in usage, as vLLM's --enable-prompt-tokens-details (default: on)")
 
 
 def _config_from_args(args: argparse.Namespace) -> MockConfig:
@@ -564,6 +579,7 @@ def _config_from_args(args: argparse.Namespace) -> MockConfig:
         retry_after_s=args.retry_after_s,
         stall_s=args.stall_s,
         api_key=api_key,
+        prompt_tokens_details=args.prompt_tokens_details,
     )
 
 
