@@ -145,6 +145,12 @@ class Stream:
             if tail == [DONE]:
                 self._finish()
                 return
+            if not self._payloads and not tail:
+                # llama.cpp answers a prompt over its context this way: 200, then nothing at all.
+                raise IncompleteResponseError(
+                    "stream ended before [DONE] with no event at all (a server may do this when it rejects the "
+                    "request after accepting the stream, e.g. llama.cpp for a prompt over its context)"
+                )
             raise IncompleteResponseError("stream ended before [DONE]")
         except APIError as exc:
             if self._scrub is not None:

@@ -277,7 +277,15 @@ async def test_stream_never_finishing_raises_incomplete(scripted_server: Any, no
     cut = Reply(chunks=_sse(_chunk({"content": "partial"}), done=False), content_type="text/event-stream")
     server = await scripted_server([cut])
     async with Client(server.url, max_retries=1) as client:
-        with pytest.raises(IncompleteResponseError, match="before \\[DONE\\]"):
+        with pytest.raises(IncompleteResponseError, match="before \\[DONE\\]$"):
+            await client.complete({"model": "m", "messages": MESSAGES, "stream": True})
+
+
+async def test_an_empty_stream_says_no_event_came(scripted_server: Any, no_backoff: None) -> None:
+    """llama.cpp's answer to a prompt over its context when streaming: 200, then nothing."""
+    server = await scripted_server([Reply(chunks=[], content_type="text/event-stream")])
+    async with Client(server.url, max_retries=1) as client:
+        with pytest.raises(IncompleteResponseError, match="no event at all"):
             await client.complete({"model": "m", "messages": MESSAGES, "stream": True})
 
 

@@ -43,7 +43,7 @@ async def test_context_overflow_is_an_error_row(llama_server: LlamaServer, tmp_p
     assert list(rows) == list(PROMPTS)
     refused = rows["too-long"]
     if stream:
-        assert refused["error_type"] == "incomplete_response" and "[DONE]" in refused["error"], refused
+        assert refused["error_type"] == "incomplete_response" and "no event at all" in refused["error"], refused
         assert refused["status_code"] is None and refused["attempts"] == MAX_RETRIES + 1  # retried, as it should be
     else:
         assert refused["error_type"] == "bad_request" and refused["status_code"] == 400, refused
