@@ -1,4 +1,6 @@
-"""Named defaults, in one place so the client, the CLI and the docs agree."""
+"""Named defaults and shared constants, in one place so the client, the CLI and the docs agree."""
+
+import enum
 
 DEFAULT_BASE_URL = "http://localhost:8000/v1"
 API_KEY_ENV_VARS = ("BATCHGEN_API_KEY", "OPENAI_API_KEY")
@@ -15,3 +17,25 @@ DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 DEFAULT_CONCURRENCY = 64
 DEFAULT_FLUSH_SECONDS = 2.0
 DEFAULT_FLUSH_ROWS = 10_000
+
+MOCK_URL = "mock"  # a base_url that starts the built-in mock server for the duration of the job
+INPUT_FORMATS = ("parquet", "jsonl", "openai-batch")
+
+
+class ExitCode(enum.IntEnum):
+    """What `batchgen run` returns; `EXIT_CODE_MEANINGS` says it to users (the CLI help is built from it)."""
+
+    OK = 0
+    ROW_ERRORS = 1
+    CONFIG = 2
+    FATAL = 3
+    INTERRUPTED = 130
+
+
+EXIT_CODE_MEANINGS = {
+    ExitCode.OK: "every row succeeded",
+    ExitCode.ROW_ERRORS: "completed with some error rows",
+    ExitCode.CONFIG: "config or input error (nothing sent), or the output could not be written (finished rows stay on disk)",
+    ExitCode.FATAL: "the server could not be used, or stopped answering mid-run (rerun to resume)",
+    ExitCode.INTERRUPTED: "interrupted by Ctrl-C or SIGTERM (rerun to resume)",
+}

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchgen.config import load_config
-from batchgen.errors import ConfigError
+from batchgen.errors import ConfigError, RunIncompleteError
 from batchgen.pipeline import EXIT_INTERRUPTED, RunResult, run
 
 if TYPE_CHECKING:
@@ -52,6 +52,12 @@ def generate(data: Any, **options: Any) -> pl.DataFrame:  # polars is imported h
         A polars DataFrame with one row per input row: `id`, the input columns, `content`,
         `reasoning_content`, `tool_calls`, `finish_reason`, `usage`, `error`, ...
 
+    Raises:
+        ConfigError: bad options or data; nothing was sent.
+        InputError: the data cannot be read as prompts.
+        RunIncompleteError: the run was interrupted, or ended without an output (e.g. the
+            server could not be used or stopped answering); `.exit_code` says which.
+
     Example:
         df = generate(pl.DataFrame({"prompt": ["Hi", "Bye"]}), base_url="http://localhost:8000/v1", max_tokens=32)
     """
@@ -69,7 +75,7 @@ def generate(data: Any, **options: Any) -> pl.DataFrame:  # polars is imported h
         else:
             result = run(cfg)
         if result.exit_code == EXIT_INTERRUPTED or not Path(cfg.output).exists():
-            raise RuntimeError(f"batchgen: {result.message}")
+            raise RunIncompleteError(f"batchgen: {result.message}", exit_code=result.exit_code)
         import polars as pl
 
         return pl.read_parquet(cfg.output)

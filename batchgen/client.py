@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 
 from batchgen import _constants as C
+from batchgen.apikey import resolve_api_key
 from batchgen.errors import APIError, ConfigError, IncompleteResponseError
 from batchgen.headers import attempt_headers, check_headers, secret_values
 from batchgen.parsing import error_from_body, parse_completion
@@ -32,22 +33,11 @@ from batchgen.validation import validate_request
 if TYPE_CHECKING:
     from batchgen.builder import ChatCompletionBuilder
 
-__all__ = ["Client", "resolve_api_key"]
+__all__ = ["Client"]
 
 _LARGE_BODY = 1024 * 1024  # aiohttp's threshold for its "large body as bytes" warning
 
 T = TypeVar("T")
-
-
-def resolve_api_key(api_key: str | None, env_vars: tuple[str, ...] = C.API_KEY_ENV_VARS) -> str | None:
-    """The explicit key, else the first of `env_vars` that is set and non-empty."""
-    if api_key:
-        return api_key
-    for name in env_vars:
-        value = os.environ.get(name)
-        if value:
-            return value
-    return None
 
 
 class Completions:
@@ -143,6 +133,7 @@ class Client:
             `X-Request-Id` for log correlation); by default no per-request header is sent.
         read_timeout: seconds allowed between two reads (catches a stalled stream); None = no limit.
         backoff_base / backoff_max / max_retry_after: see `RetryPolicy`.
+        retry: a whole `RetryPolicy`; when given it replaces `max_retries` and the three above.
         max_connections: the connection pool size (set it to the wanted concurrency).
         max_response_bytes: a larger body fails the request without retry.
 
@@ -167,13 +158,14 @@ class Client:
         max_retry_after: float = C.DEFAULT_MAX_RETRY_AFTER,
         max_connections: int = C.DEFAULT_MAX_CONNECTIONS,
         max_response_bytes: int = C.DEFAULT_MAX_RESPONSE_BYTES,
+        retry: RetryPolicy | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base_url must start with http:// or https://, got {base_url!r}")
         if timeout <= 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
         self.base_url = base_url.rstrip("/")
-        self.retry_policy = RetryPolicy(
+        self.retry_policy = retry or RetryPolicy(
             max_retries=max_retries, backoff_base=backoff_base, backoff_max=backoff_max, max_retry_after=max_retry_after
         )
         self.timeout = timeout

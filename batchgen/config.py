@@ -10,8 +10,6 @@ import dataclasses
 import difflib
 import math
 import os
-import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +17,12 @@ from typing import Any
 
 
 from batchgen import _constants as C
+from batchgen.apikey import resolve_api_key
 from batchgen.errors import ConfigError
 from batchgen.headers import check_headers, parse_header_lines
+from batchgen.retry import RetryPolicy
 
-__all__ = ["INPUT_FORMATS", "MOCK_URL", "RunConfig", "load_config", "read_yaml"]
-
-INPUT_FORMATS = ("parquet", "jsonl", "openai-batch")
-MOCK_URL = "mock"
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # base_url value that starts the built-in mock server in-process
+__all__ = ["RunConfig", "load_config", "read_yaml"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,6 +48,7 @@ class RunConfig:
     timeout: float = C.DEFAULT_TIMEOUT
     read_timeout: float | None = None
     backoff_base: float = C.DEFAULT_BACKOFF_BASE
+    backoff_max: float = C.DEFAULT_BACKOFF_MAX
     max_retry_after: float = C.DEFAULT_MAX_RETRY_AFTER
     max_response_bytes: int = C.DEFAULT_MAX_RESPONSE_BYTES
     stream: bool = False
@@ -81,10 +78,10 @@ class RunConfig:
             raise ConfigError("output is required (--output PATH ending in .parquet or .jsonl)")
         if not self.output.endswith((".parquet", ".jsonl")):
             raise ConfigError(f"output must end in .parquet or .jsonl, got {self.output!r}")
-        if self.input_format is not None and self.input_format not in INPUT_FORMATS:
-            raise ConfigError(f"input_format must be one of {', '.join(INPUT_FORMATS)}, got {self.input_format!r}")
-        if self.base_url != MOCK_URL and not self.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"base_url must start with http:// or https:// (or be {MOCK_URL!r}), got {self.base_url!r}")
+        if self.input_format is not None and self.input_format not in C.INPUT_FORMATS:
+            raise ConfigError(f"input_format must be one of {', '.join(C.INPUT_FORMATS)}, got {self.input_format!r}")
+        if self.base_url != C.MOCK_URL and not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"base_url must start with http:// or https:// (or be {C.MOCK_URL!r}), got {self.base_url!r}")
         for name in ("concurrency", "flush_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -115,28 +112,13 @@ class RunConfig:
         fields.update(self.extra)
         return fields
 
+    def retry_policy(self) -> RetryPolicy:
+        """The retry settings as one object: a new `RetryPolicy` field only needs its twin here."""
+        return RetryPolicy(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RetryPolicy)})
+
     def resolve_api_key(self) -> str | None:
         """The key from `api_key_file`, `api_key_env`, the config (with a warning), or the default env vars."""
-        if self.api_key_file:
-            try:
-                return Path(self.api_key_file).expanduser().read_text().strip() or None
-            except OSError as exc:
-                raise ConfigError(f"cannot read api_key_file {self.api_key_file!r}: {exc.strerror}") from exc
-        if self.api_key_env:
-            if not _ENV_NAME.fullmatch(self.api_key_env):
-                # Never echo it: a key pasted here by mistake would end up in logs.
-                raise ConfigError("api_key_env must be the name of an environment variable (the value given is not shown)")
-            value = os.environ.get(self.api_key_env)
-            if not value:
-                raise ConfigError(f"api_key_env names {self.api_key_env!r}, but that variable is not set")
-            return value
-        if self.api_key:
-            print(
-                "batchgen: warning: an API key is written in the config; prefer api_key_env or api_key_file",
-                file=sys.stderr,
-            )
-            return self.api_key
-        return None
+        return resolve_api_key(self.api_key, env_var=self.api_key_env, key_file=self.api_key_file, warn_if_given=True)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

@@ -7,9 +7,19 @@ BatchgenError
 ├── ToolArgumentsError          a tool call's `arguments` string is not a JSON object
 ├── InputError                  unreadable input file, missing required column        (fatal)
 ├── OutputError                 output cannot be written                              (fatal)
+├── ServerUnusableError         the server cannot be used for this run (model         (fatal)
+│                               discovery failed, no model listed); nothing was sent
+├── RunIncompleteError          `generate()`: the run was interrupted or left no      (.exit_code)
+│                               output; carries the run's message
+├── ClientProcessError          a benchmark client process crashed or raised
 └── APIError                    a request to the server failed                        (.attempts)
     ├── APIConnectionError      refused / reset / DNS / disconnect                    retryable
-    │   └── APITimeoutError     connect or read timeout, or a stall                   retryable
+    │   ├── APITimeoutError     read or total timeout, or a stall (a connect timeout  retryable
+    │   │                       is an APIConnectionError: the host is unreachable)
+    │   └── TLSVerificationError  the server's certificate (or pinned fingerprint)    never retried
+    │                           failed verification
+    ├── RedirectError           redirected in a loop, or to a malformed or non-HTTP   never retried
+    │                           location (base_url is probably wrong)
     ├── UnexpectedError         a bug in batchgen met while sending one row           never retried
     ├── IncompleteResponseError 200 whose body is not a complete chat completion,     retryable
     │   │                       or a stream that ended before [DONE]
@@ -26,6 +36,8 @@ BatchgenError
 
 `retryable` is a class attribute (refined per status for `APIStatusError`), and `retry.should_retry`
 reads it, so the retry decision lives with the error, not in scattered status lists.
+aiohttp errors reach this tree only through `transport.translate_error`, whose table names every
+aiohttp class it maps; the ones it does not name are re-raised as they are.
 Error messages never contain the API key: only server messages and our own text are used.
 """
 
@@ -41,6 +53,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "BatchgenError",
+    "ClientProcessError",
     "ConfigError",
     "IncompleteResponseError",
     "InputError",
@@ -48,8 +61,12 @@ __all__ = [
     "OutputError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RedirectError",
     "ResponseTooLargeError",
+    "RunIncompleteError",
     "ServerError",
+    "ServerUnusableError",
+    "TLSVerificationError",
     "ToolArgumentsError",
     "UnexpectedError",
     "UnprocessableEntityError",
@@ -90,6 +107,33 @@ class OutputError(BatchgenError):
     """Results cannot be written (schema clash, disk full, path not writable)."""
 
 
+class ServerUnusableError(BatchgenError):
+    """The server cannot be used for this run (e.g. model discovery failed or it lists no model).
+
+    Raised before the first row is sent: nothing was sent, so a rerun starts from scratch.
+    """
+
+
+class RunIncompleteError(BatchgenError, RuntimeError):
+    """A job run from Python (`generate()`) was interrupted or left no output.
+
+    Also a `RuntimeError`, which is what `generate()` raised before, so old handlers still work.
+
+    Args:
+        message: the run's own message (what happened, how many rows were saved).
+        exit_code: the run's exit code (`batchgen._constants.EXIT_CODE_MEANINGS` says what each means).
+    """
+
+    def __init__(self, message: str, *, exit_code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class ClientProcessError(BatchgenError):
+    """A benchmark client process failed (crashed, or raised before sending)."""
+
+
 class APIError(BatchgenError):
     """A request to the server failed. `attempts` counts the tries made, retries included."""
 
@@ -113,9 +157,34 @@ class APIConnectionError(APIError):
 
 
 class APITimeoutError(APIConnectionError):
-    """No complete answer within the timeout (connect, read, or between stream chunks)."""
+    """No complete answer within the timeout (the total, a read, or between stream chunks).
+
+    A connect timeout is a plain `APIConnectionError`: the host is unreachable, not slow.
+    """
 
     error_type = "timeout"
+
+
+class TLSVerificationError(APIConnectionError):
+    """The server's TLS certificate (or its pinned fingerprint) failed verification.
+
+    A connection error (the server could not be reached safely), but one that another try
+    would only repeat: a certificate does not become valid between two retries.
+    """
+
+    retryable = False
+    error_type = "tls_verification"
+
+
+class RedirectError(APIError):
+    """The server redirected in a loop, or to a malformed or non-HTTP location.
+
+    An OpenAI-compatible server answers `POST /chat/completions` itself; a redirect there means
+    `base_url` points at the wrong place (e.g. `http://` for an `https://` server), so it is
+    never retried.
+    """
+
+    error_type = "redirect"
 
 
 class UnexpectedError(APIError):

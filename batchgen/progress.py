@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from batchgen.records import ResultRecord
+
 __all__ = ["Progress", "RunStats"]
 
 LOG_EVERY_S = 5.0
@@ -29,16 +31,16 @@ class RunStats:
     retries: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, record: dict[str, Any]) -> None:
+    def add(self, record: ResultRecord) -> None:
         if record["error"] is None:
             self.ok += 1
         else:
             self.failed += 1
             self.errors[record["error_type"] or "error"] += 1
-        usage = record.get("usage")
+        usage = record["usage"]
         if usage:
-            self.input_tokens += usage.get("prompt_tokens") or 0
-            self.output_tokens += usage.get("completion_tokens") or 0
+            self.input_tokens += usage["prompt_tokens"] or 0
+            self.output_tokens += usage["completion_tokens"] or 0
 
     @property
     def done(self) -> int:
@@ -69,6 +71,7 @@ class Progress:
         self.stats = stats
         self.stream = stream or sys.stderr
         self.retries = 0
+        self.in_flight = 0
         self._bar: tqdm[Any] | None = None
         self._last_log = time.perf_counter()
         self._total = total
@@ -79,11 +82,18 @@ class Progress:
 
     def _postfix(self) -> str:
         wall = max(self.stats.elapsed, 1e-9)
-        return f"tok/s={self.stats.output_tokens / wall:.0f} err={self.stats.failed} retries={self.retries}"
+        return (
+            f"in-flight={self.in_flight} tok/s={self.stats.output_tokens / wall:.0f} "
+            f"err={self.stats.failed} retries={self.retries}"
+        )
 
-    def refresh(self, retries: int) -> None:
-        """Show the counters as they are now; called on a timer, not per row (tqdm costs µs per call)."""
-        self.retries = retries
+    def refresh(self, retries: int, in_flight: int = 0) -> None:
+        """Show the counters as they are now; called on a timer, not per row (tqdm costs µs per call).
+
+        `in_flight` is the real number of requests on the wire (hidden pool caps are the commonest
+        complaint about bulk clients, so it is shown rather than the configured concurrency).
+        """
+        self.retries, self.in_flight = retries, in_flight
         if self._bar is not None:
             self._bar.set_postfix_str(self._postfix(), refresh=False)
             self._bar.update(self.stats.done - self._bar.n)

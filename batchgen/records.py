@@ -1,36 +1,102 @@
-"""Result records: one flat dict per input row, the result columns of `batchgen.io.schema` (pure).
+"""The row contract: what one input row is at each stage of a run, and the record it ends as (pure).
 
-The input's own columns are not here: the final merge joins them from the input in Arrow.
+    SourceRow ──RowMapper──▶ RowRequest ──WorkerPool──▶ Outcome ──outcome_record──▶ ResultRecord
+        │                        (or)
+        └──────────────────▶ RowProblem ──────────────problem_record─────────────▶ ResultRecord
 
-A success fills the answer columns; a failure fills `error`, `error_type` and `status_code`
-and leaves the answer columns null, so every input row has exactly one record either way.
+A `ResultRecord` holds the result columns of `batchgen.io.schema` for one row; the input's own
+columns are not here (the final merge joins them from the input in Arrow). A success fills the
+answer columns; a failure fills `error`, `error_type` and `status_code` and leaves the answer
+columns null, so every input row has exactly one record either way.
+
+Adding an output column the parser already produces: its field in `io/schema.py`, its key here.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypedDict
 
-from batchgen.errors import APIStatusError
-from batchgen.io.schema import INDEX_COLUMN
-from batchgen.rows import RowProblem
-from batchgen.types import Choice
-from batchgen.worker import Outcome
+from batchgen.errors import APIError, APIStatusError
+from batchgen.types import ChatCompletionResponse, Choice
 
-__all__ = ["outcome_record", "problem_record"]
+__all__ = [
+    "INDEX_COLUMN",
+    "Outcome",
+    "ResultRecord",
+    "RowProblem",
+    "RowRequest",
+    "outcome_record",
+    "problem_record",
+    "unstorable_record",
+]
 
-_EMPTY_ANSWER = {
-    "content": None,
-    "reasoning_content": None,
-    "tool_calls": None,
-    "finish_reason": None,
-    "stop_reason": None,
-    "logprobs": None,
-    "choices": None,
-    "usage": None,
-    "model": None,
-    "response_id": None,
-    "raw": None,
-}
+INDEX_COLUMN = "_index"  # the input row number: a part-file column, the key of resume and merge
+
+
+@dataclass(frozen=True, slots=True)
+class RowRequest:
+    """A row ready to send: its position, its id and the request body."""
+
+    index: int
+    row_id: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RowProblem:
+    """A row that cannot become a request; it becomes an error row with this message."""
+
+    index: int
+    row_id: str | None  # None when the row's id itself could not be read
+    message: str
+    error_type: str = "invalid_row"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one request: a response, or the error that ended its last attempt."""
+
+    request: RowRequest
+    response: ChatCompletionResponse | None
+    error: APIError | None
+    attempts: int
+    latency_s: float
+
+
+class UsageRecord(TypedDict):
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    cached_tokens: int | None
+    reasoning_tokens: int | None
+
+
+# `_index` is not a Python identifier, hence the functional form.
+ResultRecord = TypedDict(
+    "ResultRecord",
+    {
+        "_index": int,
+        "id": str | None,
+        "content": str | None,
+        "reasoning_content": str | None,
+        "tool_calls": list[dict[str, Any]] | None,
+        "finish_reason": str | None,
+        "stop_reason": str | None,
+        "logprobs": list[dict[str, Any]] | None,
+        "choices": list[dict[str, Any]] | None,
+        "usage": UsageRecord | None,
+        "model": str | None,
+        "response_id": str | None,
+        "error": str | None,
+        "error_type": str | None,
+        "status_code": int | None,
+        "attempts": int | None,
+        "latency_s": float | None,
+        "ttft_s": float | None,
+        "raw": str | None,
+    },
+)
 
 
 def _stop_text(choice: Choice) -> str | None:
@@ -58,63 +124,66 @@ def _choice_record(choice: Choice) -> dict[str, Any]:
     }
 
 
-def outcome_record(outcome: Outcome, *, keep_raw: bool = False) -> dict[str, Any]:
+def _failure(
+    index: int, row_id: str | None, error: str, error_type: str | None, status_code: int | None,
+    attempts: int | None, latency_s: float | None,
+) -> ResultRecord:  # fmt: skip
+    return {
+        "_index": index, "id": row_id, "content": None, "reasoning_content": None, "tool_calls": None,
+        "finish_reason": None, "stop_reason": None, "logprobs": None, "choices": None, "usage": None, "model": None,
+        "response_id": None, "error": error, "error_type": error_type, "status_code": status_code,
+        "attempts": attempts, "latency_s": latency_s, "ttft_s": None, "raw": None,
+    }  # fmt: skip
+
+
+def outcome_record(outcome: Outcome, *, keep_raw: bool = False) -> ResultRecord:
     """The record of a request that was sent (answered, or failed after its retries).
 
     The answer columns are the first choice's; `choices` holds them all when there are several.
     """
     request = outcome.request
     response = outcome.response
-    if response is not None:
-        choices = response.choices
-        choice = choices[0]
-        usage = response.usage
-        return {
-            INDEX_COLUMN: request.index,
-            "id": request.row_id,
-            "content": choice.content,
-            "reasoning_content": choice.reasoning_content,
-            "tool_calls": _tool_calls(choice),
-            "finish_reason": choice.finish_reason,
-            "stop_reason": None if choice.stop_reason is None else _stop_text(choice),
-            "logprobs": None if choice.logprobs is None else _logprobs(choice),
-            "choices": [_choice_record(c) for c in choices] if len(choices) > 1 else None,
-            "usage": None if usage is None else usage.to_dict(),
-            "model": response.model,
-            "response_id": response.id,
-            "error": None,
-            "error_type": None,
-            "status_code": 200,
-            "ttft_s": response.ttft_s,
-            "attempts": outcome.attempts,
-            "latency_s": outcome.latency_s,
-            "raw": response.raw_json() if keep_raw else None,
-        }
-    error = outcome.error
-    assert error is not None
-    record: dict[str, Any] = {INDEX_COLUMN: request.index, "id": request.row_id}
-    record.update(_EMPTY_ANSWER)
-    record.update(
-        error=str(error),
-        error_type=error.error_type,
-        status_code=error.status_code if isinstance(error, APIStatusError) else None,
-        ttft_s=None,
-        attempts=outcome.attempts,
-        latency_s=outcome.latency_s,
-    )
-    return record
+    if response is None:
+        error = outcome.error
+        assert error is not None
+        status = error.status_code if isinstance(error, APIStatusError) else None
+        return _failure(request.index, request.row_id, str(error), error.error_type, status,
+                        outcome.attempts, outcome.latency_s)  # fmt: skip
+    choices = response.choices
+    choice = choices[0]
+    usage = response.usage
+    return {
+        "_index": request.index,
+        "id": request.row_id,
+        "content": choice.content,
+        "reasoning_content": choice.reasoning_content,
+        "tool_calls": _tool_calls(choice),
+        "finish_reason": choice.finish_reason,
+        "stop_reason": None if choice.stop_reason is None else _stop_text(choice),
+        "logprobs": None if choice.logprobs is None else _logprobs(choice),
+        "choices": [_choice_record(c) for c in choices] if len(choices) > 1 else None,
+        "usage": None if usage is None else usage.to_dict(),  # type: ignore[typeddict-item]
+        "model": response.model,
+        "response_id": response.id,
+        "error": None,
+        "error_type": None,
+        "status_code": 200,
+        "attempts": outcome.attempts,
+        "latency_s": outcome.latency_s,
+        "ttft_s": response.ttft_s,
+        "raw": response.raw_json() if keep_raw else None,
+    }
 
 
-def problem_record(problem: RowProblem) -> dict[str, Any]:
+def problem_record(problem: RowProblem) -> ResultRecord:
     """The record of a row that never became a request (it could not be read or was invalid)."""
-    record: dict[str, Any] = {INDEX_COLUMN: problem.index, "id": problem.row_id}
-    record.update(_EMPTY_ANSWER)
-    record.update(
-        error=problem.message,
-        error_type=problem.error_type,
-        status_code=None,
-        attempts=0,
-        latency_s=None,
-        ttft_s=None,
-    )
-    return record
+    return _failure(problem.index, problem.row_id, problem.message, problem.error_type, None, 0, None)
+
+
+def unstorable_record(record: ResultRecord, reason: str) -> ResultRecord:
+    """An error record in place of an answer that Arrow cannot store (the row is kept, as an error)."""
+    row_id, attempts = record.get("id"), record.get("attempts")
+    return _failure(
+        record["_index"], row_id if isinstance(row_id, str) else None, f"the answer could not be stored: {reason}",
+        "unexpected_error", None, attempts if isinstance(attempts, int) else None, None,
+    )  # fmt: skip

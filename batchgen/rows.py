@@ -9,15 +9,15 @@ override the config defaults for their row; an `extra` column is merged last. A 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from batchgen.errors import ConfigError, InputError, ValidationError
+from batchgen.records import RowProblem, RowRequest
 from batchgen.validation import validate_fields, validate_messages, validate_request, validate_tool_choice
 
-__all__ = ["OVERRIDE_FIELDS", "RowMapper", "RowProblem", "RowRequest"]
+__all__ = ["OVERRIDE_FIELDS", "RowMapper"]
 
 # Columns that override the request field of the same name for their row.
 OVERRIDE_FIELDS = (
@@ -27,23 +27,6 @@ OVERRIDE_FIELDS = (
 )  # fmt: skip
 # Fields whose value is an object or list: a JSON string in a column is decoded first.
 JSON_FIELDS = frozenset({"tools", "response_format", "chat_template_kwargs", "structured_outputs", "stop"})
-
-
-@dataclass(frozen=True, slots=True)
-class RowRequest:
-    index: int
-    row_id: str
-    body: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class RowProblem:
-    """A row that cannot become a request; it becomes an error row with this message."""
-
-    index: int
-    row_id: str | None  # None when the row's id itself could not be read
-    message: str
-    error_type: str = "invalid_row"
 
 
 def _drop_nulls(value: Any) -> Any:

@@ -1,8 +1,10 @@
 """The aiohttp edge: one session factory, one place that translates aiohttp errors, bounded reads.
 
-Every aiohttp exception becomes the most specific `APIError` through `translate_error` (the httpx
-`map_httpcore_exceptions` pattern), with the original chained: via `map_aiohttp_errors`, or on the
-per-row and per-stream paths via a plain `except AIOHTTP_ERRORS` (a context manager costs more).
+`translate_error` turns an aiohttp (or timeout) error into the `APIError` that `ERROR_MAP` names for
+its class, the httpx `map_httpcore_exceptions` pattern: via `map_aiohttp_errors`, or on the per-row
+and per-stream paths via a plain `except AIOHTTP_ERRORS` (a context manager costs more). A class the
+table does not map is re-raised unchanged, never guessed into a retryable error: the worker pool
+reports it as an `UnexpectedError` row, and `tests/test_errors.py` fails until the class is listed.
 """
 
 from __future__ import annotations
@@ -12,28 +14,90 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import aiohttp
+from aiohttp.client_exceptions import UnixClientConnectorError  # not in aiohttp.__all__
 
 from batchgen.errors import (
     APIConnectionError,
     APIError,
     APITimeoutError,
     IncompleteResponseError,
+    RedirectError,
     ResponseTooLargeError,
+    TLSVerificationError,
 )
 
-__all__ = ["AIOHTTP_ERRORS", "make_session", "map_aiohttp_errors", "read_body", "translate_error"]
+__all__ = [
+    "AIOHTTP_ERRORS",
+    "ERROR_MAP",
+    "make_session",
+    "map_aiohttp_errors",
+    "mapped_target",
+    "read_body",
+    "translate_error",
+]
 
-# Most specific first: isinstance order matters (ServerTimeoutError is also a connection error).
-ERROR_MAP: tuple[tuple[type[BaseException], type[APIError]], ...] = (
-    # No TCP connection within the connect timeout: the host is unreachable, not slow.
+# Every aiohttp error class, by name, and what it means for one chat-completions request; `None`
+# means "re-raise unchanged" (batchgen never triggers it, so seeing it is a bug worth a traceback).
+# Most specific first, for the reader: the lookup walks the raised class's MRO, so the nearest
+# listed ancestor decides whatever the order here. A class aiohttp adds later therefore follows
+# its base at run time (ClientError itself is re-raised), and the meta-test asks for a decision.
+ERROR_MAP: tuple[tuple[type[BaseException], type[APIError] | None], ...] = (
+    # -- timeouts -------------------------------------------------------------------------------------
+    # No TCP connection within the connect timeout: the host is unreachable, not slow. A connection
+    # error (not a timeout), so that the lost-server watch counts it; a slow row never trips it.
     (aiohttp.ConnectionTimeoutError, APIConnectionError),
+    # The socket read timeout: the server went quiet mid-response (a stalled stream).
+    (aiohttp.SocketTimeoutError, APITimeoutError),
+    # Raised bare only by websocket heartbeats; still a timeout by name.
     (aiohttp.ServerTimeoutError, APITimeoutError),
+    # The total per-attempt timeout (aiohttp raises the builtin, == asyncio.TimeoutError).
     (asyncio.TimeoutError, APITimeoutError),
-    (aiohttp.ClientPayloadError, IncompleteResponseError),
+    # -- TLS: another try would get the same certificate ----------------------------------------------
+    (aiohttp.ClientConnectorCertificateError, TLSVerificationError),
+    (aiohttp.ServerFingerprintMismatch, TLSVerificationError),  # only with a pinned fingerprint
+    # A failed handshake: an EOF under load passes; https:// to a plain-HTTP port does not, but the
+    # retry budget bounds it and the lost-server watch stops a run where every row fails so.
+    (aiohttp.ClientConnectorSSLError, APIConnectionError),
+    (aiohttp.ClientSSLError, APIConnectionError),  # base of the two above; never raised bare
+    # -- no connection, or the connection dropped: retryable ------------------------------------------
+    (aiohttp.ClientConnectorDNSError, APIConnectionError),  # a resolver hiccup; a typo fails discovery
+    # batchgen sets no proxy (trust_env is off); if one is set up, failing to get through it is a
+    # connection failure like any other.
+    (aiohttp.ClientProxyConnectionError, APIConnectionError),
+    (aiohttp.ClientHttpProxyError, APIConnectionError),
+    (UnixClientConnectorError, APIConnectionError),  # unix socket refused
+    (aiohttp.ClientConnectorError, APIConnectionError),  # refused / unreachable
+    (aiohttp.ServerDisconnectedError, APIConnectionError),  # closed before a full answer
+    (aiohttp.ClientConnectionResetError, APIConnectionError),  # reset while writing the request
+    (aiohttp.ClientOSError, APIConnectionError),  # a socket error mid-request (ECONNRESET, EPIPE)
+    (aiohttp.UploadAbortedError, APIConnectionError),  # the body was never fully sent: safe to resend
+    (aiohttp.ServerConnectionError, APIConnectionError),  # base of server-side drops; never raised bare
+    # "Connection lost" / "Connection closed" mid-response, and a closed connector at shutdown.
     (aiohttp.ClientConnectionError, APIConnectionError),
-    (aiohttp.ClientResponseError, IncompleteResponseError),  # unparseable status line / headers
-    (aiohttp.ClientError, APIConnectionError),
+    # -- an answer batchgen cannot read: retryable (a proxy or server glitch) --------------------------
+    (aiohttp.ClientPayloadError, IncompleteResponseError),  # body cut short, bad chunking, bad gzip
+    (aiohttp.ContentTypeError, IncompleteResponseError),  # only from response.json(), unused: not JSON
+    # -- redirects: the server answers POST /chat/completions itself, or base_url is wrong -------------
+    (aiohttp.TooManyRedirects, RedirectError),
+    (aiohttp.InvalidUrlRedirectClientError, RedirectError),
+    (aiohttp.NonHttpUrlRedirectClientError, RedirectError),
+    (aiohttp.RedirectClientError, RedirectError),  # base of the two above; never raised bare
+    # -- re-raised: batchgen never causes these, so one is a bug, not a server failure ----------------
+    (aiohttp.WSServerHandshakeError, None),  # websockets only
+    # base_url is checked to be http(s) by Client and the config; a URL aiohttp still rejects slipped
+    # past that check, and retrying it as a connection error would hide the bug behind N retries.
+    (aiohttp.InvalidUrlClientError, None),
+    (aiohttp.NonHttpUrlClientError, None),
+    (aiohttp.InvalidURL, None),
+    # -- bases, after all their subclasses ------------------------------------------------------------
+    # An unparseable status line or headers (raise_for_status is off, so never a status error).
+    (aiohttp.ClientResponseError, IncompleteResponseError),
+    # Raised bare only by the digest-auth middleware, which batchgen does not use; also what an
+    # aiohttp class with no decision here falls back to.
+    (aiohttp.ClientError, None),
 )
+
+_TARGETS: dict[type[BaseException], type[APIError] | None] = dict(ERROR_MAP)
 
 
 def _describe(exc: BaseException) -> str:
@@ -44,23 +108,38 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def mapped_target(cls: type[BaseException]) -> type[APIError] | None:
+    """The `APIError` class `ERROR_MAP` gives `cls` (through its nearest listed ancestor), or None."""
+    for base in cls.__mro__:
+        if base in _TARGETS:
+            return _TARGETS[base]
+    return None
+
+
 def translate_error(exc: BaseException) -> APIError:
-    """The most specific `APIError` for an aiohttp or timeout error (raise it `from exc`)."""
-    for source, target in ERROR_MAP:
-        if isinstance(exc, source):
-            if target is APITimeoutError:
-                return APITimeoutError("request timed out (" + _describe(exc) + ")")
-            return target(_describe(exc))
-    return APIConnectionError(_describe(exc))  # pragma: no cover - ClientError is mapped above
+    """The `APIError` that `ERROR_MAP` names for `exc`'s class; raise it `from exc`.
+
+    Raises:
+        BaseException: `exc` itself, unchanged, when the table maps its class to nothing.
+    """
+    target = mapped_target(type(exc))
+    if target is None:
+        raise exc  # httpx style: an error nobody classified is not guessed into a retryable one
+    if target is APITimeoutError:
+        return APITimeoutError("request timed out (" + _describe(exc) + ")")
+    return target(_describe(exc))
 
 
-# What the hot path catches: everything `translate_error` knows how to map.
+# What the hot path catches; `translate_error` re-raises the ones its table does not map.
 AIOHTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 @contextmanager
 def map_aiohttp_errors() -> Iterator[None]:
-    """Re-raise aiohttp and timeout errors as batchgen `APIError`s, chained with `from`."""
+    """Re-raise aiohttp and timeout errors as batchgen `APIError`s, chained with `from`.
+
+    An aiohttp error that `ERROR_MAP` does not map leaves unchanged, as does anything else.
+    """
     try:
         yield
     except APIError:

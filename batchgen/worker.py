@@ -11,27 +11,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
+from batchgen.control import RunControl, StopCause
 from batchgen.errors import APIError, UnexpectedError
-from batchgen.rows import RowRequest
+from batchgen.records import Outcome, RowRequest
 from batchgen.types import ChatCompletionResponse
 
-__all__ = ["Outcome", "WorkerPool"]
+__all__ = ["Send", "WorkerPool"]
 
 _DONE: Any = object()
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What became of one request: a response, or the error that ended its last attempt."""
-
-    request: RowRequest
-    response: ChatCompletionResponse | None
-    error: APIError | None
-    attempts: int
-    latency_s: float
 
 
 Send = Callable[[RowRequest], Awaitable[ChatCompletionResponse]]
@@ -45,6 +34,8 @@ class WorkerPool:
         concurrency: the number of workers, which is the in-flight bound.
         on_outcome: awaited with every outcome, in completion order (it may block: backpressure).
         queue_factor: the inbox holds `concurrency * queue_factor` waiting requests.
+        control: the run's stop state (a new one when not given): draining drops queued requests
+            and lets in-flight ones finish; aborting cancels them too.
 
     Example:
         pool = WorkerPool(send, 64, on_outcome=outbox.put)
@@ -62,15 +53,15 @@ class WorkerPool:
         *,
         on_outcome: Callable[[Outcome], Awaitable[None]],
         queue_factor: int = 2,
+        control: RunControl | None = None,
     ) -> None:
         self._send = send
         self._on_outcome = on_outcome
         self.concurrency = concurrency
+        self.control = control if control is not None else RunControl()
+        self.control.on_abort(self._cancel_workers)
         self._inbox: asyncio.Queue[RowRequest] = asyncio.Queue(maxsize=concurrency * queue_factor)
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.stopping = False  # send nothing more; queued requests are dropped (a rerun resends them)
-        self._leave = False  # stop at once, even before the inbox is drained
+        self.in_flight = 0  # shown by the progress display
         self._tasks: list[asyncio.Task[None]] = []
 
     async def submit(self, request: RowRequest) -> None:
@@ -84,11 +75,13 @@ class WorkerPool:
 
     def stop(self) -> None:
         """Send nothing more: requests in flight finish, queued ones are dropped; `close()` still ends the run."""
-        self.stopping = True
+        self.control.drain(StopCause.REQUESTED)
 
     def abort(self) -> None:
-        """Stop now: cancel the requests in flight too (Ctrl-C). `close()` is not needed afterwards."""
-        self.stopping = self._leave = True
+        """Stop now: cancel the requests in flight too. `close()` is not needed afterwards."""
+        self.control.abort(StopCause.REQUESTED)
+
+    def _cancel_workers(self) -> None:
         for task in self._tasks:
             task.cancel()
 
@@ -98,18 +91,16 @@ class WorkerPool:
             self._tasks = [group.create_task(self._worker()) for _ in range(self.concurrency)]
 
     async def _worker(self) -> None:
-        inbox, send, on_outcome = self._inbox, self._send, self._on_outcome
-        # `_leave` is checked as well as cancellation: a request whose timeout fires in the same
+        inbox, send, on_outcome, control = self._inbox, self._send, self._on_outcome, self.control
+        # The state is checked as well as cancellation: a request whose timeout fires in the same
         # loop step as the cancel raises its timeout instead, and the worker must still leave.
-        while not self._leave:
+        while not control.aborted:
             request = await inbox.get()
             if request is _DONE:
                 return
-            if self.stopping:
-                continue
+            if not control.sending:
+                continue  # draining: queued requests are dropped (a rerun sends them)
             self.in_flight += 1
-            if self.in_flight > self.max_in_flight:
-                self.max_in_flight = self.in_flight
             started = time.perf_counter()
             try:
                 response = await send(request)

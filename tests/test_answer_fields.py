@@ -14,11 +14,9 @@ from hypothesis import strategies as st
 from batchgen.chunks import ChatCompletionChunk
 from batchgen.io.schema import output_schema, state_schema
 from batchgen.parsing import _checked_choice, _choice, parse_completion
-from batchgen.records import outcome_record
-from batchgen.rows import RowRequest
+from batchgen.records import Outcome, RowRequest, outcome_record
 from batchgen.sse import StreamAssembler
 from batchgen.types import ChatCompletionResponse
-from batchgen.worker import Outcome
 
 
 def _entry(token: str, logprob: float, tops: int) -> dict[str, Any]:

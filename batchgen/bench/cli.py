@@ -149,15 +149,9 @@ def _loads(args: argparse.Namespace) -> tuple[Any, ...]:
 
 
 def _api_key(args: argparse.Namespace) -> str | None:
-    from batchgen.client import resolve_api_key
-    from batchgen.errors import ConfigError
+    from batchgen.apikey import resolve_api_key
 
-    if args.api_key_env:
-        value = os.environ.get(args.api_key_env)
-        if not value:
-            raise ConfigError(f"--api-key-env names {args.api_key_env}, but that variable is not set")
-        return value
-    return resolve_api_key(None)
+    return resolve_api_key(env_var=args.api_key_env)
 
 
 def _options(args: argparse.Namespace) -> Any:

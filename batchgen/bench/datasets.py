@@ -20,7 +20,8 @@ import orjson
 
 from batchgen.errors import InputError
 from batchgen.io.readers import open_input
-from batchgen.rows import RowMapper, RowRequest
+from batchgen.records import RowRequest
+from batchgen.rows import RowMapper
 
 __all__ = ["Dataset", "DatasetSpec", "load_dataset", "pin_output_len", "stream_options"]
 

@@ -20,17 +20,13 @@ from typing import Any
 
 from batchgen.bench.metrics import ClientLoad, RequestRecord
 from batchgen.bench.runner import LoadSpec, ServerSpec, ShardResult, run_shard
-from batchgen.errors import BatchgenError, ConfigError
+from batchgen.errors import ClientProcessError, ConfigError
 from batchgen.runtime import lean_gc
 
-__all__ = ["LevelResult", "merge_shards", "run_level", "split_load"]
+__all__ = ["ClientProcessError", "LevelResult", "merge_shards", "run_level", "split_load"]
 
 _BARRIER_TIMEOUT_S = 300.0  # a child that never reaches the start line must not hang the others forever
 _POLL_S = 0.5
-
-
-class ClientProcessError(BatchgenError):
-    """A client process failed (crashed, or raised before sending)."""
 
 
 @dataclass(frozen=True, slots=True)

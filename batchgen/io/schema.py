@@ -10,10 +10,10 @@ from __future__ import annotations
 import pyarrow as pa
 
 from batchgen.errors import InputError, OutputError
+from batchgen.records import INDEX_COLUMN
 
 __all__ = ["INDEX_COLUMN", "RESULT_COLUMNS", "RESULT_FIELDS", "output_schema", "state_schema"]
 
-INDEX_COLUMN = "_index"
 
 _TOOL_CALL = pa.struct(
     [

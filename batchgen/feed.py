@@ -1,0 +1,93 @@
+"""`Feeder`: input rows → requests for the pool, or problem records for the sink.
+
+It reads the input in batches off the event loop, one batch ahead (without the read-ahead the
+workers ran dry while a batch was decoded), skips rows the checkpoint says are done (a resumed
+run), maps each row to a request body, and dispatches: a request to the worker pool (waiting
+while its inbox is full: the reader never runs far ahead), a bad row straight to the sink as an
+error record. It stops at `limit` rows, or when the run stops sending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+from batchgen.io.parts import FAILED, SUCCEEDED
+from batchgen.io.readers import InputSource, SourceRow
+from batchgen.progress import RunStats
+from batchgen.records import ResultRecord, RowProblem, RowRequest, problem_record
+from batchgen.rows import RowMapper
+
+__all__ = ["Feeder"]
+
+
+class Feeder:
+    """Feeds one run.
+
+    Args:
+        source: the opened input.
+        mapper: turns a row into a request body or a problem.
+        status: per input row, from the checkpoint: 0 not done, `SUCCEEDED` or `FAILED`.
+        submit: hands a request to the pool (may wait: backpressure).
+        emit: hands a problem record to the sink.
+        stats: counts the rows skipped as already done.
+        limit: feed only rows with an index below this.
+        retry_failed: send again the rows that ended as errors.
+    """
+
+    def __init__(
+        self,
+        source: InputSource,
+        mapper: RowMapper,
+        status: bytearray,
+        *,
+        submit: Callable[[RowRequest], Awaitable[None]],
+        emit: Callable[[ResultRecord], Awaitable[None]],
+        stats: RunStats,
+        limit: int | None = None,
+        retry_failed: bool = False,
+    ) -> None:
+        self._source = source
+        self._mapper = mapper
+        self._status = status
+        self._submit = submit
+        self._emit = emit
+        self._stats = stats
+        self._limit = limit
+        self._retry_failed = retry_failed
+
+    async def _batches(self) -> AsyncIterator[list[SourceRow]]:
+        """Input batches, decoded off the loop; the next one is read while this one is fed."""
+        self._source.decode_only(self._mapper.columns_used)
+        batches: Iterator[list[SourceRow]] = self._source.iter_batches()
+        ahead = asyncio.ensure_future(asyncio.to_thread(next, batches, None))
+        try:
+            while (batch := await ahead) is not None:
+                ahead = asyncio.ensure_future(asyncio.to_thread(next, batches, None))
+                yield batch
+        finally:
+            ahead.cancel()  # a stop or --limit: the thread finishes its read, and the batch is dropped
+
+    async def run(self) -> None:
+        """Feed every row; raises `InputError` if the input becomes unreadable part-way (fatal)."""
+        limit, retry_failed, status = self._limit, self._retry_failed, self._status
+        mapper, submit = self._mapper, self._submit
+        async for batch in self._batches():
+            for row in batch:
+                index = row.index
+                if limit is not None and index >= limit:
+                    return
+                state = status[index] if index < len(status) else 0
+                if state == SUCCEEDED or (state == FAILED and not retry_failed):
+                    self._stats.skipped += 1
+                    continue
+                item: RowRequest | RowProblem
+                if row.error is not None or row.values is None:
+                    row_id = mapper.row_id(index, row.values) if row.values else None
+                    item = RowProblem(index, row_id, row.error or f"{row.where}: unreadable", "invalid_input")
+                else:
+                    item = mapper.map(index, row.where, row.values)
+                if isinstance(item, RowProblem):
+                    await self._emit(problem_record(item))
+                else:
+                    await submit(item)
