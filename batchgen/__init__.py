@@ -11,6 +11,7 @@ from batchgen.errors import (
     AuthenticationError,
     BadRequestError,
     BatchgenError,
+    ClientProcessError,
     ConfigError,
     IncompleteResponseError,
     InputError,
@@ -18,16 +19,21 @@ from batchgen.errors import (
     OutputError,
     PermissionDeniedError,
     RateLimitError,
+    RedirectError,
     ResponseTooLargeError,
+    RunIncompleteError,
     ServerError,
+    ServerUnusableError,
+    TLSVerificationError,
     ToolArgumentsError,
+    UnexpectedError,
     UnprocessableEntityError,
     ValidationError,
 )
 from batchgen.retry import RetryPolicy
 from batchgen.stream import Stream
 from batchgen.chunks import ChatCompletionChunk
-from batchgen.types import ChatCompletionResponse, Choice, Function, ToolCall, Usage
+from batchgen.types import ChatCompletionResponse, Choice, Function, TokenLogprob, ToolCall, TopLogprob, Usage
 
 __all__ = [
     "APIConnectionError",
@@ -42,6 +48,7 @@ __all__ = [
     "ChatCompletionResponse",
     "Choice",
     "Client",
+    "ClientProcessError",
     "ConfigError",
     "Function",
     "IncompleteResponseError",
@@ -50,14 +57,21 @@ __all__ = [
     "OutputError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RedirectError",
     "ResponseTooLargeError",
     "RetryPolicy",
     "RunConfig",
+    "RunIncompleteError",
     "RunResult",
     "ServerError",
+    "ServerUnusableError",
     "Stream",
+    "TLSVerificationError",
+    "TokenLogprob",
     "ToolArgumentsError",
     "ToolCall",
+    "TopLogprob",
+    "UnexpectedError",
     "UnprocessableEntityError",
     "Usage",
     "ValidationError",

@@ -75,7 +75,11 @@ def generate(data: Any, **options: Any) -> pl.DataFrame:  # polars is imported h
         else:
             result = run(cfg)
         if result.exit_code == EXIT_INTERRUPTED or not Path(cfg.output).exists():
-            raise RunIncompleteError(f"batchgen: {result.message}", exit_code=result.exit_code)
+            # generate() works in a temporary directory that is gone afterwards: nothing to resume.
+            message = result.message.split("; rerun the same command to resume")[0]
+            raise RunIncompleteError(f"batchgen: {message} (generate() cannot resume: call it again, or "
+                                     "use batchgen.run with an output path to keep finished rows)",
+                                     exit_code=result.exit_code)  # fmt: skip
         import polars as pl
 
         return pl.read_parquet(cfg.output)

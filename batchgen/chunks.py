@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from batchgen.parsing import STR_OR_NONE, bad_type, opt_str, parse_usage
+from batchgen.parsing import STR_OR_NONE, bad_type, opt_str, parse_usage, reasoning_of
 from batchgen.types import Usage
 
 __all__ = ["ChatCompletionChunk", "ToolCallDelta", "event_usage", "has_text", "parse_chunk"]
@@ -174,10 +174,7 @@ def _parse_fields(raw: dict[str, Any]) -> _Fields:
         raise bad_type("choices[0].index", index, "an integer")
     if len(delta) == 1 and content is not None:  # the usual token delta: {"content": "..."}
         return index, None, content, None, (), finish, usage
-    # vLLM renamed reasoning_content to reasoning (v0.12 sent both, v0.16+ only the new one).
-    reasoning = delta.get("reasoning")
-    if reasoning is None:
-        reasoning = delta.get("reasoning_content")
+    reasoning = reasoning_of(delta)
     if reasoning is not None and type(reasoning) is not str:
         raise bad_type("delta.reasoning", reasoning, "a string or null")
     tool_calls = delta.get("tool_calls")

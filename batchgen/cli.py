@@ -4,67 +4,70 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
+from batchgen import _constants as C
 from batchgen._cli_types import json_object
+from batchgen._constants import EXIT_CODE_MEANINGS
 from batchgen._version import __version__
 from batchgen.errors import BatchgenError
 
 __all__ = ["main"]
 
-RUN_EPILOG = """\
-Every flag is also a key of the YAML config (--max-tokens is max_tokens:); flags win.
-Extra config-only keys: api_key_file, read_timeout, backoff_base, max_retry_after,
-max_response_bytes, flush_seconds (default 2), flush_rows (default 10000). YAML headers: is a
-mapping; --header lines add to it. No per-row header is sent (--request-id-header opts in to a
-fresh UUID4 per attempt).
-
-Input columns: a messages column (list of {role, content, ...}, or its JSON text) or a prompt
-column (text; a `system` column or --system-prompt adds a system message). Columns named like a
-request field (temperature, max_tokens, max_completion_tokens, top_p, top_k, min_p, stop, seed, n,
-presence_penalty, frequency_penalty, repetition_penalty, tools, tool_choice, response_format,
-logprobs, top_logprobs, chat_template_kwargs, reasoning_effort, structured_outputs) override the
-config for their row when not null; an `extra` column (object or JSON text) is merged last.
-
-Output: the input columns (one clashing with an output column is renamed input_<name>), then
-id, content, reasoning_content, tool_calls, finish_reason, stop_reason, logprobs, choices (every
-choice when n > 1), usage (with cached_tokens, reasoning_tokens), model, response_id, error,
-error_type, status_code, attempts, latency_s, ttft_s, raw (--keep-raw); one row per input row,
-in input order.
-Progress is saved to OUTPUT.batchgen/ as it goes: rerun the same command to resume.
-
-Exit codes: 0 every row succeeded; 1 completed with error rows; 2 config or input error
-(nothing sent) or the output could not be written; 3 the server could not be used or stopped
-answering (rerun to resume); 130 interrupted (rerun to resume).
-"""
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=100, break_on_hyphens=False)
 
 
-def _add_run_parser(commands: Any) -> None:
+def run_epilog(parser: argparse.ArgumentParser) -> str:
+    """`batchgen run --help`'s closing text, built from the constants the code uses (never restated)."""
+    from batchgen.config import FIELDS
+    from batchgen.io.schema import RESULT_COLUMNS
+    from batchgen.rows import OVERRIDE_FIELDS
+
+    flags = {action.dest for action in parser._actions}
+    config_only = [name for name in FIELDS if name not in flags and name not in ("input", "output")]
+    exit_codes = "; ".join(f"{int(code)} {meaning}" for code, meaning in EXIT_CODE_MEANINGS.items())
+    return "\n\n".join([
+        _wrap("Every flag is also a key of the YAML config (--max-tokens is max_tokens:); flags win. Config-only "
+              f"keys: {', '.join(config_only)}. YAML headers: is a mapping; --header lines add to it. No per-row "
+              "header is sent (--request-id-header opts in to a fresh UUID4 per attempt)."),
+        _wrap("Input columns: a messages column (list of {role, content, ...}, or its JSON text) or a prompt column "
+              "(text; a `system` column or --system-prompt adds a system message). Columns named like a request "
+              f"field ({', '.join(OVERRIDE_FIELDS)}) override the config for their row when not null; an `extra` "
+              "column (object or JSON text) is merged last."),
+        _wrap("Output: id, the input columns (one clashing with an output column is renamed input_<name>), then "
+              f"{', '.join(RESULT_COLUMNS)}; one row per input row, in input order. Progress is saved to "
+              "OUTPUT.batchgen/ as it goes: rerun the same command to resume."),
+        _wrap(f"Exit codes: {exit_codes}."),
+    ])  # fmt: skip
+
+
+def _add_run_parser(commands: Any, *, full: bool) -> None:
     parser = commands.add_parser(
         "run",
         help="run a bulk generation job",
         description="Send every row of an input file to a chat-completions server and write the answers.",
-        epilog=RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # only flags given on the command line override the YAML
     )
     parser.add_argument("config", nargs="?", help="YAML job config (optional)")
     io = parser.add_argument_group("input and output")
     io.add_argument("--input", metavar="PATH", help=".parquet, .jsonl, .jsonl.gz, a directory or a glob of Parquet files")
-    io.add_argument("--input-format", choices=["parquet", "jsonl", "openai-batch"], help="default: from the suffix")
+    io.add_argument("--input-format", choices=C.INPUT_FORMATS, help="default: from the suffix")
     io.add_argument("--output", metavar="PATH", help=".parquet or .jsonl")
     io.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
     io.add_argument("--overwrite", action="store_true", help="discard earlier results and start over")
     io.add_argument("--retry-failed", action="store_true", help="re-send only the rows that ended as errors")
     io.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
     server = parser.add_argument_group("server")
-    server.add_argument("--base-url", metavar="URL", help="default http://localhost:8000/v1; 'mock' = built-in mock server")
-    server.add_argument("--api-key-env", metavar="VAR", help="env var holding the API key (default BATCHGEN_API_KEY, then OPENAI_API_KEY)")
+    server.add_argument("--base-url", metavar="URL", help=f"default {C.DEFAULT_BASE_URL}; '{C.MOCK_URL}' = built-in mock server")
+    server.add_argument("--api-key-env", metavar="VAR", help=f"env var holding the API key (default {', then '.join(C.API_KEY_ENV_VARS)})")
     server.add_argument("--model", metavar="NAME", help="default: the first model GET /v1/models lists")
-    server.add_argument("--concurrency", type=int, metavar="N", help="requests in flight (default 64)")
-    server.add_argument("--max-retries", type=int, metavar="N", help="retries per row (default 5)")
-    server.add_argument("--timeout", type=float, metavar="SECONDS", help="per attempt (default 600)")
+    server.add_argument("--concurrency", type=int, metavar="N", help=f"requests in flight (default {C.DEFAULT_CONCURRENCY})")
+    server.add_argument("--max-retries", type=int, metavar="N", help=f"retries per row (default {C.DEFAULT_MAX_RETRIES})")
+    server.add_argument("--timeout", type=float, metavar="SECONDS", help=f"per attempt (default {C.DEFAULT_TIMEOUT:g})")
     server.add_argument("--stream", action="store_true", help="use SSE and record time to first token (ttft_s)")
     server.add_argument("--header", dest="headers", action="append", metavar="'NAME: VALUE'",
                         help="an HTTP header sent with every request; repeatable (YAML headers: adds to these)")
@@ -84,12 +87,14 @@ def _add_run_parser(commands: Any) -> None:
     mapping.add_argument("--prompt-column", metavar="NAME", help="default prompt")
     mapping.add_argument("--system-prompt", metavar="TEXT")
     mapping.add_argument("--id-column", metavar="NAME", help="default id, else custom_id, else the row number")
+    if full:  # the closing text imports the schema (pyarrow): only for `batchgen run`'s own help
+        parser.epilog = run_epilog(parser)
     parser.set_defaults(handler=_run_command)
 
 
 def _run_command(args: argparse.Namespace) -> int:
     from batchgen.config import load_config, read_yaml
-    from batchgen.pipeline import EXIT_CONFIG, run
+    from batchgen.pipeline import run
 
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "handler", "command")}
     settings = read_yaml(args.config) if getattr(args, "config", None) else {}
@@ -104,7 +109,7 @@ def _run_command(args: argparse.Namespace) -> int:
         result = run(cfg)
     except BatchgenError as exc:
         print(f"batchgen: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return C.ExitCode.CONFIG
     if result.stats.done or result.stats.skipped:
         print(result.stats.summary(result.output), file=sys.stderr)
     print(f"batchgen: {result.message}", file=sys.stderr)
@@ -139,7 +144,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="batchgen", description="Bulk chat-completion jobs against vLLM and OpenAI-compatible servers.")
     parser.add_argument("--version", action="version", version=f"batchgen {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_run_parser(commands)
+    _add_run_parser(commands, full=command in (None, "run"))
     _add_bench_parser(commands, full=command in (None, "bench"))
     _add_mock_parser(commands, full=command in (None, "mock-server"))
     return parser
@@ -157,6 +162,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     except BatchgenError as exc:
         print(f"batchgen: error: {exc}", file=sys.stderr)
-        return 2
+        return C.ExitCode.CONFIG
     except KeyboardInterrupt:
-        return 130
+        return C.ExitCode.INTERRUPTED

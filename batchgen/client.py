@@ -12,6 +12,7 @@ import asyncio
 import io
 import os
 import time
+from urllib.parse import urlsplit
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,7 +22,7 @@ import orjson
 
 from batchgen import _constants as C
 from batchgen.apikey import resolve_api_key
-from batchgen.errors import APIError, ConfigError, IncompleteResponseError
+from batchgen.errors import APIError, ConfigError, IncompleteResponseError, RedirectError
 from batchgen.headers import attempt_headers, check_headers, secret_values
 from batchgen.parsing import error_from_body, parse_completion
 from batchgen.retry import RetryPolicy, backoff_delay, parse_retry_after, should_retry
@@ -108,6 +109,13 @@ class Completions:
         return ChatCompletionBuilder(self)
 
 
+def check_base_url(base_url: str) -> None:
+    """A ConfigError unless `base_url` is an http(s) URL with a host."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"base_url must be an http:// or https:// URL with a host, got {base_url!r}")
+
+
 def build_body(**fields: Any) -> dict[str, Any]:
     """A request body from keyword fields, leaving out those that are None."""
     return {key: value for key, value in fields.items() if value is not None}
@@ -160,8 +168,7 @@ class Client:
         max_response_bytes: int = C.DEFAULT_MAX_RESPONSE_BYTES,
         retry: RetryPolicy | None = None,
     ) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"base_url must start with http:// or https://, got {base_url!r}")
+        check_base_url(base_url)
         if timeout <= 0:
             raise ConfigError(f"timeout must be > 0 seconds, got {timeout}")
         self.base_url = base_url.rstrip("/")
@@ -231,10 +238,10 @@ class Client:
 
     async def _get_json(self, path: str) -> Any:
         with map_aiohttp_errors():
-            async with self.session.get(self.base_url + path, headers=self._headers) as response:
-                body = await read_body(response, self.max_response_bytes)
+            async with self.session.get(self.base_url + path, headers=self._headers, allow_redirects=False) as response:
                 if response.status != 200:
-                    raise error_from_body(response.status, body)
+                    await self._raise_for_status(response)
+                body = await read_body(response, self.max_response_bytes)
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -309,6 +316,10 @@ class Client:
         return payload if len(payload) < _LARGE_BODY else io.BytesIO(payload)
 
     async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
+        if 300 <= response.status < 400:
+            # aiohttp would follow it as a GET, without the body: the base URL is wrong, say where to.
+            location = response.headers.get("Location", "(no Location header)")
+            raise RedirectError(f"HTTP {response.status}: the server redirects to {location}; set base_url to that address")
         body = await read_body(response, self.max_response_bytes)
         for secret in self._secrets:
             body = body.replace(secret.encode(), b"***")
@@ -326,8 +337,9 @@ class Client:
             try:
                 try:  # a plain except, not a context manager: this runs per row
                     async with self.session.post(
-                        self._chat_url, data=self._body(payload), headers=attempt_headers(self._headers, self.request_id_header)
-                    ) as response:
+                        self._chat_url, data=self._body(payload), allow_redirects=False,
+                        headers=attempt_headers(self._headers, self.request_id_header),
+                    ) as response:  # fmt: skip
                         if response.status != 200:
                             await self._raise_for_status(response)
                         data = await read_body(response, self.max_response_bytes)
@@ -350,8 +362,9 @@ class Client:
         started = time.perf_counter()
         try:  # a plain except, not a context manager: this runs per stream
             response = await self.session.post(
-                self._chat_url, data=self._body(payload), headers=attempt_headers(self._headers, self.request_id_header)
-            )
+                self._chat_url, data=self._body(payload), allow_redirects=False,
+                headers=attempt_headers(self._headers, self.request_id_header),
+            )  # fmt: skip
         except AIOHTTP_ERRORS as exc:
             raise translate_error(exc) from exc
         if response.status != 200:

@@ -18,6 +18,7 @@ from typing import Any
 
 from batchgen import _constants as C
 from batchgen.apikey import resolve_api_key
+from batchgen.client import check_base_url
 from batchgen.errors import ConfigError
 from batchgen.headers import check_headers, parse_header_lines
 from batchgen.retry import RetryPolicy
@@ -80,8 +81,8 @@ class RunConfig:
             raise ConfigError(f"output must end in .parquet or .jsonl, got {self.output!r}")
         if self.input_format is not None and self.input_format not in C.INPUT_FORMATS:
             raise ConfigError(f"input_format must be one of {', '.join(C.INPUT_FORMATS)}, got {self.input_format!r}")
-        if self.base_url != C.MOCK_URL and not self.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"base_url must start with http:// or https:// (or be {C.MOCK_URL!r}), got {self.base_url!r}")
+        if self.base_url != C.MOCK_URL:
+            check_base_url(self.base_url)
         for name in ("concurrency", "flush_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -24,6 +24,7 @@ __all__ = [
     "parse_completion",
     "parse_logprobs",
     "parse_usage",
+    "reasoning_of",
     "stop_reason",
 ]
 
@@ -52,12 +53,11 @@ def _opt_int(value: Any, where: str) -> int | None:
     raise bad_type(where, value, "an integer or null")
 
 
-def _reasoning(message: dict[str, Any], where: str) -> str | None:
-    # vLLM renamed reasoning_content to reasoning (v0.12 sent both, v0.16+ only the new one).
+def reasoning_of(message: dict[str, Any]) -> Any:
+    """The reasoning text of a message or delta, unchecked: vLLM renamed `reasoning_content` to
+    `reasoning` (v0.12-v0.15 send both, v0.16+ only the new one, older only the old one)."""
     value = message.get("reasoning")
-    if value is None:
-        value = message.get("reasoning_content")
-    return opt_str(value, where + ".reasoning")
+    return message.get("reasoning_content") if value is None else value
 
 
 def _detail(value: dict[str, Any], key: str, name: str) -> Any:
@@ -186,9 +186,7 @@ def _choice(value: Any, position: int) -> Choice:
         message = value.get("message")
         if type(message) is dict:
             role, content = message.get("role"), message.get("content")
-            reasoning = message.get("reasoning")
-            if reasoning is None:  # vLLM renamed reasoning_content to reasoning (v0.12 sent both)
-                reasoning = message.get("reasoning_content")
+            reasoning = reasoning_of(message)
             finish, index = value.get("finish_reason"), value.get("index", position)
             calls = message.get("tool_calls")
             texts_ok = {type(role), type(content), type(reasoning), type(finish)} <= STR_OR_NONE
@@ -214,7 +212,7 @@ def _checked_choice(value: Any, position: int) -> Choice:
         index=index,
         role=opt_str(message.get("role"), where + ".message.role"),
         content=opt_str(message.get("content"), where + ".message.content"),
-        reasoning_content=_reasoning(message, where + ".message"),
+        reasoning_content=opt_str(reasoning_of(message), where + ".message.reasoning"),
         tool_calls=_tool_calls(message.get("tool_calls"), where + ".message.tool_calls"),
         finish_reason=opt_str(value.get("finish_reason"), where + ".finish_reason"),
         stop_reason=stop_reason(value.get("stop_reason")),

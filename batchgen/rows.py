@@ -79,7 +79,6 @@ class RowMapper:
         id_column: str | None = None,
         stream: bool = False,
     ) -> None:
-        self.fmt = fmt
         self.defaults = dict(defaults)
         try:  # once here, so a bad default is a config error rather than an error on every row
             validate_fields(self.defaults, self.defaults)

@@ -51,7 +51,7 @@ def test_flags_win_over_the_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[s
         ("input: a.parquet\noutput: b.csv\n", "output must end in .parquet or .jsonl"),
         ("input: a.parquet\noutput: b.parquet\nconcurrency: 0\n", "concurrency must be >= 1"),
         ("input: a.parquet\noutput: b.parquet\ntemperature: hot\n", "temperature must be a number"),
-        ("input: a.parquet\noutput: b.parquet\nbase_url: localhost:8000\n", "base_url must start with http://"),
+        ("input: a.parquet\noutput: b.parquet\nbase_url: localhost:8000\n", "base_url must be an http:// or https:// URL with a host"),
         ("output: b.parquet\n", "missing required setting(s): input"),
         ("[1, 2]\n", "must be a mapping of settings"),
     ],

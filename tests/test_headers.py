@@ -16,7 +16,7 @@ import pytest
 from batchgen import Client
 from batchgen.cli import main
 from batchgen.config import load_config
-from batchgen.errors import APIStatusError, ConfigError
+from batchgen.errors import APIStatusError, ConfigError, RedirectError
 from batchgen.headers import parse_header_lines
 from batchgen.pipeline import EXIT_OK, run_async
 from batchgen.testing.mock_server import MockServer
@@ -124,3 +124,21 @@ async def test_any_row_id_works(tmp_path: Path, stream: bool) -> None:
     assert out["content"].to_list() == [f"echo: question {i}" for i in range(len(ids))]
     for headers in server.state.request_headers:
         assert _names(headers) <= STANDARD, _names(headers) - STANDARD
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_an_error_that_says_where_not_a_silent_get(status: int, scripted_server: Any) -> None:
+    server = await scripted_server([Reply(status=status, headers={"Location": "https://elsewhere.example/v1/chat/completions"})])
+    async with Client(server.url) as client:
+        with pytest.raises(RedirectError, match="elsewhere.example") as caught:
+            await client.chat.completions.create(model="m", messages=MESSAGES)
+    assert caught.value.attempts == 1  # never retried
+    assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("url", ["http://", "http://:8000/v1", "ftp://host/v1", "localhost:8000/v1"])
+def test_a_base_url_needs_a_scheme_and_a_host(url: str) -> None:
+    with pytest.raises(ConfigError, match="with a host"):
+        Client(url)
+    with pytest.raises(ConfigError, match="with a host"):
+        load_config({"input": "a.parquet", "output": "b.parquet", "base_url": url})

@@ -34,7 +34,6 @@ __all__ = ["BenchOptions", "BenchSummary", "DatasetSpec", "Level", "LoadSpec", "
 _LAZY = {"BenchSummary": "metrics", "DatasetSpec": "datasets", "Level": "report", "LoadSpec": "runner",
          "ServerSpec": "runner"}  # fmt: skip
 
-MOCK_URL = "mock"  # as `batchgen run`: start the built-in mock server for the duration of the run
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,14 +63,10 @@ class BenchOptions:
 
 @contextlib.contextmanager
 def _server(spec: ServerSpec) -> Iterator[ServerSpec]:
-    if spec.base_url != MOCK_URL:
-        yield spec
-        return
-    from batchgen.testing.mock_server import MockConfig, mock_server_thread
+    from batchgen.servers import serving
 
-    # A thread, not this loop: client processes and every level's fresh event loop must reach it.
-    with mock_server_thread(MockConfig(ttft_ms=20, itl_ms=5)) as server:
-        yield dataclasses.replace(spec, base_url=server.url)
+    with serving(spec.base_url) as base_url:
+        yield dataclasses.replace(spec, base_url=base_url)
 
 
 def __getattr__(name: str) -> Any:
@@ -82,9 +77,9 @@ def __getattr__(name: str) -> Any:
 
 def _prepare(options: BenchOptions, server: ServerSpec) -> tuple[str, Dataset]:
     from batchgen.bench.datasets import load_dataset
-    from batchgen.bench.runner import discover_model
+    from batchgen.bench.runner import server_model
 
-    model = options.model or asyncio.run(discover_model(server))
+    model = options.model or asyncio.run(server_model(server))
     return model, load_dataset(dataclasses.replace(options.dataset, model=model))
 
 
@@ -93,7 +88,7 @@ def run_bench(options: BenchOptions, *, out: TextIO | None = None, log: TextIO |
 
     Raises:
         ConfigError / InputError: bad options or dataset (before any load is sent).
-        APIError: the server could not list its models.
+        ServerUnusableError: the server could not list its models, or lists none.
     """
     from batchgen.bench.metrics import summarize
     from batchgen.bench.multiproc import run_level

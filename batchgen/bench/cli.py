@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 
+from batchgen import _constants as C
 from batchgen._cli_types import json_object
 from batchgen.headers import parse_header_lines
 
@@ -89,14 +90,14 @@ def add_bench_parser(commands: Any) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     server = parser.add_argument_group("server")
-    server.add_argument("--base-url", default="http://localhost:8000/v1", metavar="URL",
+    server.add_argument("--base-url", default=C.DEFAULT_BASE_URL, metavar="URL",
                         help="API root (default %(default)s); 'mock' = the built-in mock server (TTFT 20 ms, ITL 5 ms)")
     server.add_argument("--model", metavar="NAME", help="default: the first model GET /v1/models lists")
     server.add_argument("--api-key-env", metavar="VAR", help="env var holding the API key (default BATCHGEN_API_KEY, "
                         "then OPENAI_API_KEY)")
     server.add_argument("--header", dest="headers", action="append", metavar="'NAME: VALUE'",
                         help="an HTTP header sent with every request; repeatable")
-    server.add_argument("--timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+    server.add_argument("--timeout", type=_positive_float, default=C.DEFAULT_TIMEOUT, metavar="SECONDS",
                         help="per request, whole stream included (default %(default)g)")
     data = parser.add_argument_group("dataset")
     data.add_argument("--dataset", default="random", metavar="random|sharegpt|PATH",

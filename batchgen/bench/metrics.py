@@ -21,6 +21,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from batchgen.errors import ConfigError
+
 __all__ = [
     "PERCENTILES",
     "BenchSummary",
@@ -276,7 +278,7 @@ def summarize(
         goodput: SLOs in ms by metric name (`ttft`, `tpot`, `e2el`); None = no goodput.
     """
     if goodput is not None and set(goodput) - set(GOODPUT_METRICS):
-        raise ValueError(f"goodput metrics must be among {', '.join(GOODPUT_METRICS)}, got {sorted(goodput)}")
+        raise ConfigError(f"goodput metrics must be among {', '.join(GOODPUT_METRICS)}, got {sorted(goodput)}")
     ok = [r for r in records if r.ok]
     failed = [r for r in records if not r.ok]
     without_usage = sum(r.output_tokens is None for r in ok)

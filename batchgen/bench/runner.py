@@ -22,9 +22,10 @@ from typing import Any
 from batchgen.bench.metrics import ClientLoad, RequestRecord
 from batchgen.chunks import event_usage, has_text
 from batchgen.client import Client
+from batchgen.servers import discover_model
 from batchgen.errors import APIError, ConfigError
 
-__all__ = ["LoadSpec", "ServerSpec", "ShardResult", "arrival_offsets", "discover_model", "run_shard"]
+__all__ = ["LoadSpec", "ServerSpec", "ShardResult", "arrival_offsets", "run_shard", "server_model"]
 
 TICK_S = 0.005  # event-loop lag probe period: fine enough to see a 10 ms stall, cheap at 200 wakeups/s
 
@@ -134,13 +135,11 @@ def arrival_offsets(load: LoadSpec, count: int | None) -> Iterator[float]:
     yield from (x * scale for x in times)
 
 
-async def discover_model(server: ServerSpec) -> str:
+async def server_model(server: ServerSpec) -> str:
     """The first model the server lists (GET /v1/models), as vLLM's bench does without --model."""
-    async with Client(server.base_url, server.api_key, timeout=min(server.timeout, 60.0), max_retries=2, headers=server.headers) as client:
-        models = await client.list_models()
-    if not models or not isinstance(models[0].get("id"), str):
-        raise ConfigError(f"{server.base_url}/models lists no model; pass --model")
-    return str(models[0]["id"])
+    async with Client(server.base_url, server.api_key, timeout=min(server.timeout, 60.0), max_retries=2,
+                      headers=server.headers) as client:  # fmt: skip
+        return await discover_model(client, None)
 
 
 class _Shard:

@@ -18,6 +18,7 @@ from batchgen.bench.metrics import (
     summarize,
 )
 from batchgen.bench.multiproc import LevelResult
+from batchgen.errors import ConfigError
 from batchgen.bench.report import Level, RunInfo, console_report, result_json
 from batchgen.bench.runner import LoadSpec
 
@@ -125,7 +126,7 @@ def test_goodput_counts_only_successes_within_every_slo() -> None:
     assert s.good_requests == 1
     assert s.request_goodput == pytest.approx(0.5)
     assert summarize([fast], duration_s=1.0).request_goodput is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="goodput metrics must be among"):
         summarize([fast], duration_s=1.0, goodput={"latency": 1})
 
 
