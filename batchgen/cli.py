@@ -139,12 +139,13 @@ def _add_bench_parser(commands: Any, *, full: bool) -> None:
     add_bench_parser(commands)
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only the named command's own modules are imported (start-up time and memory)."""
+def build_parser(command: str | None = None, *, help_asked: bool = True) -> argparse.ArgumentParser:
+    """The parser; only the named command's own modules are imported (start-up time and memory),
+    and `run`'s closing help text is built only when help may be shown."""
     parser = argparse.ArgumentParser(prog="batchgen", description="Bulk chat-completion jobs against vLLM and OpenAI-compatible servers.")
     parser.add_argument("--version", action="version", version=f"batchgen {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_run_parser(commands, full=command in (None, "run"))
+    _add_run_parser(commands, full=help_asked and command in (None, "run"))
     _add_bench_parser(commands, full=command in (None, "bench"))
     _add_mock_parser(commands, full=command in (None, "mock-server"))
     return parser
@@ -153,7 +154,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in arguments if not a.startswith("-")), None)
-    parser = build_parser(command)
+    parser = build_parser(command, help_asked=command is None or bool({"-h", "--help"} & set(arguments)))
     args = parser.parse_args(arguments)
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
