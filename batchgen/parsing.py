@@ -164,7 +164,9 @@ def _tool_calls(value: Any, where: str) -> list[ToolCall]:
         raise bad_type(where, value, "a list")
     calls = []
     for i, item in enumerate(value):
-        fn = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(item, dict):
+            raise bad_type(f"{where}[{i}]", item, "an object")
+        fn = item.get("function")
         if not isinstance(fn, dict):
             raise bad_type(f"{where}[{i}].function", fn, "an object")
         arguments = fn.get("arguments")

@@ -8,6 +8,7 @@ override the config defaults for their row; an `extra` column is merged last. A 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,7 +50,7 @@ def _clean_message(message: Any) -> Any:
 
 
 def _as_mapping(value: Any) -> Any:
-    if isinstance(value, list) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+    if isinstance(value, list) and value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
         return dict(value)  # an Arrow map column arrives as a list of (key, value) pairs
     return value
 
@@ -157,27 +158,41 @@ class RowMapper:
         except ValidationError as exc:
             root = exc.field.split("[")[0].split(".")[0]
             origin = self._origin(root, from_row)
-            return RowProblem(index, row_id, f"{where}: {origin}: {exc}")
+            message = str(exc)
+            if root == "messages" and self._added_system(values, body):
+                message = _shift_message_numbers(message)  # number messages as the row has them
+            return RowProblem(index, row_id, f"{where}: {origin}: {message}")
         except _ColumnError as exc:
             return RowProblem(index, row_id, f"{where}: column {exc.column!r}: {exc.message}")
         return RowRequest(index, row_id, body)
 
-    def _origin(self, root: str, from_row: set[str]) -> str:
+    def _origin(self, root: str, from_row: dict[str, str]) -> str:
         if root == "messages" and self.mode != "body":
             return f"column {self.text_column!r}"
-        if root in from_row:
-            return "column 'body'" if self.mode == "body" else f"column {root!r}"
-        return "config"
+        column = from_row.get(root)
+        return "config" if column is None else f"column {column!r}"
 
-    def _body(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    def _added_system(self, values: Mapping[str, Any], body: dict[str, Any]) -> bool:
+        """Whether the request's first message is the config's system prompt, not one of the row's."""
+        if self.mode != "messages" or not self.system_prompt:
+            return False
+        messages = body.get("messages")
+        row = values.get(self.text_column)
+        return isinstance(messages, list) and isinstance(row, (list, str)) and len(messages) > 0 and (
+            messages[0] == {"role": "system", "content": self.system_prompt}
+            and not (isinstance(row, list) and row and isinstance(row[0], dict) and row[0].get("role") == "system")
+        )  # fmt: skip
+
+    def _body(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """The request body, and for each field the row set, the column it came from."""
         body = self._base.copy()
-        from_row: set[str] = set()
+        from_row: dict[str, str] = {}
         if self.mode == "body":
             row_body = values.get("body")
             if not isinstance(row_body, dict):
                 raise _ColumnError("body", "must be a JSON object")
             body.update(row_body)  # the row's own request wins; defaults fill the gaps
-            from_row.update(row_body)
+            from_row.update(dict.fromkeys(row_body, "body"))
             return body, from_row
         body["messages"] = self._messages(values)
         for name in self.overrides:
@@ -185,15 +200,17 @@ class RowMapper:
             if value is None:
                 continue
             body[name] = self._decode(name, value)
-            from_row.add(name)
+            from_row[name] = name
         if self.has_extra:
             extra = _as_mapping(self._decode("extra", values.get("extra")))
+            if extra == []:
+                extra = None  # an empty Arrow map column
             if extra is not None:
                 if not isinstance(extra, dict):
                     raise _ColumnError("extra", f"must be an object of request fields, got {type(extra).__name__}")
                 extra = _drop_nulls(extra)
                 body.update(extra)
-                from_row.update(extra)
+                from_row.update(dict.fromkeys(extra, "extra"))
         return body, from_row
 
     def _finish(self, body: dict[str, Any]) -> None:
@@ -206,12 +223,14 @@ class RowMapper:
 
     @staticmethod
     def _decode(column: str, value: Any) -> Any:
-        if isinstance(value, str) and (column in JSON_FIELDS or column == "extra" or value[:1] in "{["):
+        if isinstance(value, str) and (column in JSON_FIELDS or column == "extra" or value[:1] in ("{", "[")):
             if column == "stop" and value[:1] != "[":
                 return value
             try:
                 return orjson.loads(value)
             except orjson.JSONDecodeError as exc:
+                if column == "stop":
+                    return value  # a stop string that only starts like a list, e.g. "[/INST]"
                 raise _ColumnError(column, f"is not valid JSON ({exc})") from exc
         if column == "tool_choice" and isinstance(value, dict):
             return _drop_nulls(value)
@@ -242,6 +261,10 @@ class RowMapper:
             if self.system_prompt and not any(isinstance(m, dict) and m.get("role") == "system" for m in value):
                 value = [{"role": "system", "content": self.system_prompt}, *value]
         return value
+
+
+def _shift_message_numbers(message: str) -> str:
+    return re.sub(r"messages\[(\d+)\]", lambda m: f"messages[{int(m.group(1)) - 1}]", message)
 
 
 class _ColumnError(Exception):
