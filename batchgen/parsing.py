@@ -264,7 +264,7 @@ def _from_error_object(status: int, err: Any, **details: Any) -> APIStatusError:
             param=err.get("param"),
             **details,
         )
-    return status_error(status, _text(err), **details)
+    return status_error(status, "(no message)" if err is None else _text(err), **details)
 
 
 def error_from_body(status: int, body: bytes, **details: Any) -> APIStatusError:

@@ -497,3 +497,8 @@ def test_error_event_boundaries_of_the_code() -> None:
     assert error_from_event({"error": {"message": "m", "code": 400}}).status_code == 400
     assert error_from_event({"error": {"message": "m", "code": 599}}).status_code == 599
     assert error_from_event({"error": {"message": "m", "code": 501}}).status_code == 501
+
+
+@pytest.mark.parametrize("body", [{"error": None}, {"error": {}}, {"error": {"message": None}}])
+def test_an_error_without_a_message_says_so(body: dict[str, Any]) -> None:
+    assert error_from_body(500, orjson.dumps(body)).message == "(no message)"
