@@ -185,5 +185,5 @@ def unstorable_record(record: ResultRecord, reason: str) -> ResultRecord:
     row_id, attempts = record.get("id"), record.get("attempts")
     return _failure(
         record["_index"], row_id if isinstance(row_id, str) else None, f"the answer could not be stored: {reason}",
-        "unexpected_error", None, attempts if isinstance(attempts, int) else None, None,
+        "unexpected_error", None, attempts if type(attempts) is int and 0 <= attempts < 2**31 else None, None,
     )  # fmt: skip
