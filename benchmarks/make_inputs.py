@@ -11,14 +11,19 @@ Schema (one row = one request), shaped like a real offline-generation job:
     stop         list<string>, 85% null          e.g. ["\\n\\n", "###"]
     source       string (not a request field)    which "dataset" the row came from
 
+`--shape issue` writes the input of issue 10 instead, `id, messages, temperature, max_tokens`
+(`max_tokens` int64, 30% null, {64, 128, 256, 512}), with the same ids, messages and temperatures:
+the override columns the default shape adds, and `source`, are left out.
+
 User turns are 1-8 sentences (about 60-900 characters, mean ~420) drawn from a fixed sentence
 pool plus the row number, so no two prompts are equal but the text compresses like real text.
 
 The file is written in row groups of `ROW_GROUP_ROWS` rows, one generated chunk at a time
-(never one giant table), to `<cache>/prompts-<rows>-v<VERSION>.parquet` through a `.tmp` file.
+(never one giant table), to `<cache>/prompts-<rows>-v<VERSION>.parquet` (`prompts-issue-...` for
+the issue shape) through a `.tmp` file.
 The same `rows` always gives byte-identical content; a cached file is reused.
 
-    python benchmarks/make_inputs.py --rows 20000,1000000 [--cache-dir DIR] [--force]
+    python benchmarks/make_inputs.py --rows 20000,1000000 [--shape issue] [--cache-dir DIR] [--force]
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["SCHEMA", "VERSION", "default_cache_dir", "ensure_input", "input_path"]
+__all__ = ["ISSUE_SCHEMA", "SCHEMA", "SHAPES", "VERSION", "default_cache_dir", "ensure_input", "input_path"]
 
 VERSION = 1  # bump when the generated content changes, so stale caches are not reused
 ROW_GROUP_ROWS = 10_000
@@ -51,6 +56,16 @@ SCHEMA = pa.schema(
         pa.field("source", pa.string()),
     ]
 )
+# Issue 10's input: the columns a typical job has, and nothing else.
+ISSUE_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("messages", pa.list_(MESSAGE)),
+        pa.field("temperature", pa.float64()),
+        pa.field("max_tokens", pa.int64()),
+    ]
+)
+SHAPES = {"default": SCHEMA, "issue": ISSUE_SCHEMA}
 
 _SYSTEM = (
     "You are a helpful assistant.",
@@ -95,11 +110,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BATCHGEN_BENCH_CACHE") or Path(tempfile.gettempdir()) / "batchgen-bench")
 
 
-def input_path(rows: int, cache_dir: Path | None = None) -> Path:
-    return (cache_dir or default_cache_dir()) / f"prompts-{rows}-v{VERSION}.parquet"
+def input_path(rows: int, cache_dir: Path | None = None, shape: str = "default") -> Path:
+    prefix = "prompts" if shape == "default" else f"prompts-{shape}"
+    return (cache_dir or default_cache_dir()) / f"{prefix}-{rows}-v{VERSION}.parquet"
 
 
-def _chunk(start: int, stop: int, pool: list[str]) -> pa.Table:
+def _chunk(start: int, stop: int, pool: list[str], shape: str = "default") -> pa.Table:
     """Rows [start, stop); seeded by the chunk start, so content never depends on chunking elsewhere."""
     rng = random.Random(SEED * 1_000_003 + start)
     ids, messages, temperature, top_p, seed, stop_col, source = [], [], [], [], [], [], []
@@ -121,6 +137,12 @@ def _chunk(start: int, stop: int, pool: list[str]) -> pa.Table:
         seed.append(None if rng.random() < 0.50 else rng.randrange(1 << 31))
         stop_col.append(None if rng.random() < 0.85 else rng.choice(_STOPS))
         source.append(rng.choice(_SOURCES))
+    if shape == "issue":
+        # Its own generator, so the shared columns are the same as in the default shape.
+        limits = random.Random(SEED * 7 + start)
+        max_tokens = [None if limits.random() < 0.30 else limits.choice((64, 128, 256, 512)) for _ in ids]
+        columns = {"id": ids, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
+        return pa.table(columns, schema=ISSUE_SCHEMA)
     return pa.table(
         {
             "id": ids,
@@ -135,11 +157,15 @@ def _chunk(start: int, stop: int, pool: list[str]) -> pa.Table:
     )
 
 
-def ensure_input(rows: int, cache_dir: Path | None = None, *, force: bool = False, verbose: bool = True) -> Path:
-    """The cached input of `rows` rows, generating it first if needed."""
+def ensure_input(
+    rows: int, cache_dir: Path | None = None, *, shape: str = "default", force: bool = False, verbose: bool = True
+) -> Path:
+    """The cached input of `rows` rows of `shape` ("default" or "issue"), generating it first if needed."""
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
-    path = input_path(rows, cache_dir)
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+    path = input_path(rows, cache_dir, shape)
     if path.exists() and not force:
         try:
             if pq.read_metadata(path).num_rows == rows:
@@ -151,9 +177,10 @@ def ensure_input(rows: int, cache_dir: Path | None = None, *, force: bool = Fals
     started = time.perf_counter()
     pool = _sentence_pool(random.Random(SEED))
     try:
-        with pq.ParquetWriter(tmp, SCHEMA, compression="snappy") as writer:
+        with pq.ParquetWriter(tmp, SHAPES[shape], compression="snappy") as writer:
             for start in range(0, rows, ROW_GROUP_ROWS):
-                writer.write_table(_chunk(start, min(start + ROW_GROUP_ROWS, rows), pool), row_group_size=ROW_GROUP_ROWS)
+                chunk = _chunk(start, min(start + ROW_GROUP_ROWS, rows), pool, shape)
+                writer.write_table(chunk, row_group_size=ROW_GROUP_ROWS)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -170,11 +197,12 @@ def _rows_list(text: str) -> list[int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description="Generate (or find cached) benchmark Parquet inputs.")
     parser.add_argument("--rows", type=_rows_list, default=[20_000, 1_000_000], help="comma-separated row counts")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="default", help="issue: id, messages, temperature, max_tokens")
     parser.add_argument("--cache-dir", type=Path, default=None, help=f"default {default_cache_dir()}")
     parser.add_argument("--force", action="store_true", help="regenerate even if cached")
     args = parser.parse_args()
     for rows in args.rows:
-        print(ensure_input(rows, args.cache_dir, force=args.force))
+        print(ensure_input(rows, args.cache_dir, shape=args.shape, force=args.force))
     return 0
 
 

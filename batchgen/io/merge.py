@@ -5,7 +5,12 @@ input order in windows: for each index range it takes the newest result per inde
 (the row groups of each part are sorted and carry `_index` statistics, so a filtered scan skips
 the rest), takes the same rows' passthrough columns straight from the input in Arrow (never as
 Python objects), and appends the joined window to `<output>.tmp`, renamed when complete.
-Memory is bounded by about one window of rows, whatever the input size.
+
+Memory is about one window of rows (~9 MB of Arrow data for 8192 rows of chat prompts), plus the
+Parquet writer's footer, which keeps ~40 KB per written row group (~5 MB per million rows) until
+the file is closed. Parquet page buffers come from Arrow's C++ default pool, not from the pool
+`pa.set_memory_pool` chose, so reads are buffered (`READ_BUFFER_BYTES`) and dictionaries small
+(`DICTIONARY_PAGE_BYTES`). The figures behind these choices are in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import pyarrow.parquet as pq
 
 from batchgen.errors import OutputError
 from batchgen.io.jsonl import count_lines
-from batchgen.io.parts import PartFile, atomic_file, list_parts, output_format
+from batchgen.io.parts import DICTIONARY_PAGE_BYTES, PartFile, atomic_file, list_parts, output_format
+from batchgen.io.readers import READ_BUFFER_BYTES
 from batchgen.io.schema import INDEX_COLUMN, state_schema
 
 __all__ = ["MergeResult", "finalize"]
@@ -110,7 +116,9 @@ def finalize(
         end = expected_rows
     errors = 0
     with atomic_file(out_path, "output") as file:
-        parquet = pq.ParquetWriter(file, schema) if fmt == "parquet" else None
+        parquet = (
+            pq.ParquetWriter(file, schema, dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES) if fmt == "parquet" else None
+        )
         with parquet if parquet is not None else contextlib.nullcontext():
             for start in range(0, end, window):
                 stop = min(start + window, end)
@@ -161,21 +169,29 @@ def _open_parts(parts: list[PartFile]) -> list[_Part]:
     for rank, part in enumerate(parts):
         try:
             meta = pq.read_metadata(part.path)
-            column = meta.schema.to_arrow_schema().get_field_index(INDEX_COLUMN)
-            groups = []
-            for g in range(meta.num_row_groups):
-                stats = meta.row_group(g).column(column).statistics
-                if stats is None or not stats.has_min_max:  # not written by PartWriter: read the column
-                    values = pq.ParquetFile(part.path).read_row_group(g, columns=[INDEX_COLUMN]).column(0)
-                    groups.append((pc.min(values).as_py(), pc.max(values).as_py()))
-                else:
-                    groups.append((stats.min, stats.max))
-        except (OSError, pa.ArrowException, KeyError) as exc:
+            groups = [_index_range(part.path, meta, g) for g in range(meta.num_row_groups)]
+        except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
             raise OutputError(f"{part.path}: unreadable part file ({exc})") from exc
         groups = [g for g in groups if g[0] is not None]
         if groups:
             opened.append(_Part(part.path, rank, tuple(groups)))
     return opened
+
+
+def _index_range(path: Path, meta: pq.FileMetaData, group: int) -> tuple[Any, Any]:
+    """The lowest and highest `_index` of one row group, from its statistics when it has them."""
+    chunks = meta.row_group(group)
+    # Found by path, not through `meta.schema`: that and `meta` refer to each other, which kept
+    # every footer read (~160 KB for a part) alive until a cyclic collection, and the run's lean
+    # GC makes those rare: +18 MB of heap for the 115 parts of a 1M-row run.
+    column = [chunks.column(i).path_in_schema for i in range(chunks.num_columns)].index(INDEX_COLUMN)
+    stats = chunks.column(column).statistics
+    if stats is not None and stats.has_min_max:
+        return stats.min, stats.max
+    # Not written by PartWriter: read the column.
+    with pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES) as reader:
+        values = reader.read_row_group(group, columns=[INDEX_COLUMN]).column(0)
+    return pc.min(values).as_py(), pc.max(values).as_py()
 
 
 def _read_range(part: _Part, start: int, stop: int, state: pa.Schema) -> pa.Table:
@@ -186,7 +202,7 @@ def _read_range(part: _Part, start: int, stop: int, state: pa.Schema) -> pa.Tabl
     """
     wanted = [g for g, (lo, hi) in enumerate(part.groups) if hi >= start and lo < stop]
     try:
-        with pq.ParquetFile(part.path, pre_buffer=False) as reader:
+        with pq.ParquetFile(part.path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES) as reader:
             table = reader.read_row_groups(wanted, use_threads=False)
     except (OSError, pa.ArrowException) as exc:
         raise OutputError(f"{part.path}: unreadable part file ({exc})") from exc
@@ -260,7 +276,7 @@ def _previous_rows(path: Path, results: pa.Schema, chunk: int) -> tuple[_RowStre
         raise OutputError(f"{path}: unreadable previous output ({exc})") from exc
 
     def parquet_chunks() -> Iterator[pa.Table]:
-        with pq.ParquetFile(path, pre_buffer=False) as reader:
+        with pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES) as reader:
             stored = set(reader.schema_arrow.names)
             for batch in reader.iter_batches(batch_size=chunk, columns=[n for n in results.names if n in stored]):
                 table = pa.Table.from_batches([batch])

@@ -2,6 +2,10 @@
 
 Only footers are read when the source is opened (schemas, row counts); rows are decoded one
 record batch at a time, and `read_ids` reads just the id column.
+
+Column chunks are read through a 64 KiB buffer (`READ_BUFFER_BYTES`), not whole: Parquet's
+page buffers come from Arrow's C++ default pool (mimalloc), which `pa.set_memory_pool` does not
+replace and which keeps most of what it once held (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchgen.errors import InputError
-from batchgen.io.readers import DEFAULT_BATCH_SIZE, InputSource, SourceRow, check_batch_args
+from batchgen.io.readers import DEFAULT_BATCH_SIZE, READ_BUFFER_BYTES, InputSource, SourceRow, check_batch_args
 
 __all__ = ["ParquetSource", "list_parquet_files"]
 
@@ -46,9 +50,15 @@ def list_parquet_files(path: str) -> list[Path]:
     return [target]
 
 
-def _read_footer(path: Path) -> pq.FileMetaData:
+def _read_footer(path: Path) -> tuple[pa.Schema, pq.FileMetaData]:
+    """The file's Arrow schema and footer.
+
+    Through a reader, not `read_metadata(path).schema`: that schema object and its footer refer
+    to each other, so the footer would stay in memory until a cyclic garbage collection.
+    """
     try:
-        return pq.read_metadata(path)
+        with pq.ParquetFile(path, pre_buffer=False) as reader:
+            return reader.schema_arrow, reader.metadata
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
 
@@ -68,13 +78,13 @@ class ParquetSource(InputSource):
         self.path = path
         self.format = "parquet"
         self.files = list_parquet_files(path)
-        footers = [_read_footer(f) for f in self.files]
+        schemas, footers = zip(*(_read_footer(f) for f in self.files), strict=True)
         # Compared by name and type only: writers disagree on "required" vs "optional" for the same data.
         # Passthrough fields are all nullable, so output rows the pipeline fills itself may hold nulls.
         # The pandas metadata describes a DataFrame index we never rebuild: it is dropped.
-        schema = _nullable(footers[0].schema.to_arrow_schema())
-        for file, footer in zip(self.files[1:], footers[1:], strict=True):
-            other = _nullable(footer.schema.to_arrow_schema())
+        schema = _nullable(schemas[0])
+        for file, arrow_schema in zip(self.files[1:], schemas[1:], strict=True):
+            other = _nullable(arrow_schema)
             if not other.equals(schema):
                 raise InputError(
                     f"{file} has a different schema from {self.files[0]}: "
@@ -134,7 +144,7 @@ class ParquetSource(InputSource):
                     yield index, value
                     index += 1
 
-    def iter_passthrough(self, names: list[str], batch_size: int = 8192) -> Iterator[pa.Table]:
+    def iter_passthrough(self, names: list[str], batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[pa.Table]:
         """The passthrough columns straight from the files, never as Python objects."""
         schema = pa.schema([self.passthrough_schema.field(name) for name in names])
         for file in self.files:
@@ -146,19 +156,32 @@ class ParquetSource(InputSource):
         self._decoded = [c for c in self.columns if c in set(columns)]
 
     def read_id_column(self, column: str) -> pa.ChunkedArray:
-        """The whole `column` as Arrow data, one chunk per batch: no Python object per row."""
+        """The whole `column` as Arrow data, usually one chunk per file: no Python object per row.
+
+        One chunk, because sorting a chunked array costs a third more memory (`batchgen.idcheck`).
+        """
         if column not in self.columns:
             raise InputError(f"{self.path}: no column {column!r}; the columns are {', '.join(self.columns)}")
-        chunks = [batch.column(0) for file in self.files for batch in self._batches(file, 65_536, columns=[column])]
-        return pa.chunked_array(chunks, type=chunks[0].type if chunks else pa.string())
+        chunks: list[pa.Array] = []
+        for file in self.files:
+            try:
+                with _open(file) as reader:
+                    chunks.extend(reader.read(columns=[column], use_threads=False).column(0).chunks)
+            except (OSError, pa.ArrowException) as exc:
+                raise InputError(f"{file}: cannot read Parquet data ({exc})") from exc
+        return pa.chunked_array(chunks, type=self.passthrough_schema.field(column).type)
 
     def _batches(self, file: Path, batch_size: int, **options: Any) -> Iterator[pa.RecordBatch]:
         try:
-            # pre_buffer keeps every column chunk it read until the file closes (~190 MB per 1M rows).
-            with pq.ParquetFile(file, pre_buffer=False) as reader:
+            with _open(file) as reader:
                 yield from reader.iter_batches(batch_size=batch_size, use_threads=False, **options)
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"{file}: cannot read Parquet data ({exc})") from exc
+
+
+def _open(file: Path) -> pq.ParquetFile:
+    # pre_buffer keeps every column chunk it read until the file closes (~190 MB per 1M rows).
+    return pq.ParquetFile(file, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
 
 
 def _nullable(schema: pa.Schema) -> pa.Schema:

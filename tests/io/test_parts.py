@@ -257,3 +257,14 @@ def test_finalize_without_results_writes_an_empty_file(tmp_path: Path) -> None:
 def test_finalize_rejects_an_unknown_suffix(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match=r"out\.csv: unsupported output suffix"):
         merge(tmp_path, tmp_path / "out.csv")
+
+
+def test_finalize_reads_index_ranges_of_parts_without_statistics(tmp_path: Path) -> None:
+    # A part not written by PartWriter: `_index` is not the first column and has no statistics.
+    state = tmp_path / "state"
+    state.mkdir()
+    table = pa.Table.from_pylist([record(i, "hand") for i in (3, 1, 2, 0)], schema=STATE)
+    table = table.select(["id", "_index", *[n for n in STATE.names if n not in ("id", "_index")]])
+    pq.write_table(table, state / "part-0000-000000.parquet", row_group_size=2, write_statistics=False)
+    assert merge(state, tmp_path / "out.parquet", window=3) == 4
+    assert [row["content"] for row in read_output(tmp_path / "out.parquet")] == [f"answer {i} from hand" for i in range(4)]
