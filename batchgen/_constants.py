@@ -19,7 +19,14 @@ DEFAULT_FLUSH_SECONDS = 2.0
 DEFAULT_FLUSH_ROWS = 10_000
 
 MOCK_URL = "mock"  # a base_url that starts the built-in mock server for the duration of the job
-INPUT_FORMATS = ("parquet", "jsonl", "openai-batch")
+# The input formats and the class that reads each (`module:Class`, imported when used): adding a
+# format is a reader module in batchgen/io/ and one line here.
+INPUT_READERS = {
+    "parquet": "batchgen.io.parquet:ParquetSource",
+    "jsonl": "batchgen.io.jsonl:JsonlSource",
+    "openai-batch": "batchgen.io.jsonl:OpenAIBatchSource",
+}
+INPUT_FORMATS = tuple(INPUT_READERS)
 
 
 class ExitCode(enum.IntEnum):

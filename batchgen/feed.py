@@ -13,9 +13,9 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 from batchgen.io.parts import FAILED, SUCCEEDED
-from batchgen.io.readers import InputSource, SourceRow
+from batchgen.io.readers import InputSource
 from batchgen.progress import RunStats
-from batchgen.records import ResultRecord, RowProblem, RowRequest, problem_record
+from batchgen.records import ResultRecord, RowProblem, RowRequest, SourceRow, problem_record
 from batchgen.rows import RowMapper
 
 __all__ = ["Feeder"]

@@ -21,17 +21,40 @@ from batchgen.errors import APIError, APIStatusError
 from batchgen.types import ChatCompletionResponse, Choice
 
 __all__ = [
+    "ERROR_COLUMN",
     "INDEX_COLUMN",
     "Outcome",
     "ResultRecord",
     "RowProblem",
     "RowRequest",
+    "SourceRow",
     "outcome_record",
     "problem_record",
     "unstorable_record",
 ]
 
 INDEX_COLUMN = "_index"  # the input row number: a part-file column, the key of resume and merge
+ERROR_COLUMN = "error"  # null on success: what resume and the summary read to tell rows apart
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRow:
+    """One input row, decoded or not.
+
+    Args:
+        index: 0-based row number among data rows (blank JSONL lines are not rows); it is the
+            row's position in the final output.
+        where: a locator for messages: "line 17" (1-based file line, JSONL) or "row 17" (0-based, Parquet).
+        values: the decoded columns, or None when the row could not be decoded. An error row may
+            still carry values (a column of the wrong type, an OpenAI batch line with a bad `url`)
+            so the feeder can find the row's id for its error record.
+        error: why the row is unusable, naming the line and the problem; None when the row is fine.
+    """
+
+    index: int
+    where: str
+    values: dict[str, Any] | None
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

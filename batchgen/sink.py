@@ -115,13 +115,13 @@ class ResultSink:
 def _write_part(writer: PartWriter, records: list[ResultRecord]) -> None:
     """Write one part; a record that cannot be stored becomes an error row instead of failing the run."""
     try:
-        writer.write(records)  # type: ignore[arg-type]
+        writer.write(records)
         return
     except OutputError:
         fixed = [_storable(writer.schema, record) for record in records]
         if all(a is b for a, b in zip(fixed, records, strict=True)):
             raise  # not a bad record: the disk or the directory failed
-    writer.write(fixed)  # type: ignore[arg-type]
+    writer.write(fixed)
 
 
 def _storable(schema: pa.Schema, record: ResultRecord) -> ResultRecord:

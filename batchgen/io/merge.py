@@ -32,6 +32,7 @@ from batchgen.io.jsonl import count_lines
 from batchgen.io.parts import DICTIONARY_PAGE_BYTES, PartFile, atomic_file, list_parts, output_format
 from batchgen.io.readers import READ_BUFFER_BYTES
 from batchgen.io.schema import INDEX_COLUMN, state_schema
+from batchgen.records import ERROR_COLUMN
 
 __all__ = ["MergeResult", "finalize"]
 
@@ -123,7 +124,7 @@ def finalize(
             for start in range(0, end, window):
                 stop = min(start + window, end)
                 table = _join(_merge_window(parts, previous, start, stop, state), inputs, schema, start)
-                errors += table.num_rows - table.column("error").null_count
+                errors += table.num_rows - table.column(ERROR_COLUMN).null_count
                 if parquet is not None:
                     parquet.write_table(table)
                 else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from batchgen.errors import OutputError
 from batchgen.io.readers import READ_BUFFER_BYTES
 from batchgen.io.schema import INDEX_COLUMN
+from batchgen.records import ERROR_COLUMN
 
 __all__ = [
     "DICTIONARY_PAGE_BYTES",
@@ -153,7 +154,7 @@ class PartWriter:
         # Continue after parts this generation already has, never overwrite one.
         self._seq = 1 + max((p.seq for p in list_parts(state_dir) if p.generation == generation), default=-1)
 
-    def write(self, records: list[dict[str, Any]]) -> Path | None:
+    def write(self, records: Sequence[Mapping[str, Any]]) -> Path | None:
         """Write `records` as one new part file, atomically; returns its path, or None if `records` is empty.
 
         Records are sorted by `_index` (tightening row-group statistics); keys missing from a
@@ -180,7 +181,7 @@ class PartWriter:
         self._seq += 1
         return final
 
-    def _to_table(self, records: list[dict[str, Any]]) -> pa.Table:
+    def _to_table(self, records: Sequence[Mapping[str, Any]]) -> pa.Table:
         try:
             return pa.Table.from_pylist(records, schema=self.schema)
         except _ARROW_ERRORS as exc:
@@ -247,7 +248,7 @@ def scan_checkpoint(state_dir: Path, total_rows_hint: int | None, previous_outpu
     for part in parts:
         try:
             with pq.ParquetFile(part.path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES) as reader:
-                for batch in reader.iter_batches(batch_size=65_536, columns=[INDEX_COLUMN, "error"]):
+                for batch in reader.iter_batches(batch_size=65_536, columns=[INDEX_COLUMN, ERROR_COLUMN]):
                     mark(batch.column(0).to_pylist(), batch.column(1).to_pylist())
         except (OSError, pa.ArrowException, KeyError, IndexError) as exc:
             raise OutputError(f"{part.path}: unreadable part file ({exc})") from exc
@@ -268,14 +269,14 @@ def _previous_errors(path: Path) -> Iterator[list[Any]]:
             with open(path, "rb") as file:
                 errors: list[Any] = []
                 for line in file:
-                    errors.append(orjson.loads(line).get("error"))
+                    errors.append(orjson.loads(line).get(ERROR_COLUMN))
                     if len(errors) >= 65_536:
                         yield errors
                         errors = []
             yield errors
             return
         with pq.ParquetFile(path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES) as reader:
-            for batch in reader.iter_batches(batch_size=65_536, columns=["error"]):
+            for batch in reader.iter_batches(batch_size=65_536, columns=[ERROR_COLUMN]):
                 yield batch.column(0).to_pylist()
     except (OSError, pa.ArrowException, orjson.JSONDecodeError, KeyError, AttributeError) as exc:
         raise OutputError(f"{path}: unreadable previous output ({exc})") from exc

@@ -8,16 +8,18 @@ never stops a million-row job.
 
 from __future__ import annotations
 
+import importlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from batchgen._constants import INPUT_FORMATS, INPUT_READERS
 from batchgen.errors import InputError
+from batchgen.records import SourceRow
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -30,7 +32,7 @@ __all__ = [
     "open_input",
 ]
 
-FORMATS = ("parquet", "jsonl", "openai-batch")
+FORMATS = INPUT_FORMATS
 DEFAULT_BATCH_SIZE = 1024
 # Parquet reads go through a buffer of this size instead of reading each column chunk whole: the
 # page buffers come from Arrow's C++ default pool, which `pa.set_memory_pool` does not replace.
@@ -39,26 +41,6 @@ READ_BUFFER_BYTES = 1 << 16
 
 # Suffixes that name a format on their own; "openai-batch" shares `.jsonl`, so it is never guessed.
 _SUFFIX_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".ndjson.gz": "jsonl"}
-
-
-@dataclass(frozen=True, slots=True)
-class SourceRow:
-    """One input row, decoded or not.
-
-    Args:
-        index: 0-based row number among data rows (blank JSONL lines are not rows); it is the
-            row's position in the final output.
-        where: a locator for messages: "line 17" (1-based file line, JSONL) or "row 17" (0-based, Parquet).
-        values: the decoded columns, or None when the row could not be decoded. An error row may
-            still carry values (a column of the wrong type, an OpenAI batch line with a bad `url`)
-            so the pipeline can find the row's id for its error record.
-        error: why the row is unusable, naming the line and the problem; None when the row is fine.
-    """
-
-    index: int
-    where: str
-    values: dict[str, Any] | None
-    error: str | None = None
 
 
 class InputSource(ABC):
@@ -172,16 +154,12 @@ def open_input(path: str | os.PathLike[str], fmt: str | None = None) -> InputSou
         source = open_input("prompts.jsonl")
         for batch in source.iter_batches(batch_size=512): ...
     """
-    # Imported here: both modules subclass InputSource from this one.
-    from batchgen.io.jsonl import JsonlSource, OpenAIBatchSource
-    from batchgen.io.parquet import ParquetSource
-
     fmt = detect_format(path) if fmt is None else fmt
     text = os.fspath(path)
-    if fmt == "parquet":
-        return ParquetSource(text)
-    if fmt == "jsonl":
-        return JsonlSource(text)
-    if fmt == "openai-batch":
-        return OpenAIBatchSource(text)
-    raise InputError(f"{text}: unknown input format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    reader = INPUT_READERS.get(fmt)
+    if reader is None:
+        raise InputError(f"{text}: unknown input format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    # Imported here: the reader modules subclass InputSource from this one.
+    module, _, name = reader.partition(":")
+    source: InputSource = getattr(importlib.import_module(module), name)(text)
+    return source
