@@ -16,7 +16,7 @@ DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 DEFAULT_CONCURRENCY = 64
 DEFAULT_FLUSH_SECONDS = 2.0
-DEFAULT_FLUSH_ROWS = 10_000
+DEFAULT_FLUSH_ROWS = 2_000  # a part per 2000 rows at most: fewer pending records in memory (benchmarks/README.md)
 
 MOCK_URL = "mock"  # a base_url that starts the built-in mock server for the duration of the job
 # The input formats and the class that reads each (`module:Class`, imported when used): adding a

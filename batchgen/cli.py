@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -151,7 +152,19 @@ def build_parser(command: str | None = None, *, help_asked: bool = True) -> argp
     return parser
 
 
+def _arrow_allocator() -> None:
+    """Ask for jemalloc as Arrow's C++ default pool, before pyarrow is loaded (it is chosen once).
+
+    `pa.set_memory_pool` only reaches allocations made from Python; Parquet's page, decompression
+    and encoder buffers come from the C++ default pool (mimalloc), which kept 30-50 MB of RSS it no
+    longer used through a 1M-row merge (benchmarks/README.md). A value the user set wins.
+    """
+    if "pyarrow" not in sys.modules:
+        os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _arrow_allocator()
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in arguments if not a.startswith("-")), None)
     parser = build_parser(command, help_asked=command is None or bool({"-h", "--help"} & set(arguments)))

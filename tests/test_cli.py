@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +100,17 @@ def test_an_invalid_request_default_stops_the_run_before_any_request(
 def test_every_shipped_config_is_valid(config: Path) -> None:
     cfg = load_config(read_yaml(config), source=str(config))
     assert cfg.input and cfg.output
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "jemalloc"), ("system", "system")])
+def test_the_cli_picks_arrows_default_pool_before_pyarrow_loads(given: str | None, expected: str) -> None:
+    code = (
+        "import contextlib\nfrom batchgen.cli import main\n"
+        "with contextlib.suppress(SystemExit):\n    main(['--version'])\n"
+        "import pyarrow as pa\nprint(pa.default_memory_pool().backend_name)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if given is not None:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = given
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True)
+    assert done.stdout.strip().splitlines()[-1] == expected
