@@ -159,6 +159,8 @@ async def _execute(cfg: RunConfig, client: Client, source: InputSource, mapper: 
 
     has_parts = state_dir.exists() and any(state_dir.glob("part-*.parquet"))
     if sink.written == 0 and not has_parts and previous is not None:
+        # A crash between the output's rename and the parts' removal leaves an empty state dir.
+        shutil.rmtree(state_dir, ignore_errors=True)
         failed = checkpoint.failed
         code = EXIT_ROW_ERRORS if failed else EXIT_OK
         return result(code, f"nothing to do: every row is already in {output} ({failed} error rows)")

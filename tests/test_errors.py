@@ -235,11 +235,10 @@ async def sse_server() -> AsyncIterator[str]:
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_redirect_loop_is_a_redirect_error_tried_once(redirect_loop: str, stream: bool) -> None:
     async with Client(redirect_loop, max_retries=3) as client:
-        with pytest.raises(RedirectError, match="TooManyRedirects") as caught:
+        with pytest.raises(RedirectError, match="HTTP 307: the server redirects to http://") as caught:
             await client.chat.completions.create(model="m", messages=MESSAGES, stream=stream)
         assert client.retries_total == 0
-    assert caught.value.attempts == 1
-    assert isinstance(caught.value.__cause__, aiohttp.TooManyRedirects)
+    assert caught.value.attempts == 1  # a redirect is never followed (a POST would become a GET), nor retried
 
 
 @pytest.mark.parametrize("entry", ["create", "request"])  # the public call, and the worker pool's per-row path

@@ -98,3 +98,21 @@ async def test_a_streamed_run_writes_the_same_answers(outputs: Any) -> None:
         # raw: the plain answer's body as received, the stream's assembled answer; same choices either way
         assert [c["index"] for c in orjson.loads(streamed[row_id]["raw"])["choices"]] == \
             [c["index"] for c in orjson.loads(plain[row_id]["raw"])["choices"]]
+
+
+async def test_a_crash_after_the_output_rename_leaves_nothing_behind_on_rerun(tmp_path: Path) -> None:
+    """Killed between renaming the output into place and removing the state dir: the rerun sends
+    nothing, says so, and removes the (empty) state dir."""
+    async with MockServer() as server:
+        first = await _run(server, tmp_path, False)
+        state_dir = tmp_path / "out-False.parquet.batchgen"
+        state_dir.mkdir()
+        (state_dir / "part-0000-000000.parquet.tmp").write_bytes(b"half a part")
+        sent = len(server.state.requests)
+        settings = {"input": str(tmp_path / "in.parquet"), "output": str(tmp_path / "out-False.parquet"),
+                    "base_url": server.url, "progress": False, "keep_raw": True}
+        result = await run_async(load_config(settings), log=io.StringIO())
+    assert result.exit_code == EXIT_OK and "nothing to do" in result.message
+    assert len(server.state.requests) == sent and not state_dir.exists()
+    assert {row["id"]: row["content"] for row in pl.read_parquet(tmp_path / "out-False.parquet").to_dicts()} == \
+        {row_id: row["content"] for row_id, row in first.items()}
