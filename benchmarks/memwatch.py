@@ -15,6 +15,10 @@ The phases are found by wrapping the functions that do them, in the modules that
 imported: however the pipeline is split into modules, it picks up the wrapped functions. This
 process is the only one patched; batchgen's code is not changed. With `--types` it also prints
 the Python object types whose counts grew most between the start and the end (slow: walks `gc`).
+
+Like `batchgen run`, it asks for jemalloc as Arrow's C++ default pool unless
+`ARROW_DEFAULT_MEMORY_POOL` is set (e.g. `ARROW_DEFAULT_MEMORY_POOL=mimalloc` for Arrow's own
+default); the start line says which pool is in use.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+# `batchgen run` picks Arrow's C++ default pool before pyarrow loads (batchgen.cli); this script
+# loads pyarrow first, so it makes the same choice here. Set the variable to measure another pool.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
 
 import pyarrow as pa  # noqa: E402
 
@@ -158,7 +166,7 @@ def main() -> int:
 
     thread = threading.Thread(target=monitor, daemon=True)
     thread.start()
-    line(f"start: {snapshot()}")
+    line(f"start: {snapshot()}; Arrow's C++ default pool: {pa.default_memory_pool().backend_name}")
     from batchgen.cli import main as cli_main
 
     code = cli_main(argv)
