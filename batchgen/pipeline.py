@@ -231,7 +231,9 @@ def _finalize(
 
 def _use_jemalloc() -> None:
     """Arrow's jemalloc pool hands freed memory back; the default mimalloc pool kept ~100 MB more
-    RSS through the final merge of a 1M-row job (benchmarks/README.md)."""
+    RSS through the final merge of a 1M-row job (benchmarks/README.md). This reaches what pyarrow
+    allocates from Python only: Parquet's own buffers use the C++ default pool, which the CLI
+    picks before pyarrow loads (`cli._arrow_allocator`)."""
     with contextlib.suppress(NotImplementedError, pa.ArrowException):
         pa.set_memory_pool(pa.jemalloc_memory_pool())
 
