@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from batchgen.config import load_config
 from batchgen.errors import ConfigError, RunIncompleteError
-from batchgen.pipeline import EXIT_INTERRUPTED, RunResult, run
+from batchgen.pipeline import EXIT_INTERRUPTED, RESUME_HINT, RunResult, run
 
 if TYPE_CHECKING:
     import polars as pl
@@ -76,7 +76,7 @@ def generate(data: Any, **options: Any) -> pl.DataFrame:  # polars is imported h
             result = run(cfg)
         if result.exit_code == EXIT_INTERRUPTED or not Path(cfg.output).exists():
             # generate() works in a temporary directory that is gone afterwards: nothing to resume.
-            message = result.message.split("; rerun the same command to resume")[0]
+            message = result.message.removesuffix(RESUME_HINT)
             raise RunIncompleteError(f"batchgen: {message} (generate() cannot resume: call it again, or "
                                      "use batchgen.run with an output path to keep finished rows)",
                                      exit_code=result.exit_code)  # fmt: skip

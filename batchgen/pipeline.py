@@ -53,6 +53,9 @@ EXIT_OK, EXIT_ROW_ERRORS, EXIT_CONFIG, EXIT_FATAL, EXIT_INTERRUPTED = (
 )  # fmt: skip
 
 
+RESUME_HINT = "; rerun the same command to resume"  # ends the message of a run stopped part-way
+
+
 @dataclass(slots=True)
 class RunResult:
     exit_code: int
@@ -152,9 +155,9 @@ async def _execute(cfg: RunConfig, client: Client, source: InputSource, mapper: 
         return RunResult(code, stats, str(output), message)
 
     if control.cause is StopCause.LOST_SERVER:
-        return result(EXIT_FATAL, f"{control.message}; {stats.done} rows saved; rerun the same command to resume")
+        return result(EXIT_FATAL, f"{control.message}; {stats.done} rows saved{RESUME_HINT}")
     if control.cause is StopCause.INTERRUPTED:
-        return result(EXIT_INTERRUPTED, f"interrupted: {stats.done} rows saved; rerun the same command to resume")
+        return result(EXIT_INTERRUPTED, f"interrupted: {stats.done} rows saved{RESUME_HINT}")
     producer.result()  # re-raise a fatal error (e.g. the input became unreadable part-way)
 
     has_parts = state_dir.exists() and any(state_dir.glob("part-*.parquet"))
