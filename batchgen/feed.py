@@ -29,7 +29,8 @@ class Feeder:
         mapper: turns a row into a request body or a problem.
         status: per input row, from the checkpoint: 0 not done, `SUCCEEDED` or `FAILED`.
         submit: hands a request to the pool (may wait: backpressure).
-        emit: hands a problem record to the sink.
+        try_submit: hands a request to the pool if it has room now (the usual case, no coroutine).
+        emit: hands a problem record to the sink; what it returns, when not None, is awaited.
         stats: counts the rows skipped as already done.
         limit: feed only rows with an index below this.
         retry_failed: send again the rows that ended as errors.
@@ -42,7 +43,8 @@ class Feeder:
         status: bytearray,
         *,
         submit: Callable[[RowRequest], Awaitable[None]],
-        emit: Callable[[ResultRecord], Awaitable[None]],
+        try_submit: Callable[[RowRequest], bool],
+        emit: Callable[[ResultRecord], Awaitable[object] | None],
         stats: RunStats,
         limit: int | None = None,
         retry_failed: bool = False,
@@ -51,6 +53,7 @@ class Feeder:
         self._mapper = mapper
         self._status = status
         self._submit = submit
+        self._try_submit = try_submit
         self._emit = emit
         self._stats = stats
         self._limit = limit
@@ -71,7 +74,7 @@ class Feeder:
     async def run(self) -> None:
         """Feed every row; raises `InputError` if the input becomes unreadable part-way (fatal)."""
         limit, retry_failed, status = self._limit, self._retry_failed, self._status
-        mapper, submit = self._mapper, self._submit
+        mapper, submit, try_submit = self._mapper, self._submit, self._try_submit
         async for batch in self._batches():
             for row in batch:
                 index = row.index
@@ -88,6 +91,7 @@ class Feeder:
                 else:
                     item = mapper.map(index, row.where, row.values)
                 if isinstance(item, RowProblem):
-                    await self._emit(problem_record(item))
-                else:
+                    if (room := self._emit(problem_record(item))) is not None:
+                        await room
+                elif not try_submit(item):
                     await submit(item)

@@ -24,6 +24,7 @@ __all__ = [
     "parse_completion",
     "parse_logprobs",
     "parse_usage",
+    "read_response",
     "reasoning_of",
     "stop_reason",
 ]
@@ -193,7 +194,7 @@ def _choice(value: Any, position: int) -> Choice:
             calls = message.get("tool_calls")
             texts_ok = {type(role), type(content), type(reasoning), type(finish)} <= STR_OR_NONE
             stop, logprobs = value.get("stop_reason"), value.get("logprobs")
-            if type(index) is int and texts_ok and not calls and logprobs is None and type(stop) in STOP_TYPES:
+            if type(index) is int and texts_ok and (calls is None or calls == []) and logprobs is None and type(stop) in STOP_TYPES:
                 # The usual answer, checked in one pass; anything else takes the careful path below.
                 return Choice(index, role, content, reasoning, [], finish, stop, None)
     return _checked_choice(value, position)
@@ -246,6 +247,11 @@ def parse_completion(raw: Any) -> ChatCompletionResponse:
         [_choice(c, i) for i, c in enumerate(choices)],
         parse_usage(raw.get("usage")),
     )
+
+
+def read_response(answer: Any) -> ChatCompletionResponse:
+    """`Client.exchange`'s reader for the typed API: a decoded body is parsed, an assembled stream kept."""
+    return answer if type(answer) is ChatCompletionResponse else parse_completion(answer)
 
 
 def _text(value: Any) -> str:

@@ -19,7 +19,7 @@ import contextlib
 import shutil
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -38,7 +38,7 @@ from batchgen.io.parts import Checkpoint, PartWriter, scan_checkpoint
 from batchgen.io.readers import InputSource, open_input
 from batchgen.io.schema import output_schema, state_schema
 from batchgen.progress import Progress, RunStats
-from batchgen.records import Outcome, outcome_record
+from batchgen.records import Outcome, outcome_record, read_answer
 from batchgen.rows import RowMapper
 from batchgen.runtime import lean_gc
 from batchgen.servers import discover_model, serving
@@ -112,20 +112,21 @@ async def _execute(cfg: RunConfig, client: Client, source: InputSource, mapper: 
     writer = PartWriter(state_dir, state_schema(layout.results_schema), checkpoint.next_generation)
     watch = LostServerWatch(control, max(2 * cfg.concurrency, 10), client.base_url)
 
-    async def on_outcome(outcome: Outcome) -> None:
+    def on_outcome(outcome: Outcome) -> Awaitable[object] | None:
         record = outcome_record(outcome, keep_raw=cfg.keep_raw)
         if watch.hold(outcome, record):
-            return
+            return None
         for held in watch.release():  # a passing failure: its rows are real error rows
-            await sink.emit(held)
-        await sink.emit(record)
+            sink.emit(held)  # its backpressure is the last record's, below
+        return sink.emit(record)
 
     # A lambda, not a coroutine: the pool awaits the client's own coroutine, one frame fewer per I/O step.
-    pool = WorkerPool(lambda request: client.request(request.body), cfg.concurrency, on_outcome=on_outcome,
+    pool = WorkerPool(lambda request: client.exchange(request.body, read_answer), cfg.concurrency, on_outcome=on_outcome,
                       control=control)  # fmt: skip
     sink = ResultSink(writer, stats, progress, flush_seconds=cfg.flush_seconds, flush_rows=cfg.flush_rows,
                       retries=lambda: client.retries_total, in_flight=lambda: pool.in_flight)  # fmt: skip
-    feeder = Feeder(source, mapper, checkpoint.status, submit=pool.submit, emit=sink.emit, stats=stats,
+    feeder = Feeder(source, mapper, checkpoint.status, submit=pool.submit,
+                    try_submit=pool.try_submit, emit=sink.emit, stats=stats,
                     limit=cfg.limit, retry_failed=cfg.retry_failed)  # fmt: skip
 
     producer = asyncio.create_task(_produce(feeder, pool, control))
@@ -140,7 +141,8 @@ async def _execute(cfg: RunConfig, client: Client, source: InputSource, mapper: 
                 write_task.result()
             if control.state is RunState.RUNNING:
                 for held in watch.release():
-                    await sink.emit(held)
+                    if (room := sink.emit(held)) is not None:
+                        await room
             sink.close()
             await write_task
     finally:

@@ -3,7 +3,7 @@
 Records wait in a pending list (no queue hop per row). One writer task turns them into a part
 file every `flush_seconds`, or as soon as `flush_rows` are waiting, in a worker thread; between
 flushes it refreshes the progress display. When the writer falls far behind (`4 × flush_rows`
-pending), `emit` waits for room, which holds the workers, which holds the feeder: memory stays
+pending), `emit` returns a wait for room, which holds the workers, which holds the feeder: memory stays
 bounded whatever the disk does. A record Arrow cannot store becomes an error row; any other
 write failure ends the writer task with `OutputError`.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pyarrow as pa
 
@@ -40,7 +40,8 @@ class ResultSink:
     Example:
         sink = ResultSink(writer, stats, progress, flush_seconds=2, flush_rows=10_000, ...)
         task = asyncio.create_task(sink.run())
-        await sink.emit(record)
+        if (room := sink.emit(record)) is not None:
+            await room
         sink.close(); await task
     """
 
@@ -71,8 +72,12 @@ class ResultSink:
         self._closed = False
         self.written = 0  # records written to part files by this run
 
-    async def emit(self, record: ResultRecord) -> None:
-        """Keep one finished record for the next part; waits only when the writer is far behind."""
+    def emit(self, record: ResultRecord) -> Awaitable[bool] | None:
+        """Keep one finished record for the next part.
+
+        Returns None, or when the writer is far behind, an awaitable that the caller awaits before it
+        produces more (backpressure). Not a coroutine: one would be built and awaited per row.
+        """
         pending = self._pending
         if not pending:
             self._pending_since = self._loop.time()
@@ -82,7 +87,8 @@ class ResultSink:
             self._wake.set()
             if len(pending) >= self._max_pending:
                 self._room.clear()
-                await self._room.wait()
+                return self._room.wait()
+        return None
 
     def close(self) -> None:
         """No more records: `run()` writes what is pending and returns."""

@@ -7,7 +7,7 @@ Every object keeps the server's parsed JSON in `raw`, so fields batchgen does no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import orjson
 
@@ -17,6 +17,7 @@ __all__ = [
     "ChatCompletionResponse",
     "Choice",
     "Function",
+    "Reply",
     "TokenLogprob",
     "ToolCall",
     "TopLogprob",
@@ -204,3 +205,25 @@ class ChatCompletionResponse:
     @property
     def logprobs(self) -> list[TokenLogprob] | None:
         return self.choices[0].logprobs if self.choices else None
+
+
+T = TypeVar("T")
+
+
+class Reply(Generic[T]):
+    """What one request gave the worker pool: the answer as its reader made it, and how it went.
+
+    `value` is what `read` returned (see `Client.exchange`), `attempts` the tries made, `latency_s`
+    the time from the first send to the full answer, `ttft_s` the time to the first text of a
+    stream (None when not streamed), `body` the answer's JSON bytes (as received, or the assembled
+    stream). A plain class with slots, not a dataclass: one is built per row.
+    """
+
+    __slots__ = ("value", "attempts", "latency_s", "ttft_s", "body")
+
+    def __init__(self, value: T, attempts: int, latency_s: float, ttft_s: float | None, body: bytes) -> None:
+        self.value = value
+        self.attempts = attempts
+        self.latency_s = latency_s
+        self.ttft_s = ttft_s
+        self.body = body

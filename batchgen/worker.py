@@ -16,23 +16,25 @@ from typing import Any
 from batchgen.control import RunControl, StopCause
 from batchgen.errors import APIError, UnexpectedError
 from batchgen.records import Outcome, RowRequest
-from batchgen.types import ChatCompletionResponse
+from batchgen.types import Reply
 
 __all__ = ["Send", "WorkerPool"]
 
 _DONE: Any = object()
 
 
-Send = Callable[[RowRequest], Awaitable[ChatCompletionResponse]]
+Send = Callable[[RowRequest], Awaitable[Reply[Any]]]
 
 
 class WorkerPool:
     """Runs `send` over submitted requests with at most `concurrency` in flight.
 
     Args:
-        send: sends one request and returns the response (retrying inside), or raises APIError.
+        send: sends one request and returns its reply (retrying inside), or raises APIError.
         concurrency: the number of workers, which is the in-flight bound.
-        on_outcome: awaited with every outcome, in completion order (it may block: backpressure).
+        on_outcome: called with every outcome, in completion order; what it returns, when not None,
+            is awaited before the worker takes its next request (backpressure). A plain function
+            returning None costs no coroutine per row; an async function works too.
         queue_factor: the inbox holds `concurrency * queue_factor` waiting requests.
         control: the run's stop state (a new one when not given): draining drops queued requests
             and lets in-flight ones finish; aborting cancels them too.
@@ -51,7 +53,7 @@ class WorkerPool:
         send: Send,
         concurrency: int,
         *,
-        on_outcome: Callable[[Outcome], Awaitable[None]],
+        on_outcome: Callable[[Outcome], Awaitable[object] | None],
         queue_factor: int = 2,
         control: RunControl | None = None,
     ) -> None:
@@ -67,6 +69,14 @@ class WorkerPool:
     async def submit(self, request: RowRequest) -> None:
         """Queue one request; waits while the inbox is full."""
         await self._inbox.put(request)
+
+    def try_submit(self, request: RowRequest) -> bool:
+        """Queue one request if the inbox has room now; False when it is full (then `await submit`)."""
+        inbox = self._inbox
+        if inbox.full():
+            return False
+        inbox.put_nowait(request)
+        return True
 
     async def close(self) -> None:
         """No more requests: each worker stops once the inbox is drained."""
@@ -95,7 +105,8 @@ class WorkerPool:
         # The state is checked as well as cancellation: a request whose timeout fires in the same
         # loop step as the cancel raises its timeout instead, and the worker must still leave.
         while not control.aborted:
-            request = await inbox.get()
+            # get_nowait when a request waits: no coroutine built per row.
+            request = inbox.get_nowait() if inbox.qsize() else await inbox.get()
             if request is _DONE:
                 return
             if not control.sending:
@@ -103,14 +114,16 @@ class WorkerPool:
             self.in_flight += 1
             started = time.perf_counter()
             try:
-                response = await send(request)
+                reply = await send(request)
             except APIError as exc:
                 outcome = Outcome(request, None, exc, exc.attempts, time.perf_counter() - started)
             except Exception as exc:  # a bug must cost one row (reported), never every worker
                 error = UnexpectedError(f"unexpected {type(exc).__name__}: {exc}")
                 outcome = Outcome(request, None, error, 1, time.perf_counter() - started)
             else:
-                outcome = Outcome(request, response, None, response.attempts, time.perf_counter() - started)
+                outcome = Outcome(request, reply, None, reply.attempts, time.perf_counter() - started)
             finally:
                 self.in_flight -= 1
-            await on_outcome(outcome)
+            waiting = on_outcome(outcome)
+            if waiting is not None:
+                await waiting

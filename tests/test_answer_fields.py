@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from batchgen.chunks import ChatCompletionChunk
 from batchgen.io.schema import output_schema, state_schema
 from batchgen.parsing import _checked_choice, _choice, parse_completion
-from batchgen.records import Outcome, RowRequest, outcome_record
+from batchgen.errors import IncompleteResponseError
+from batchgen.records import Outcome, RowRequest, outcome_record, read_answer, response_columns
 from batchgen.sse import StreamAssembler
-from batchgen.types import ChatCompletionResponse
+from batchgen.types import ChatCompletionResponse, Reply
 
 
 def _entry(token: str, logprob: float, tops: int) -> dict[str, Any]:
@@ -99,9 +100,12 @@ def test_malformed_logprobs_name_the_field() -> None:
         parse_completion(body)
 
 
-def _record(response: ChatCompletionResponse, keep_raw: bool = False) -> dict[str, Any]:
-    outcome = Outcome(RowRequest(0, "r0", {}), response, None, 1, 0.1)
-    return outcome_record(outcome, keep_raw=keep_raw)
+def _record(answer: dict[str, Any] | ChatCompletionResponse, keep_raw: bool = False) -> dict[str, Any]:
+    """A run's record of `answer` (a decoded body, or an assembled stream), as the pipeline makes it."""
+    body = orjson.dumps(answer.raw if isinstance(answer, ChatCompletionResponse) else answer)
+    ttft = answer.ttft_s if isinstance(answer, ChatCompletionResponse) else None
+    outcome = Outcome(RowRequest(0, "r0", {}), Reply(read_answer(answer), 1, 0.1, ttft, body), None, 1, 0.1)
+    return outcome_record(outcome, keep_raw=keep_raw)  # type: ignore[return-value]
 
 
 def _store(record: dict[str, Any]) -> dict[str, Any]:
@@ -112,8 +116,7 @@ def _store(record: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("streamed", [False, True])
 def test_records_hold_every_choice_and_fit_the_schema(streamed: bool) -> None:
-    response = _assembled() if streamed else parse_completion(_plain_body())
-    row = _store(_record(response, keep_raw=True))
+    row = _store(_record(_assembled() if streamed else _plain_body(), keep_raw=True))
     assert row["content"] == "Paris is nice" and row["stop_reason"] == "###"
     assert [t["token"] for t in row["logprobs"]] == ["Paris", " is", " nice"]
     assert row["logprobs"][0]["top_logprobs"] == [{"token": "Paris", "logprob": -0.5}, {"token": "alt0", "logprob": -1.5}]
@@ -130,12 +133,10 @@ def test_records_hold_every_choice_and_fit_the_schema(streamed: bool) -> None:
 def test_a_single_choice_leaves_choices_null_and_raw_needs_keep_raw() -> None:
     body = {"id": "c", "object": "chat.completion", "created": 1, "model": "m",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
-    response = parse_completion(body)
-    response.body = orjson.dumps(body)
-    row = _store(_record(response))
+    row = _store(_record(body))
     assert row["choices"] is None and row["logprobs"] is None and row["stop_reason"] is None and row["raw"] is None
     assert row["usage"] is None
-    assert orjson.loads(_store(_record(response, keep_raw=True))["raw"]) == body  # the body as received
+    assert orjson.loads(_store(_record(body, keep_raw=True))["raw"]) == body  # the body as received
 
 
 # ---------------------------------------------------------------- twin test of the parsing fast path
@@ -154,3 +155,54 @@ _choices = st.fixed_dictionaries(
 @given(_choices)
 def test_fast_choice_parse_equals_the_careful_one(value: dict[str, Any]) -> None:
     assert _choice(value, 0) == _checked_choice(value, 0)
+
+
+# ------------------------------------------------------- twin test of the record fast path (read_answer)
+
+_odd = st.one_of(st.none(), st.integers(-2, 2), st.booleans(), st.text(max_size=3), st.just([]), st.just({}))
+
+
+def _mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """`valid` nine times in ten, else an odd value: most bodies reach the fast path, some are malformed."""
+    return st.integers(0, 9).flatmap(lambda n: _odd if n == 0 else valid)
+
+
+_usage = st.one_of(
+    st.none(),
+    _mostly(st.fixed_dictionaries({}, optional={
+        "prompt_tokens": _mostly(st.integers(0, 99)), "completion_tokens": _mostly(st.integers(0, 99)),
+        "total_tokens": st.integers(0, 99),
+        "prompt_tokens_details": st.one_of(st.none(), st.fixed_dictionaries({"cached_tokens": st.integers(0, 9)})),
+        "completion_tokens_details": st.one_of(st.none(), _odd)})),
+)  # fmt: skip
+_message = st.fixed_dictionaries(
+    {}, optional={"role": _mostly(_text), "content": _mostly(_text), "reasoning": _text, "reasoning_content": _text,
+                  "tool_calls": _mostly(st.one_of(st.none(), st.just([])))},
+)  # fmt: skip
+_choice_body = _mostly(
+    st.fixed_dictionaries({"message": _mostly(_message)}, optional={
+        "index": _mostly(st.integers(0, 3)), "finish_reason": _mostly(_text),
+        "stop_reason": _mostly(st.one_of(_text, st.integers(0, 10**6))),
+        "logprobs": _mostly(st.one_of(st.none(), st.just({"content": [_entry("a", -0.1, 1)]})))}),
+)  # fmt: skip
+_bodies = _mostly(
+    st.fixed_dictionaries({"choices": _mostly(st.lists(_choice_body, min_size=1, max_size=2))}, optional={
+        "id": _mostly(_text), "object": _text, "created": _mostly(st.integers(0, 9)), "model": _mostly(_text),
+        "usage": _usage}),
+)  # fmt: skip
+
+
+def _careful_columns(body: Any) -> dict[str, Any] | str:
+    try:
+        return response_columns(parse_completion(body))
+    except IncompleteResponseError as exc:
+        return f"error: {exc}"
+
+
+@given(_bodies)
+def test_fast_record_read_equals_the_careful_one(body: Any) -> None:
+    try:
+        fast: dict[str, Any] | str = read_answer(body)
+    except IncompleteResponseError as exc:
+        fast = f"error: {exc}"
+    assert fast == _careful_columns(body)

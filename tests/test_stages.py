@@ -96,6 +96,12 @@ async def _sink(tmp_path: Path, **options: Any) -> tuple[ResultSink, PartWriter]
     return ResultSink(writer, stats, progress, retries=lambda: 0, in_flight=lambda: 0, **settings), writer
 
 
+async def _emit(sink: ResultSink, record: ResultRecord) -> None:
+    """What a producer does: hand over the record, then wait for room if the sink asks to."""
+    if (room := sink.emit(record)) is not None:
+        await room
+
+
 def _rows_on_disk(tmp_path: Path) -> list[int]:
     return sorted(i for part in list_parts(tmp_path / "state") for i in pq.read_table(part.path)["_index"].to_pylist())
 
@@ -104,7 +110,7 @@ async def test_a_part_is_written_per_flush_rows_and_the_rest_on_close(tmp_path: 
     sink, _ = await _sink(tmp_path)
     task = asyncio.create_task(sink.run())
     for i in range(9):
-        await sink.emit(_record(i))
+        await _emit(sink, _record(i))
     sink.close()
     await asyncio.wait_for(task, 10)
     assert _rows_on_disk(tmp_path) == list(range(9)) and sink.written == 9
@@ -114,7 +120,7 @@ async def test_a_part_is_written_per_flush_rows_and_the_rest_on_close(tmp_path: 
 async def test_records_are_flushed_after_flush_seconds_without_reaching_flush_rows(tmp_path: Path) -> None:
     sink, _ = await _sink(tmp_path, flush_seconds=0.05, flush_rows=1000)
     task = asyncio.create_task(sink.run())
-    await sink.emit(_record(0))
+    await _emit(sink, _record(0))
     async with asyncio.timeout(10):
         while sink.written == 0:  # polls a condition with a deadline, not a fixed sleep
             await asyncio.sleep(0.01)
@@ -126,8 +132,8 @@ async def test_records_are_flushed_after_flush_seconds_without_reaching_flush_ro
 async def test_emit_waits_for_room_when_the_writer_is_far_behind(tmp_path: Path) -> None:
     sink, _ = await _sink(tmp_path, flush_rows=2)  # room for 4 x 2 pending records
     for i in range(7):
-        await sink.emit(_record(i))  # no writer yet: these fit
-    blocked = asyncio.create_task(sink.emit(_record(7)))
+        await _emit(sink, _record(i))  # no writer yet: these fit
+    blocked = asyncio.create_task(_emit(sink, _record(7)))
     await asyncio.sleep(0)
     assert not blocked.done()
     task = asyncio.create_task(sink.run())
@@ -140,8 +146,8 @@ async def test_emit_waits_for_room_when_the_writer_is_far_behind(tmp_path: Path)
 async def test_a_record_arrow_cannot_store_becomes_an_error_row(tmp_path: Path) -> None:
     sink, _ = await _sink(tmp_path)
     task = asyncio.create_task(sink.run())
-    await sink.emit(_record(0, error=None, content="fine", status_code=200))
-    await sink.emit(_record(1, error=None, content="x", attempts=2**40))  # overflows int32
+    await _emit(sink, _record(0, error=None, content="fine", status_code=200))
+    await _emit(sink, _record(1, error=None, content="x", attempts=2**40))  # overflows int32
     sink.close()
     await task
     rows = {r["_index"]: r for part in list_parts(tmp_path / "state") for r in pq.read_table(part.path).to_pylist()}
@@ -158,7 +164,7 @@ async def test_a_failing_disk_ends_the_writer_with_output_error(tmp_path: Path, 
 
     monkeypatch.setattr(writer, "write", full)
     task = asyncio.create_task(sink.run())
-    await sink.emit(_record(0))
+    await _emit(sink, _record(0))
     sink.close()
     with pytest.raises(OutputError, match="No space"):
         await task

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 
 from batchgen.errors import APIError, APITimeoutError, BadRequestError, ServerError, UnexpectedError
 from batchgen.records import Outcome, RowRequest
-from batchgen.types import ChatCompletionResponse
+from batchgen.types import Reply
 from batchgen.worker import WorkerPool
 
 GUARD_S = 5  # only a hang guard: no test waits on time
@@ -26,9 +27,12 @@ def _request(i: int) -> RowRequest:
     return RowRequest(i, f"r{i}", {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]})
 
 
-def _response(i: int, attempts: int = 1) -> ChatCompletionResponse:
-    return ChatCompletionResponse(raw={"id": f"c{i}"}, id=f"c{i}", object="chat.completion", created=1, model="m",
-                                  choices=[], usage=None, attempts=attempts)  # fmt: skip
+def _response(i: int, attempts: int = 1) -> Reply[dict[str, Any]]:
+    return Reply({"response_id": f"c{i}"}, attempts, 0.01, None, b"{}")
+
+
+def _value(reply: Reply[dict[str, Any]] | None) -> dict[str, Any] | None:
+    return None if reply is None else reply.value
 
 
 class GatedSend:
@@ -43,7 +47,7 @@ class GatedSend:
         self.gates: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
         self.swallow_cancel = False  # turn a cancel into a timeout, as a request racing its own timeout does
 
-    async def __call__(self, request: RowRequest) -> ChatCompletionResponse:
+    async def __call__(self, request: RowRequest) -> Reply[dict[str, Any]]:
         self.active += 1
         self.peak = max(self.peak, self.active)
         self.sent.append(request.index)
@@ -138,7 +142,7 @@ async def test_outcomes_come_in_completion_order() -> None:
 async def test_every_request_gives_exactly_one_outcome() -> None:
     gate = asyncio.Event()
 
-    async def send(request: RowRequest) -> ChatCompletionResponse:
+    async def send(request: RowRequest) -> Reply[dict[str, Any]]:
         i = request.index
         if i in (0, 4, 8):
             await gate.wait()  # these finish last, after every other request was submitted
@@ -166,15 +170,15 @@ async def test_every_request_gives_exactly_one_outcome() -> None:
         i = outcome.request.index
         assert outcome.request == _request(i)
         if i % 3 == 0:
-            assert isinstance(outcome.error, ServerError) and outcome.response is None
+            assert isinstance(outcome.error, ServerError) and outcome.reply is None
         elif i % 7 == 0:
-            assert isinstance(outcome.error, UnexpectedError) and outcome.response is None
+            assert isinstance(outcome.error, UnexpectedError) and outcome.reply is None
         else:
-            assert outcome.error is None and outcome.response == _response(i)
+            assert outcome.error is None and _value(outcome.reply) == _value(_response(i))
 
 
 async def test_a_success_carries_the_response_and_its_attempts() -> None:
-    async def send(request: RowRequest) -> ChatCompletionResponse:
+    async def send(request: RowRequest) -> Reply[dict[str, Any]]:
         return _response(request.index, attempts=3)
 
     record = Recorder()
@@ -182,7 +186,7 @@ async def test_a_success_carries_the_response_and_its_attempts() -> None:
     async with asyncio.timeout(GUARD_S):
         await asyncio.gather(pool.run(), _submit_all(pool, [0]))
     [outcome] = record.outcomes
-    assert outcome.response == _response(0, attempts=3)
+    assert _value(outcome.reply) == _value(_response(0, attempts=3))
     assert (outcome.error, outcome.attempts) == (None, 3)
     assert outcome.latency_s >= 0
 
@@ -191,7 +195,7 @@ async def test_an_api_error_becomes_the_outcome_error() -> None:
     error = BadRequestError(400, "max_tokens is too large")
     error.attempts = 4
 
-    async def send(request: RowRequest) -> ChatCompletionResponse:
+    async def send(request: RowRequest) -> Reply[dict[str, Any]]:
         raise error
 
     record = Recorder()
@@ -200,7 +204,7 @@ async def test_an_api_error_becomes_the_outcome_error() -> None:
         await asyncio.gather(pool.run(), _submit_all(pool, [0]))
     [outcome] = record.outcomes
     assert outcome.error is error
-    assert (outcome.response, outcome.attempts) == (None, 4)
+    assert (outcome.reply, outcome.attempts) == (None, 4)
     assert outcome.latency_s >= 0
 
 
@@ -213,7 +217,7 @@ async def test_an_api_error_becomes_the_outcome_error() -> None:
     ],
 )
 async def test_any_other_exception_is_an_unexpected_error_and_the_pool_survives(exc: Exception, message: str) -> None:
-    async def send(request: RowRequest) -> ChatCompletionResponse:
+    async def send(request: RowRequest) -> Reply[dict[str, Any]]:
         if request.index < 2:
             raise exc
         return _response(request.index)
@@ -227,8 +231,8 @@ async def test_any_other_exception_is_an_unexpected_error_and_the_pool_survives(
         assert type(outcome.error) is UnexpectedError
         assert isinstance(outcome.error, APIError)
         assert outcome.error.message == message
-        assert (outcome.response, outcome.attempts) == (None, 1)
-    assert [o.response for o in record.outcomes[2:]] == [_response(2), _response(3)]
+        assert (outcome.reply, outcome.attempts) == (None, 1)
+    assert [_value(o.reply) for o in record.outcomes[2:]] == [_value(_response(2)), _value(_response(3))]
 
 
 # ---------------------------------------------------------------- close, stop, abort
@@ -269,7 +273,7 @@ async def test_stop_lets_in_flight_requests_finish_and_drops_queued_ones() -> No
         await pool.close()  # still what ends the run
         await run
     assert sorted(record.indexes) == [0, 1]  # the in-flight ones finished, with their outcomes
-    assert all(o.response is not None for o in record.outcomes)
+    assert all(o.reply is not None for o in record.outcomes)
     assert sorted(send.sent) == [0, 1]  # nothing queued was sent
     assert send.cancelled == []
 
