@@ -24,12 +24,20 @@ import orjson
 
 from batchgen import _constants as C
 from batchgen.apikey import resolve_api_key
-from batchgen.errors import APIError, ConfigError, IncompleteResponseError, RedirectError
+from batchgen.deadlines import Deadlines
+from batchgen.errors import APIError, APITimeoutError, ConfigError, IncompleteResponseError, RedirectError
 from batchgen.headers import attempt_headers, check_headers, secret_values
 from batchgen.parsing import error_from_body, read_response
 from batchgen.retry import RetryPolicy, backoff_delay, parse_retry_after, should_retry
 from batchgen.stream import Stream
-from batchgen.transport import AIOHTTP_ERRORS, make_session, map_aiohttp_errors, read_body, translate_error
+from batchgen.transport import (
+    AIOHTTP_ERRORS,
+    attempt_timeout,
+    make_session,
+    map_aiohttp_errors,
+    read_body,
+    translate_error,
+)
 from batchgen.types import ChatCompletionResponse, Reply
 from batchgen.validation import validate_request
 
@@ -181,6 +189,8 @@ class Client:
         self.read_timeout = read_timeout
         # A server that accepts no connection in this long is down (a generation is never this slow to start).
         self.connect_timeout = min(timeout, C.DEFAULT_CONNECT_TIMEOUT)
+        self._deadlines = Deadlines(timeout)  # the per-row paths' timeout: one timer for every request
+        self._timeout = attempt_timeout(timeout, read_timeout, self.connect_timeout)  # the other paths'
         self.max_connections = max_connections
         self.max_response_bytes = max_response_bytes
         self._chat_url = self.base_url + "/chat/completions"
@@ -209,7 +219,6 @@ class Client:
         if self._session is None or self._session.closed:
             self._session = make_session(
                 max_connections=self.max_connections,
-                timeout=self.timeout,
                 read_timeout=self.read_timeout,
                 connect_timeout=self.connect_timeout,
             )
@@ -240,7 +249,9 @@ class Client:
 
     async def _get_json(self, path: str) -> Any:
         with map_aiohttp_errors():
-            async with self.session.get(self.base_url + path, headers=self._headers, allow_redirects=False) as response:
+            async with self.session.get(
+                self.base_url + path, headers=self._headers, allow_redirects=False, timeout=self._timeout
+            ) as response:
                 if response.status != 200:
                     await self._raise_for_status(response)
                 body = await read_body(response, self.max_response_bytes)
@@ -346,10 +357,12 @@ class Client:
 
     async def _plain_request(self, payload: bytes, read: Callable[[Any], T]) -> Reply[T]:
         started = time.perf_counter()
+        deadlines = self._deadlines
         attempt = 1
         while True:
             try:
-                try:  # a plain except, not a context manager: this runs per row
+                task = deadlines.start()
+                try:  # plain excepts, not context managers: this runs per row
                     async with self.session.post(
                         self._chat_url, data=self._body(payload), allow_redirects=False,
                         headers=attempt_headers(self._headers, self.request_id_header),
@@ -359,6 +372,12 @@ class Client:
                         data = await read_body(response, self.max_response_bytes)
                 except AIOHTTP_ERRORS as exc:
                     raise translate_error(exc) from exc
+                except asyncio.CancelledError:
+                    if deadlines.expired(task):
+                        raise self._timed_out() from None
+                    raise
+                finally:
+                    deadlines.finish(task)
                 try:
                     value = read(orjson.loads(data))
                 except orjson.JSONDecodeError as exc:
@@ -369,12 +388,17 @@ class Client:
                 continue
             return Reply(value, attempt, time.perf_counter() - started, None, data)
 
-    async def _open_stream_attempt(self, payload: bytes, attempt: int) -> Stream:
+    def _timed_out(self) -> APITimeoutError:
+        return APITimeoutError(f"request timed out (no full answer within {self.timeout:g} s)")
+
+    async def _open_stream_attempt(self, payload: bytes, attempt: int, *, timed: bool = True) -> Stream:
+        """Open one stream; `timed=False` when the caller keeps the attempt's deadline itself."""
         started = time.perf_counter()
         try:  # a plain except, not a context manager: this runs per stream
             response = await self.session.post(
                 self._chat_url, data=self._body(payload), allow_redirects=False,
                 headers=attempt_headers(self._headers, self.request_id_header),
+                timeout=self._timeout if timed else aiohttp.helpers.sentinel,
             )  # fmt: skip
         except AIOHTTP_ERRORS as exc:
             raise translate_error(exc) from exc
@@ -400,5 +424,15 @@ class Client:
         return Reply(read(response), response.attempts, time.perf_counter() - started, response.ttft_s, body)
 
     async def _stream_attempt(self, payload: bytes, attempt: int) -> ChatCompletionResponse:
-        stream = await self._open_stream_attempt(payload, attempt)
-        return await stream.read_response()
+        """One attempt of a stream read to its end in this task, under one deadline (open and read)."""
+        deadlines = self._deadlines
+        task = deadlines.start()
+        try:
+            stream = await self._open_stream_attempt(payload, attempt, timed=False)
+            return await stream.read_response()
+        except asyncio.CancelledError:
+            if deadlines.expired(task):
+                raise self._timed_out() from None
+            raise
+        finally:
+            deadlines.finish(task)

@@ -29,6 +29,7 @@ from batchgen.errors import (
 __all__ = [
     "AIOHTTP_ERRORS",
     "ERROR_MAP",
+    "attempt_timeout",
     "make_session",
     "map_aiohttp_errors",
     "mapped_target",
@@ -148,17 +149,22 @@ def map_aiohttp_errors() -> Iterator[None]:
         raise translate_error(exc) from exc
 
 
-def make_session(
-    *, max_connections: int, timeout: float, read_timeout: float | None, connect_timeout: float | None
-) -> aiohttp.ClientSession:
+def make_session(*, max_connections: int, read_timeout: float | None, connect_timeout: float | None) -> aiohttp.ClientSession:
     """A session whose connector limit matches the wanted concurrency.
 
-    aiohttp's default `limit=100` would silently cap higher concurrency, so it is always set.
+    aiohttp's default `limit=100` would silently cap higher concurrency, so it is always set. The
+    session has no total timeout: the per-row paths keep theirs with `Deadlines` (one timer for
+    all), the others pass `attempt_timeout(...)` per request.
     """
     connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=300)
-    client_timeout = aiohttp.ClientTimeout(total=timeout, sock_read=read_timeout, sock_connect=connect_timeout)
+    client_timeout = aiohttp.ClientTimeout(total=None, sock_read=read_timeout, sock_connect=connect_timeout)
     # Compression is rarely worth it for JSON on a LAN, and auto_decompress costs CPU on the hot path.
     return aiohttp.ClientSession(connector=connector, timeout=client_timeout, raise_for_status=False)
+
+
+def attempt_timeout(total: float, read_timeout: float | None, connect_timeout: float | None) -> aiohttp.ClientTimeout:
+    """aiohttp's own timeout for one request, for the paths that are not per row."""
+    return aiohttp.ClientTimeout(total=total, sock_read=read_timeout, sock_connect=connect_timeout)
 
 
 async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
