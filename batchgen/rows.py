@@ -16,7 +16,7 @@ import orjson
 
 from batchgen.errors import ConfigError, InputError, ValidationError
 from batchgen.records import RowProblem, RowRequest
-from batchgen.validation import validate_fields, validate_messages, validate_request, validate_tool_choice
+from batchgen.validation import ROLES, validate_fields, validate_messages, validate_request, validate_tool_choice
 
 __all__ = ["OVERRIDE_FIELDS", "RowMapper"]
 
@@ -40,6 +40,23 @@ def _drop_nulls(value: Any) -> Any:
 
 
 _ONLY_STR = frozenset({str})
+
+
+def _usual_messages(messages: Any) -> bool:
+    """True for the usual conversation: each message exactly `{role: a known role, content: str}`.
+
+    Such messages need neither cleaning nor `validate_messages`: one pass instead of two
+    (measured: ~1 µs a row of two messages). Anything else takes the careful path.
+    """
+    if type(messages) is not list or not messages:
+        return False
+    for message in messages:
+        if type(message) is not dict or len(message) != 2:
+            return False
+        role = message.get("role")
+        if type(role) is not str or role not in ROLES or type(message.get("content")) is not str:
+            return False
+    return True
 
 
 def _clean_message(message: Any) -> Any:
@@ -147,12 +164,13 @@ class RowMapper:
         if row_id is None:
             return RowProblem(index, None, f"{where}: column {self.id_column!r} is null; every row needs an id")
         try:
-            body, from_row = self._body(values)
+            body, from_row, usual = self._body(values)
             self._finish(body)
             if self.mode == "body":
                 validate_request(body)  # the row's body may replace anything, the model included
             else:  # the defaults were checked once: only what the row brought
-                validate_messages(body["messages"])
+                if not usual:
+                    validate_messages(body["messages"])
                 validate_fields(body, from_row)
                 validate_tool_choice(body)
         except ValidationError as exc:
@@ -183,8 +201,9 @@ class RowMapper:
             and not (isinstance(row, list) and row and isinstance(row[0], dict) and row[0].get("role") == "system")
         )  # fmt: skip
 
-    def _body(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-        """The request body, and for each field the row set, the column it came from."""
+    def _body(self, values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str], bool]:
+        """The request body; for each field the row set, the column it came from; and whether the
+        messages are the usual kind, already checked (`_usual_messages`)."""
         body = self._base.copy()
         from_row: dict[str, str] = {}
         if self.mode == "body":
@@ -193,8 +212,8 @@ class RowMapper:
                 raise _ColumnError("body", "must be a JSON object")
             body.update(row_body)  # the row's own request wins; defaults fill the gaps
             from_row.update(dict.fromkeys(row_body, "body"))
-            return body, from_row
-        body["messages"] = self._messages(values)
+            return body, from_row, False
+        body["messages"], usual = self._messages(values)
         for name in self.overrides:
             value = values.get(name)
             if value is None:
@@ -211,7 +230,7 @@ class RowMapper:
                 extra = _drop_nulls(extra)
                 body.update(extra)
                 from_row.update(dict.fromkeys(extra, "extra"))
-        return body, from_row
+        return body, from_row, usual
 
     def _finish(self, body: dict[str, Any]) -> None:
         if self.stream:
@@ -238,7 +257,8 @@ class RowMapper:
             return _drop_nulls(_as_mapping(value))
         return value
 
-    def _messages(self, values: Mapping[str, Any]) -> Any:
+    def _messages(self, values: Mapping[str, Any]) -> tuple[Any, bool]:
+        """The row's conversation, and whether it is the usual kind (then already checked)."""
         column = self.text_column
         value = values.get(column)
         if self.mode == "prompt":
@@ -248,7 +268,8 @@ class RowMapper:
             system = values.get("system") if self.has_system else None
             system = system or self.system_prompt
             messages = [{"role": "user", "content": value}]
-            return [{"role": "system", "content": system}, *messages] if system else messages
+            # A system text from a column is checked by validate_messages.
+            return ([{"role": "system", "content": system}, *messages] if system else messages), False
         if value is None:
             raise _ColumnError(column, "is null; every row needs a conversation")
         if isinstance(value, str):
@@ -256,11 +277,13 @@ class RowMapper:
                 value = orjson.loads(value)
             except orjson.JSONDecodeError as exc:
                 raise _ColumnError(column, f"is not valid JSON ({exc})") from exc
+        usual = _usual_messages(value)
         if isinstance(value, list):
-            value = [_clean_message(m) for m in value]
+            if not usual:
+                value = [_clean_message(m) for m in value]
             if self.system_prompt and not any(isinstance(m, dict) and m.get("role") == "system" for m in value):
                 value = [{"role": "system", "content": self.system_prompt}, *value]
-        return value
+        return value, usual
 
 
 def _shift_message_numbers(message: str) -> str:

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from batchgen.chunks import ChatCompletionChunk, _parse_fields, has_text, parse_chunk
 from batchgen.errors import ValidationError
-from batchgen.rows import _clean_message, _drop_nulls
+from batchgen.rows import _clean_message, _drop_nulls, _usual_messages
 from batchgen.sse import SSEDecoder, StreamAssembler, _payload
-from batchgen.validation import _check_message, validate_messages
+from batchgen.validation import ROLES, _check_message, validate_messages
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -449,3 +449,26 @@ def _outcome(check: Any) -> str | None:
 def test_validate_messages_fast_pass_equals_the_full_check(message: Any) -> None:
     cleaned = _drop_nulls(message)
     assert _outcome(lambda: validate_messages([cleaned])) == _outcome(lambda: _check_message(cleaned, "messages[0]"))
+
+
+# ---------------------------------------------------------------- rows._usual_messages: clean and valid in one pass
+
+
+@FAST
+@given(st.lists(MESSAGE_ITEM, max_size=4))
+def test_a_usual_conversation_needs_no_cleaning_and_passes_the_full_check(messages: list[Any]) -> None:
+    if _usual_messages(messages):
+        assert _drop_nulls(messages) == messages
+        assert _outcome(lambda: validate_messages(messages)) is None
+        assert all(_outcome(lambda m=m, i=i: _check_message(m, f"messages[{i}]")) is None
+                   for i, m in enumerate(messages))  # fmt: skip
+
+
+@FAST
+@given(st.lists(st.fixed_dictionaries({"role": st.sampled_from(sorted(ROLES)), "content": st.text(max_size=4)}),
+                min_size=1, max_size=4))  # fmt: skip
+def test_role_and_text_content_conversations_take_the_one_pass(messages: list[dict[str, str]]) -> None:
+    assert _usual_messages(messages)
+    assert not _usual_messages([*messages, {"role": "user", "content": "x", "name": None}])
+    assert not _usual_messages([*messages, {"role": "robot", "content": "x"}])
+    assert not _usual_messages([])

@@ -6,7 +6,8 @@ input order in windows: for each index range it takes the newest result per inde
 the rest), takes the same rows' passthrough columns straight from the input in Arrow (never as
 Python objects), and appends the joined window to `<output>.tmp`, renamed when complete.
 
-Memory is about one window of rows (~9 MB of Arrow data for 8192 rows of chat prompts), plus the
+The next window is read and joined in a thread while this one is written. Memory is about two
+windows of rows (~9 MB of Arrow data each for 8192 rows of chat prompts), plus the
 Parquet writer's footer, which keeps ~40 KB per written row group (~5 MB per million rows) until
 the file is closed. Parquet page buffers come from Arrow's C++ default pool, not from the pool
 `pa.set_memory_pool` chose, so reads are buffered (`READ_BUFFER_BYTES`) and dictionaries small
@@ -18,9 +19,10 @@ from __future__ import annotations
 import base64
 import contextlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pyarrow as pa
@@ -37,6 +39,7 @@ from batchgen.records import ERROR_COLUMN
 __all__ = ["MergeResult", "finalize"]
 
 DEFAULT_WINDOW = 8192  # rows per merge window; ~8k keeps the merge's peak memory small
+T = TypeVar("T")
 _RANK = "_rank"  # merge-only column: which part a row came from (-1 = previous output)
 
 
@@ -120,10 +123,12 @@ def finalize(
         parquet = (
             pq.ParquetWriter(file, schema, dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES) if fmt == "parquet" else None
         )
+        windows = (
+            _join(_merge_window(parts, previous, start, min(start + window, end), state), inputs, schema, start)
+            for start in range(0, end, window)
+        )
         with parquet if parquet is not None else contextlib.nullcontext():
-            for start in range(0, end, window):
-                stop = min(start + window, end)
-                table = _join(_merge_window(parts, previous, start, stop, state), inputs, schema, start)
+            for table in _one_ahead(windows):
                 errors += table.num_rows - table.column(ERROR_COLUMN).null_count
                 if parquet is not None:
                     parquet.write_table(table)
@@ -251,6 +256,19 @@ def _merge_window(parts: list[_Part], previous: _RowStream | None, start: int, s
         missing = next(i for i in range(start, stop) if i not in present)
         raise OutputError(f"no result for input row {missing}; the run has not finished every row")
     return merged.drop_columns([_RANK, INDEX_COLUMN])
+
+
+def _one_ahead(items: Iterator[T]) -> Iterator[T]:
+    """`items`, each next one built in a thread while the caller handles this one.
+
+    Reading and joining window N+1 overlaps writing window N (Arrow and Parquet release the GIL):
+    measured ~0.3 s of 0.85 s saved at 200k rows, for one more window held in memory (~9 MB).
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="batchgen-merge") as pool:
+        ahead = pool.submit(next, items, None)
+        while (item := ahead.result()) is not None:
+            ahead = pool.submit(next, items, None)
+            yield item
 
 
 def _previous_rows(path: Path, results: pa.Schema, chunk: int) -> tuple[_RowStream, int]:
