@@ -221,6 +221,7 @@ class Client:
                 max_connections=self.max_connections,
                 read_timeout=self.read_timeout,
                 connect_timeout=self.connect_timeout,
+                headers=self._headers,
             )
         return self._session
 
@@ -250,7 +251,7 @@ class Client:
     async def _get_json(self, path: str) -> Any:
         with map_aiohttp_errors():
             async with self.session.get(
-                self.base_url + path, headers=self._headers, allow_redirects=False, timeout=self._timeout
+                self.base_url + path, allow_redirects=False, timeout=self._timeout
             ) as response:
                 if response.status != 200:
                     await self._raise_for_status(response)
@@ -357,15 +358,15 @@ class Client:
 
     async def _plain_request(self, payload: bytes, read: Callable[[Any], T]) -> Reply[T]:
         started = time.perf_counter()
-        deadlines = self._deadlines
+        deadlines, session, request_id_header = self._deadlines, self.session, self.request_id_header
         attempt = 1
         while True:
             try:
                 task = deadlines.start()
                 try:  # plain excepts, not context managers: this runs per row
-                    async with self.session.post(
+                    async with session.post(
                         self._chat_url, data=self._body(payload), allow_redirects=False,
-                        headers=attempt_headers(self._headers, self.request_id_header),
+                        headers=None if request_id_header is None else attempt_headers(request_id_header),
                     ) as response:  # fmt: skip
                         if response.status != 200:
                             await self._raise_for_status(response)
@@ -397,7 +398,7 @@ class Client:
         try:  # a plain except, not a context manager: this runs per stream
             response = await self.session.post(
                 self._chat_url, data=self._body(payload), allow_redirects=False,
-                headers=attempt_headers(self._headers, self.request_id_header),
+                headers=attempt_headers(self.request_id_header),
                 timeout=self._timeout if timed else aiohttp.helpers.sentinel,
             )  # fmt: skip
         except AIOHTTP_ERRORS as exc:

@@ -55,10 +55,8 @@ def secret_values(headers: Mapping[str, str]) -> list[str]:
     return [value for name, value in headers.items() if value and _SECRET_NAME.search(name)]
 
 
-def attempt_headers(base: dict[str, str], request_id_header: str | None) -> dict[str, str]:
-    """The headers of one attempt: `base` as is, or a copy with a fresh UUID4 under `request_id_header`."""
+def attempt_headers(request_id_header: str | None) -> dict[str, str] | None:
+    """The headers one attempt adds to the session's: none, or a fresh UUID4 under `request_id_header`."""
     if request_id_header is None:
-        return base
-    headers = dict(base)
-    headers[request_id_header] = str(uuid.uuid4())
-    return headers
+        return None
+    return {request_id_header: str(uuid.uuid4())}

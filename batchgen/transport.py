@@ -149,8 +149,13 @@ def map_aiohttp_errors() -> Iterator[None]:
         raise translate_error(exc) from exc
 
 
-def make_session(*, max_connections: int, read_timeout: float | None, connect_timeout: float | None) -> aiohttp.ClientSession:
-    """A session whose connector limit matches the wanted concurrency.
+def make_session(
+    *, max_connections: int, read_timeout: float | None, connect_timeout: float | None, headers: dict[str, str]
+) -> aiohttp.ClientSession:
+    """A session whose connector limit matches the wanted concurrency, sending `headers` with every request.
+
+    The headers are the session's defaults, not passed per request: aiohttp merges per-request
+    headers into a new multidict in Python on every call.
 
     aiohttp's default `limit=100` would silently cap higher concurrency, so it is always set. The
     session has no total timeout: the per-row paths keep theirs with `Deadlines` (one timer for
@@ -159,7 +164,7 @@ def make_session(*, max_connections: int, read_timeout: float | None, connect_ti
     connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=300)
     client_timeout = aiohttp.ClientTimeout(total=None, sock_read=read_timeout, sock_connect=connect_timeout)
     # Compression is rarely worth it for JSON on a LAN, and auto_decompress costs CPU on the hot path.
-    return aiohttp.ClientSession(connector=connector, timeout=client_timeout, raise_for_status=False)
+    return aiohttp.ClientSession(connector=connector, timeout=client_timeout, raise_for_status=False, headers=headers)
 
 
 def attempt_timeout(total: float, read_timeout: float | None, connect_timeout: float | None) -> aiohttp.ClientTimeout:
