@@ -48,12 +48,18 @@ class Deadlines:
 
     def start(self) -> asyncio.Task[Any]:
         """The current task starts an attempt: its deadline is `timeout` from now."""
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task(loop)
-        assert task is not None  # an attempt always runs in a task
+        # The loop is remembered: asyncio.get_running_loop() makes a getpid() system call on
+        # Python 3.11, per row. A task of the remembered loop proves it is the running one.
+        loop = self._loop
+        task = asyncio.current_task(loop) if loop is not None else None
+        if task is None:  # the first attempt, or a new loop (asyncio.run again): a new timer too
+            loop = self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            assert task is not None  # an attempt always runs in a task
+            self._timer = None
+        assert loop is not None
         self._due[task] = loop.time() + self.timeout
-        if self._timer is None or self._loop is not loop:  # a new loop (asyncio.run again): a new timer
-            self._loop = loop
+        if self._timer is None:
             self._timer = loop.call_later(self._tick, self._sweep)
         return task
 
