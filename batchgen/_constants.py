@@ -16,6 +16,9 @@ DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 DEFAULT_CONCURRENCY = 64
 DEFAULT_FLUSH_SECONDS = 2.0
+# Finished answers are fsynced to the journal this soon: a crash re-sends at most this long's answers
+# (plus those in flight). 10 fsyncs a second whatever the rate (benchmarks/README.md, "Crash cost").
+DEFAULT_JOURNAL_SECONDS = 0.1
 DEFAULT_FLUSH_ROWS = 2_000  # a part per 2000 rows at most: fewer pending records in memory (benchmarks/README.md)
 
 MOCK_URL = "mock"  # a base_url that starts the built-in mock server for the duration of the job

@@ -62,6 +62,9 @@ def _add_run_parser(commands: Any, *, full: bool) -> None:
     io.add_argument("--overwrite", action="store_true", help="discard earlier results and start over")
     io.add_argument("--retry-failed", action="store_true", help="re-send only the rows that ended as errors")
     io.add_argument("--no-progress", dest="progress", action="store_false", help="log lines instead of a bar")
+    io.add_argument("--journal-seconds", type=float, metavar="SECONDS",
+                    help=f"fsync finished answers this soon, so a crash re-sends no more (default "
+                         f"{C.DEFAULT_JOURNAL_SECONDS:g}; 0 = only at each part, every flush_seconds)")  # fmt: skip
     server = parser.add_argument_group("server")
     server.add_argument("--base-url", metavar="URL", help=f"default {C.DEFAULT_BASE_URL}; '{C.MOCK_URL}' = built-in mock server")
     server.add_argument("--api-key-env", metavar="VAR", help=f"env var holding the API key (default {', then '.join(C.API_KEY_ENV_VARS)})")

@@ -71,6 +71,7 @@ class RunConfig:
     progress: bool = True
     flush_seconds: float = C.DEFAULT_FLUSH_SECONDS
     flush_rows: int = C.DEFAULT_FLUSH_ROWS
+    journal_seconds: float = C.DEFAULT_JOURNAL_SECONDS
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -92,6 +93,8 @@ class RunConfig:
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value}")
+        if not math.isfinite(self.journal_seconds) or self.journal_seconds < 0:
+            raise ConfigError(f"journal_seconds must be >= 0 seconds (0 = no journal), got {self.journal_seconds}")
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"limit must be >= 0, got {self.limit}")
         if not isinstance(self.extra, dict):

@@ -105,6 +105,8 @@ async def _execute(cfg: RunConfig, client: Client, source: InputSource, mapper: 
     if cfg.limit is not None and total is not None:
         total = min(total, cfg.limit)
     checkpoint = await asyncio.to_thread(scan_checkpoint, state_dir, total, previous)
+    for warning in checkpoint.warnings:  # a crash tore the journal's last record: those rows go again
+        print(f"batchgen: warning: {warning}", file=log)
 
     stats = RunStats()
     control = RunControl()
@@ -124,7 +126,8 @@ async def _execute(cfg: RunConfig, client: Client, source: InputSource, mapper: 
     pool = WorkerPool(lambda request: client.exchange(request.body, read_answer), cfg.concurrency, on_outcome=on_outcome,
                       control=control)  # fmt: skip
     sink = ResultSink(writer, stats, progress, flush_seconds=cfg.flush_seconds, flush_rows=cfg.flush_rows,
-                      retries=lambda: client.retries_total, in_flight=lambda: pool.in_flight)  # fmt: skip
+                      journal_seconds=cfg.journal_seconds, retries=lambda: client.retries_total,
+                      in_flight=lambda: pool.in_flight)  # fmt: skip
     feeder = Feeder(source, mapper, checkpoint.status, submit=pool.submit,
                     try_submit=pool.try_submit, emit=sink.emit, stats=stats,
                     limit=cfg.limit, retry_failed=cfg.retry_failed)  # fmt: skip

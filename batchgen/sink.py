@@ -1,11 +1,15 @@
-"""`ResultSink`: finished records → crash-safe part files, with backpressure and a timed flush.
+"""`ResultSink`: finished records → the journal within `journal_seconds` → crash-safe part files.
 
-Records wait in a pending list (no queue hop per row). One writer task turns them into a part
-file every `flush_seconds`, or as soon as `flush_rows` are waiting, in a worker thread; between
-flushes it refreshes the progress display. When the writer falls far behind (`4 × flush_rows`
-pending), `emit` returns a wait for room, which holds the workers, which holds the feeder: memory stays
-bounded whatever the disk does. A record Arrow cannot store becomes an error row; any other
-write failure ends the writer task with `OutputError`.
+Records wait in a pending list (no queue hop per row). One writer task, in a worker thread:
+every `journal_seconds` (or as soon as `flush_rows` are waiting) turns the pending records into
+an Arrow table and appends it, fsynced, to the journal segment of the part being built
+(`batchgen.io.journal`): from then on a crash costs none of them. Every `flush_seconds` (or once
+the segment holds `flush_rows`) it writes the segment's tables as a part file and removes the
+segment. `journal_seconds=0` turns the journal off: records wait in memory until their part.
+Between steps it refreshes the progress display. When the writer falls far behind
+(`4 × flush_rows` pending), `emit` returns a wait for room, which holds the workers, which holds
+the feeder: memory stays bounded whatever the disk does. A record Arrow cannot store becomes an
+error row; any other write failure ends the writer task with `OutputError`.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Awaitable, Callable
 import pyarrow as pa
 
 from batchgen.errors import OutputError
+from batchgen.io.journal import JournalSegment
 from batchgen.io.parts import PartWriter
 from batchgen.progress import Progress, RunStats
 from batchgen.records import ResultRecord, unstorable_record
@@ -34,11 +39,13 @@ class ResultSink:
         writer: the part writer (its schema is the part-file schema).
         stats: counts every record emitted.
         progress: refreshed between flushes with `retries()` and `in_flight()`.
-        flush_seconds / flush_rows: write a part when the oldest pending record is this old, or
-            when this many are pending.
+        flush_seconds / flush_rows: write a part when its oldest record is this old, or when it
+            holds this many.
+        journal_seconds: make records durable (journal, fsync) once the oldest pending one is this
+            old; 0 = no journal (a crash loses what is not yet in a part).
 
     Example:
-        sink = ResultSink(writer, stats, progress, flush_seconds=2, flush_rows=10_000, ...)
+        sink = ResultSink(writer, stats, progress, flush_seconds=2, flush_rows=2000, journal_seconds=0.1, ...)
         task = asyncio.create_task(sink.run())
         if (room := sink.emit(record)) is not None:
             await room
@@ -53,6 +60,7 @@ class ResultSink:
         *,
         flush_seconds: float,
         flush_rows: int,
+        journal_seconds: float = 0.0,
         retries: Callable[[], int],
         in_flight: Callable[[], int],
     ) -> None:
@@ -61,6 +69,7 @@ class ResultSink:
         self._progress = progress
         self._flush_seconds = flush_seconds
         self._flush_rows = flush_rows
+        self._journal_seconds = journal_seconds
         self._retries = retries
         self._in_flight = in_flight
         self._loop = asyncio.get_running_loop()
@@ -81,6 +90,7 @@ class ResultSink:
         pending = self._pending
         if not pending:
             self._pending_since = self._loop.time()
+            self._wake.set()  # the writer may be asleep until its next progress refresh: arm the step's timer
         pending.append(record)
         self.stats.add(record)
         if len(pending) >= self._flush_rows:
@@ -96,38 +106,59 @@ class ResultSink:
         self._wake.set()
 
     async def run(self) -> None:
-        """The single writer: a part every flush_seconds (or flush_rows), the progress display between."""
-        loop, flush_seconds, flush_rows = self._loop, self._flush_seconds, self._flush_rows
-        while True:
-            if not self._closed and len(self._pending) < flush_rows:
-                now = loop.time()
-                due = self._pending_since + flush_seconds if self._pending else now + flush_seconds
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, min(due - now, _PROGRESS_EVERY_S))):
-                        await self._wake.wait()
-            self._wake.clear()
-            self._progress.refresh(self._retries(), self._in_flight())
-            if not self._pending:
-                if self._closed:
+        """The single writer: journal steps and parts as their times come, the progress display between."""
+        loop, writer, flush_rows, flush_seconds = self._loop, self._writer, self._flush_rows, self._flush_seconds
+        durable = self._journal_seconds > 0
+        step_seconds = self._journal_seconds if durable else flush_seconds  # without a journal: one step per part
+        segment = writer.open_segment()
+        segment_since = 0.0  # when the oldest record in the segment arrived
+        try:
+            while True:
+                if not self._closed and len(self._pending) < flush_rows:
+                    now = loop.time()
+                    due = now + _PROGRESS_EVERY_S
+                    if self._pending:
+                        due = min(due, self._pending_since + step_seconds)
+                    if segment.rows:
+                        due = min(due, segment_since + flush_seconds)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, due - now)):
+                            await self._wake.wait()
+                self._wake.clear()
+                self._progress.refresh(self._retries(), self._in_flight())
+                pending = self._pending
+                if pending and (
+                    self._closed or len(pending) >= flush_rows or loop.time() >= self._pending_since + step_seconds
+                ):
+                    if not segment.rows:
+                        segment_since = self._pending_since
+                    self._pending = []
+                    self._room.set()
+                    # At the end the part follows at once: no fsync for a journal record about to be removed.
+                    await asyncio.to_thread(_append, writer, segment, pending, durable and not self._closed)
+                if segment.rows and (
+                    self._closed or segment.rows >= flush_rows or loop.time() >= segment_since + flush_seconds
+                ):
+                    rows = segment.rows
+                    await asyncio.to_thread(writer.seal, segment)
+                    self.written += rows
+                    segment = writer.open_segment()
+                if self._closed and not self._pending and not segment.rows:
                     return
-                continue
-            if self._closed or len(self._pending) >= flush_rows or loop.time() >= self._pending_since + flush_seconds:
-                records, self._pending = self._pending, []
-                self._room.set()
-                await asyncio.to_thread(_write_part, self._writer, records)
-                self.written += len(records)
+        finally:
+            segment.close()
 
 
-def _write_part(writer: PartWriter, records: list[ResultRecord]) -> None:
-    """Write one part; a record that cannot be stored becomes an error row instead of failing the run."""
+def _append(writer: PartWriter, segment: JournalSegment, records: list[ResultRecord], durable: bool) -> None:
+    """Records → one table of the part schema → the segment; a record that cannot be stored becomes an error row."""
     try:
-        writer.write(records)
-        return
+        table = writer.to_table(records)
     except OutputError:
         fixed = [_storable(writer.schema, record) for record in records]
         if all(a is b for a, b in zip(fixed, records, strict=True)):
-            raise  # not a bad record: the disk or the directory failed
-    writer.write(fixed)
+            raise  # not a bad value: a bug in the record itself, which must not pass silently
+        table = writer.to_table(fixed)
+    segment.append(table, durable=durable)
 
 
 def _storable(schema: pa.Schema, record: ResultRecord) -> ResultRecord:

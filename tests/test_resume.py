@@ -106,3 +106,46 @@ def test_sigterm_saves_finished_rows_and_says_how_to_resume(tmp_path: Path) -> N
         done = subprocess.run(_command(server.url, input_path, output), env=_env(), capture_output=True, timeout=120)
         assert done.returncode == 0, done.stderr.decode()
     assert pl.read_parquet(output)["id"].to_list() == [str(i) for i in range(ROWS)]
+
+
+@pytest.mark.slow
+def test_a_kill_costs_only_the_answers_in_flight_and_the_last_journal_step(tmp_path: Path) -> None:
+    """Issue 15: with the journal, the rows a rerun sends again number about the concurrency plus
+    0.1 s of answers per kill, not the ~2 s of answers that waited for the next part file."""
+    rows, concurrency, latency_s = 3000, 8, 0.025
+    input_path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": [f"question {i}" for i in range(rows)]}), input_path)
+    output = tmp_path / "out.parquet"
+    lookup = row_lookup({f"question {i}": str(i) for i in range(rows)})
+    rng = random.Random(99)
+    sent_before: set[str] = set()
+    resent_per_kill: list[int] = []
+    with mock_server_thread(MockConfig(latency_ms=latency_s * 1000)) as server:
+        for attempt in range(4):
+            server.state.reset()
+            proc = subprocess.Popen(_command(server.url, input_path, output), env=_env(),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # concurrency 8
+            killed = False
+            if attempt < 3:
+                deadline = time.monotonic() + rng.uniform(1.0, 2.0)
+                while time.monotonic() < deadline and proc.poll() is None:
+                    time.sleep(0.01)
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGKILL)
+                    killed = True
+            _, err = proc.communicate(timeout=120)
+            sent = rows_sent(server.state.requests, lookup)
+            if attempt > 0:  # this run follows a kill
+                resent_per_kill.append(len(set(sent) & sent_before))
+            sent_before |= set(sent)
+            if not killed:
+                assert proc.returncode == 0, err.decode()
+                break
+    assert len(resent_per_kill) >= 2
+    rate = concurrency / latency_s  # answers per second, at most
+    bound = concurrency + 0.1 * rate + concurrency  # in flight, one journal step, and a step's slack
+    assert max(resent_per_kill) <= bound, f"rows sent again per kill: {resent_per_kill} (bound {bound:.0f})"
+    out = pl.read_parquet(output)
+    assert out["id"].to_list() == [str(i) for i in range(rows)]
+    assert out["content"].to_list() == [f"echo: question {i}" for i in range(rows)]
+    assert not Path(str(output) + ".batchgen").exists()

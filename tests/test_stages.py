@@ -13,6 +13,7 @@ import pytest
 
 from batchgen.control import RunControl, RunState, StopCause
 from batchgen.errors import APIConnectionError, APITimeoutError, BadRequestError, OutputError
+from batchgen.io.journal import list_segments, read_segment
 from batchgen.io.parts import PartWriter, list_parts
 from batchgen.io.schema import output_schema, state_schema
 from batchgen.progress import Progress, RunStats
@@ -159,12 +160,65 @@ async def test_a_record_arrow_cannot_store_becomes_an_error_row(tmp_path: Path) 
 async def test_a_failing_disk_ends_the_writer_with_output_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sink, writer = await _sink(tmp_path)
 
-    def full(records: Any) -> None:
+    def full(table: Any) -> None:
         raise OutputError("No space left on device")
 
-    monkeypatch.setattr(writer, "write", full)
+    monkeypatch.setattr(writer, "write_table", full)
     task = asyncio.create_task(sink.run())
     await _emit(sink, _record(0))
     sink.close()
     with pytest.raises(OutputError, match="No space"):
         await task
+
+
+# ---------------------------------------------------------------- the journal (issue 15)
+
+
+def _journaled_rows(state_dir: Path) -> list[int]:
+    return sorted(i for seg in list_segments(state_dir) for t in read_segment(seg.path)[0] for i in t["_index"].to_pylist())
+
+
+async def test_records_reach_the_journal_within_journal_seconds_long_before_their_part(tmp_path: Path) -> None:
+    sink, _ = await _sink(tmp_path, journal_seconds=0.05, flush_seconds=60.0, flush_rows=1000)
+    task = asyncio.create_task(sink.run())
+    for i in range(3):
+        await _emit(sink, _record(i))
+    async with asyncio.timeout(10):
+        while _journaled_rows(tmp_path / "state") != [0, 1, 2]:  # polls a condition with a deadline
+            await asyncio.sleep(0.01)
+    assert _rows_on_disk(tmp_path) == [] and sink.written == 0  # no part yet: the journal alone holds them
+    await _emit(sink, _record(3))
+    sink.close()
+    await asyncio.wait_for(task, 10)
+    assert _rows_on_disk(tmp_path) == [0, 1, 2, 3] and sink.written == 4
+    assert list_segments(tmp_path / "state") == []  # the part replaced its segment
+
+
+async def test_a_part_replaces_its_segment_at_flush_rows(tmp_path: Path) -> None:
+    sink, _ = await _sink(tmp_path, journal_seconds=0.01, flush_seconds=60.0, flush_rows=4)
+    task = asyncio.create_task(sink.run())
+    for i in range(9):
+        await _emit(sink, _record(i))
+        await asyncio.sleep(0.02)  # a journal step between records
+    async with asyncio.timeout(10):
+        while _rows_on_disk(tmp_path) != list(range(8)) or _journaled_rows(tmp_path / "state") != [8]:
+            await asyncio.sleep(0.01)
+    assert len(list_parts(tmp_path / "state")) == 2  # two parts of flush_rows each, the ninth row in the journal
+    sink.close()
+    await asyncio.wait_for(task, 10)
+    assert _rows_on_disk(tmp_path) == list(range(9)) and list_segments(tmp_path / "state") == []
+
+
+async def test_a_failing_journal_write_ends_the_writer_with_output_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sink, _ = await _sink(tmp_path, journal_seconds=0.01, flush_rows=1000)
+
+    def no_space(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("batchgen.io.journal.os.fsync", no_space)
+    task = asyncio.create_task(sink.run())
+    await _emit(sink, _record(0))
+    with pytest.raises(OutputError, match="cannot write the journal.*No space"):
+        await asyncio.wait_for(task, 10)

@@ -6,6 +6,9 @@ only whole parts (and `.tmp` debris that `scan_checkpoint` deletes). Each resume
 new generation; when an input row was written more than once, the newest generation (then the
 highest seq) wins, both in `scan_checkpoint` and in `finalize`, which writes the final file in
 input order with exactly one row per input row.
+
+Between two parts, finished records are in the part's journal segment (`batchgen.io.journal`);
+`scan_checkpoint` turns the segments a crash left into parts before it reads the checkpoint.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchgen.errors import OutputError
+from batchgen.io.files import atomic_file, fsync_dir
+from batchgen.io.journal import JournalSegment, list_segments, read_segment, segment_path
 from batchgen.io.readers import READ_BUFFER_BYTES
 from batchgen.io.schema import INDEX_COLUMN
 from batchgen.records import ERROR_COLUMN
@@ -40,7 +45,9 @@ __all__ = [
     "list_parts",
     "output_format",
     "fsync_dir",
+    "part_name",
     "scan_checkpoint",
+    "write_part_file",
 ]
 
 ROW_GROUP_ROWS = 4096  # small row groups keep `_index` statistics tight, so the merge skips more
@@ -86,44 +93,6 @@ def output_format(path: Path) -> str:
     raise OutputError(f"{path}: unsupported output suffix {suffix!r}; use .parquet, .jsonl or .ndjson")
 
 
-def fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable. Some platforms cannot open a directory; the rename is still atomic there.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path, what: str) -> Iterator[BinaryIO]:
-    """Write `path` so that readers see the old file or the complete new one, never a half-written one.
-
-    The body writes to `<path>.tmp`; on success it is flushed, fsynced, renamed over `path` and
-    the directory fsynced; on any failure the `.tmp` file is removed. I/O and Arrow errors
-    become `OutputError` naming `what` and the path.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except (OSError, pa.ArrowException) as exc:
-        tmp.unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write the {what} ({exc})") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # an error of the caller's own, or an interrupt: leave no debris
-        raise
-    fsync_dir(path.parent)
-
-
 class PartWriter:
     """Writes batches of result records as part files of one generation.
 
@@ -157,31 +126,26 @@ class PartWriter:
     def write(self, records: Sequence[Mapping[str, Any]]) -> Path | None:
         """Write `records` as one new part file, atomically; returns its path, or None if `records` is empty.
 
-        Records are sorted by `_index` (tightening row-group statistics); keys missing from a
-        record are null.
-
         Raises:
-            OutputError: a record without an integer `_index` or with a key not in the schema,
-                a value that does not convert (naming the column), or a failed write.
+            OutputError: see `to_table`, or a failed write.
         """
         if not records:
             return None
+        return self.write_table(self.to_table(records))
+
+    def to_table(self, records: Sequence[Mapping[str, Any]]) -> pa.Table:
+        """`records` as a table of the part schema; keys missing from a record are null.
+
+        Raises:
+            OutputError: a record without an integer `_index` or with a key not in the schema, or a
+                value that does not convert (naming the column).
+        """
         for record in records:
             if not isinstance(record.get(INDEX_COLUMN), int):
                 raise OutputError(f"a result record has no integer {INDEX_COLUMN!r}: {sorted(record)}")
             if not self._names.issuperset(record):
                 unknown = sorted(set(record) - self._names)
                 raise OutputError(f"row {record[INDEX_COLUMN]}: columns not in the output schema: {unknown}")
-        table = self._to_table(sorted(records, key=lambda r: r[INDEX_COLUMN]))
-        final = self.state_dir / f"part-{self.generation:04d}-{self._seq:06d}.parquet"
-        with atomic_file(final, "part file") as file:
-            pq.write_table(
-                table, file, row_group_size=ROW_GROUP_ROWS, write_statistics=True, dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES
-            )
-        self._seq += 1
-        return final
-
-    def _to_table(self, records: Sequence[Mapping[str, Any]]) -> pa.Table:
         try:
             return pa.Table.from_pylist(records, schema=self.schema)
         except _ARROW_ERRORS as exc:
@@ -192,6 +156,39 @@ class PartWriter:
                 except _ARROW_ERRORS as column_exc:
                     raise OutputError(f"column {field.name!r} ({field.type}): {column_exc}") from exc
             raise OutputError(f"cannot convert result records: {exc}") from exc
+
+    def write_table(self, table: pa.Table) -> Path:
+        """Write `table` (part schema) as the next part file, atomically, sorted by `_index`."""
+        final = self.state_dir / part_name(self.generation, self._seq)
+        write_part_file(final, table)
+        self._seq += 1
+        return final
+
+    def open_segment(self) -> JournalSegment:
+        """The journal segment of the next part (see `batchgen.io.journal`)."""
+        return JournalSegment(segment_path(self.state_dir, self.generation, self._seq))
+
+    def seal(self, segment: JournalSegment) -> Path | None:
+        """Write what `segment` holds as its part, then remove the segment; None when it holds nothing."""
+        if not segment.tables:
+            segment.remove()
+            return None
+        path = self.write_table(pa.concat_tables(segment.tables))
+        segment.remove()
+        return path
+
+
+def part_name(generation: int, seq: int) -> str:
+    return f"part-{generation:04d}-{seq:06d}.parquet"
+
+
+def write_part_file(path: Path, table: pa.Table) -> None:
+    """`table` as a part file at `path`, atomically; rows sorted by `_index` (tighter row-group statistics)."""
+    table = table.sort_by(INDEX_COLUMN)
+    with atomic_file(path, "part file") as file:
+        pq.write_table(
+            table, file, row_group_size=ROW_GROUP_ROWS, write_statistics=True, dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES
+        )
 
 
 @dataclass(slots=True)
@@ -204,16 +201,19 @@ class Checkpoint:
         next_generation: the generation the next `PartWriter` should use.
         rows_on_disk: the number of distinct indexes with a result.
         failed: how many of those are error rows.
+        warnings: what recovering the journal found wrong (a torn or corrupt last record), to show.
     """
 
     status: bytearray
     next_generation: int
     rows_on_disk: int
     failed: int
+    warnings: list[str]
 
 
 def scan_checkpoint(state_dir: Path, total_rows_hint: int | None, previous_output: Path | None = None) -> Checkpoint:
-    """Read which input rows already have results; deletes `.tmp` leftovers of a crashed run.
+    """Read which input rows already have results; deletes `.tmp` leftovers of a crashed run and
+    turns the journal segments it left into the parts they were going to be.
 
     Reads only the `_index` and `error` columns of the parts. The previous output counts as
     the oldest generation, so any part overrides it; among parts, later generations (then
@@ -244,6 +244,7 @@ def scan_checkpoint(state_dir: Path, total_rows_hint: int | None, previous_outpu
     if state_dir.is_dir():
         for leftover in state_dir.glob("*.tmp"):
             leftover.unlink(missing_ok=True)
+    warnings = _recover_journal(state_dir)
     parts = list_parts(state_dir)
     for part in parts:
         try:
@@ -257,7 +258,31 @@ def scan_checkpoint(state_dir: Path, total_rows_hint: int | None, previous_outpu
         next_generation=parts[-1].generation + 1 if parts else 0,
         rows_on_disk=len(status) - status.count(NOT_DONE),
         failed=status.count(FAILED),
+        warnings=warnings,
     )
+
+
+def _recover_journal(state_dir: Path) -> list[str]:
+    """Each segment a crash left becomes its part (its whole records), then is removed; the warnings.
+
+    A segment whose part exists was already written (the crash came before its removal). Writing
+    the part first and removing the segment second keeps this safe to interrupt at any point.
+    """
+    warnings = []
+    for segment in list_segments(state_dir):
+        part = state_dir / part_name(segment.generation, segment.seq)
+        if not part.exists():
+            tables, problem = read_segment(segment.path)
+            if problem is not None:
+                warnings.append(problem)
+            if tables:
+                try:
+                    table = pa.concat_tables(tables, promote_options="default")
+                except (pa.ArrowException, ValueError) as exc:
+                    raise OutputError(f"{segment.path}: journal records of different schemas ({exc})") from exc
+                write_part_file(part, table)
+        segment.path.unlink(missing_ok=True)
+    return warnings
 
 
 def _previous_errors(path: Path) -> Iterator[list[Any]]:
