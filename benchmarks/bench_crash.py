@@ -3,9 +3,10 @@
 For each `--journal-seconds` value (default `0,0.1`: without the journal, then batchgen's default),
 on a fresh output:
 
-1. `batchgen run` (a subprocess) against the project's mock server (in this process, answering at
-   once: a fast local server), `--concurrency 16`, 12,000 prompt rows;
-2. it is killed with SIGKILL at a random moment (1-2.5 s in, seeded), `--kills` times, each time
+1. `batchgen run` (a subprocess) against the project's mock server (in this process, answering
+   after `--latency-ms 30`: ~500 answers/s at `--concurrency 16`, the rate issue 15 measured at),
+   12,000 prompt rows;
+2. it is killed with SIGKILL at a random moment (2-6 s in, seeded), `--kills` times, each time
    rerun with the same command; the last run goes to the end;
 3. per kill: the rows the next run sent that an earlier run had already sent (the mock records
    every request), next to the bound issue 15 sets: concurrency + 0.1 s x the answer rate (the
@@ -15,7 +16,7 @@ on a fresh output:
 Then, for each setting, one uninterrupted run under `strace -f -y` counts fsync calls per second of
 run and the bytes written per row to the journal, the part files and the output.
 
-    python benchmarks/bench_crash.py                       # ~1 min
+    python benchmarks/bench_crash.py                       # ~3 min
     python benchmarks/bench_crash.py --rows 12000 --concurrency 16 --kills 3 --journal-seconds 0,0.1,0.05
 """
 
@@ -70,7 +71,7 @@ def crash_series(url_state: tuple[str, object], inp: Path, work: Path, args: arg
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
         killed = False
         if attempt < args.kills:
-            deadline = started + rng.uniform(1.0, 2.5)
+            deadline = started + rng.uniform(2.0, 6.0)
             while time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.005)
             if proc.poll() is None:
@@ -131,6 +132,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=12_000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--latency-ms", type=float, default=30.0, help="the mock's time to answer")
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument("--journal-seconds", default="0,0.1", help="comma-separated settings to compare")
     parser.add_argument("--no-strace", action="store_true", help="skip the fsync and bytes count")
@@ -140,7 +142,7 @@ def main() -> int:
     try:
         inp = work / "in.parquet"
         pq.write_table(pa.table({"prompt": [f"question {i}" for i in range(args.rows)]}), inp)
-        with mock_server_thread(MockConfig()) as server:
+        with mock_server_thread(MockConfig(latency_ms=args.latency_ms)) as server:
             print(f"{args.rows} rows, concurrency {args.concurrency}, {args.kills} kills per setting, mock at {server.url}")
             print(f"{'journal s':>9} {'answers/s':>9} {'bound':>6}  rows sent again per kill   exact")
             for journal in settings:
