@@ -237,3 +237,35 @@ async def test_duplicate_ids_in_jsonl_name_both_rows(tmp_path: Path) -> None:
         with pytest.raises(InputError, match="duplicate id '7'.*line 1 and line 4"):
             await _run(server, tmp_path, path)
     assert server.state.requests == []
+
+
+async def test_a_rerun_resumes_from_a_crashed_runs_journal_and_warns_about_its_torn_tail(tmp_path: Path) -> None:
+    """Issue 15, through the whole run (streamed): the journal's whole records count as done, its torn
+    last record is named in a warning and its rows are sent again, and the journal is gone at the end."""
+    from batchgen.io.journal import JournalSegment, segment_path
+    from batchgen.io.schema import output_schema, state_schema
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(orjson.dumps({"prompt": f"row {i}"}).decode() + "\n" for i in range(10)))
+    state_dir = tmp_path / "out.parquet.batchgen"
+    state_dir.mkdir()
+    schema = state_schema(output_schema(pa.schema([]))[0])
+    segment = JournalSegment(segment_path(state_dir, 0, 0))
+    for rows in (range(0, 4), range(4, 6)):
+        records = [{"_index": i, "id": str(i), "content": f"journaled {i}", "status_code": 200} for i in rows]
+        segment.append(pa.Table.from_pylist(records, schema=schema))
+    segment.close()
+    segment.path.write_bytes(segment.path.read_bytes()[:-3])  # the crash tore the second record
+    log = io.StringIO()
+    async with MockServer() as server:
+        settings = {"input": str(path), "output": str(tmp_path / "out.parquet"), "base_url": server.url,
+                    "progress": False, "stream": True}  # fmt: skip
+        result = await run_async(load_config(settings), log=log)
+    assert result.exit_code == EXIT_OK, result.message
+    assert "warning: journal-0000-000000.arrows: a torn record" in log.getvalue()
+    assert sorted(rows_sent(server.state.requests, row_lookup({f"row {i}": str(i) for i in range(10)}))) == [
+        str(i) for i in range(4, 10)
+    ]
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["content"].to_list() == [f"journaled {i}" for i in range(4)] + [f"echo: row {i}" for i in range(4, 10)]
+    assert not state_dir.exists()
