@@ -177,7 +177,8 @@ class _Shard:
             # Per network read, not per chunk: the chunks of one read arrived at the same time.
             async for now, events in stream.reads():
                 for event in events:
-                    chunk_usage = event_usage(event)
+                    # Most events carry no usage: test that inline, not by a call per event.
+                    chunk_usage = None if event.get("usage") is None else event_usage(event)
                     if chunk_usage is not None:
                         usage = chunk_usage
                     if has_text(event):
