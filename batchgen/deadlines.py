@@ -41,7 +41,8 @@ class Deadlines:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._tick = min(_MAX_TICK_S, timeout / 10)
-        self._due: dict[asyncio.Task[Any], float] = {}
+        # task → (deadline, the task's cancel count at the start: what is not ours to take back)
+        self._due: dict[asyncio.Task[Any], tuple[float, int]] = {}
         self._expired: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -52,13 +53,16 @@ class Deadlines:
         # Python 3.11, per row. A task of the remembered loop proves it is the running one.
         loop = self._loop
         task = asyncio.current_task(loop) if loop is not None else None
-        if task is None:  # the first attempt, or a new loop (asyncio.run again): a new timer too
-            loop = self._loop = asyncio.get_running_loop()
+        if task is None:  # the first attempt, or a new loop (asyncio.run again)
+            loop = asyncio.get_running_loop()
             task = asyncio.current_task(loop)
             assert task is not None  # an attempt always runs in a task
-            self._timer = None
+            if loop is not self._loop:  # what an old loop left (attempts that never finished) is void
+                self._loop, self._timer = loop, None
+                self._due.clear()
+                self._expired.clear()
         assert loop is not None
-        self._due[task] = loop.time() + self.timeout
+        self._due[task] = (loop.time() + self.timeout, task.cancelling())
         if self._timer is None:
             self._timer = loop.call_later(self._tick, self._sweep)
         return task
@@ -68,7 +72,8 @@ class Deadlines:
         if task not in self._expired:
             return False
         self._expired.discard(task)
-        return task.uncancel() == 0  # another cancel (an abort) is also pending: it wins
+        _, cancels_before = self._due.get(task, (0.0, 0))
+        return task.uncancel() <= cancels_before  # another cancel (an abort) is also pending: it wins
 
     def finish(self, task: asyncio.Task[Any]) -> None:
         """The attempt is over, however it ended."""
@@ -82,9 +87,11 @@ class Deadlines:
     def _sweep(self) -> None:
         loop = self._loop
         assert loop is not None
-        now = loop.time()
-        for task, due in self._due.items():
-            if due <= now and task not in self._expired:
-                self._expired.add(task)
-                task.cancel()
-        self._timer = loop.call_later(self._tick, self._sweep) if self._due else None
+        try:
+            now = loop.time()
+            for task, (due, _) in self._due.items():
+                if due <= now and task not in self._expired and not task.done():
+                    self._expired.add(task)
+                    task.cancel()
+        finally:  # one failure must not switch every deadline off
+            self._timer = loop.call_later(self._tick, self._sweep) if self._due else None

@@ -77,11 +77,14 @@ class ResultSink:
         self._pending_since = 0.0
         self._max_pending = _BACKLOG_FLUSHES * flush_rows
         self._wake = asyncio.Event()  # flush now (flush_rows reached, or the end)
-        self._room = asyncio.Event()
+        # One future per backpressure episode, resolved when the writer makes room: a future (not
+        # an Event's wait() coroutine) may be returned to several callers, or dropped, safely.
+        self._room: asyncio.Future[None] | None = None
+        self._thread_job: asyncio.Future[object] | None = None  # the writer's step running in a thread
         self._closed = False
         self.written = 0  # records written to part files by this run
 
-    def emit(self, record: ResultRecord) -> Awaitable[bool] | None:
+    def emit(self, record: ResultRecord) -> Awaitable[None] | None:
         """Keep one finished record for the next part.
 
         Returns None, or when the writer is far behind, an awaitable that the caller awaits before it
@@ -96,9 +99,20 @@ class ResultSink:
         if len(pending) >= self._flush_rows:
             self._wake.set()
             if len(pending) >= self._max_pending:
-                self._room.clear()
-                return self._room.wait()
+                if self._room is None or self._room.done():
+                    self._room = self._loop.create_future()
+                return self._room
         return None
+
+    def _make_room(self) -> None:
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+
+    async def _in_thread(self, fn: Callable[..., object], *args: object) -> None:
+        """Run one step in a worker thread. Shielded: a cancelled writer must not close the journal
+        segment while the thread still writes to its file descriptor (`run`'s `finally` waits)."""
+        self._thread_job = self._loop.run_in_executor(None, fn, *args)
+        await asyncio.shield(self._thread_job)
 
     def close(self) -> None:
         """No more records: `run()` writes what is pending and returns."""
@@ -133,20 +147,24 @@ class ResultSink:
                     if not segment.rows:
                         segment_since = self._pending_since
                     self._pending = []
-                    self._room.set()
+                    self._make_room()
                     # At the end the part follows at once: no fsync for a journal record about to be removed.
-                    await asyncio.to_thread(_append, writer, segment, pending, durable and not self._closed)
+                    await self._in_thread(_append, writer, segment, pending, durable and not self._closed)
                 if segment.rows and (
                     self._closed or segment.rows >= flush_rows or loop.time() >= segment_since + flush_seconds
                 ):
                     rows = segment.rows
-                    await asyncio.to_thread(writer.seal, segment)
+                    await self._in_thread(writer.seal, segment)
                     self.written += rows
                     segment = writer.open_segment()
                 if self._closed and not self._pending and not segment.rows:
                     return
         finally:
+            job = self._thread_job
+            if job is not None and not job.done():
+                await asyncio.wait([job])  # cancelled mid-step: let the thread finish with the file first
             segment.close()
+            self._make_room()  # a writer that failed must not leave a producer waiting for room forever
 
 
 def _append(writer: PartWriter, segment: JournalSegment, records: list[ResultRecord], durable: bool) -> None:

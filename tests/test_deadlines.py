@@ -71,7 +71,7 @@ async def test_an_abort_in_the_same_step_as_the_deadline_wins() -> None:
     async with asyncio.timeout(10):
         task = asyncio.create_task(_attempt(deadlines, never))
         await asyncio.sleep(0)
-        deadlines._due[task] = 0.0  # due long ago: the next sweep cancels it
+        deadlines._due[task] = (0.0, 0)  # due long ago: the next sweep cancels it
         deadlines._sweep()
         task.cancel()  # an abort lands in the same loop step, before the task resumes
         with pytest.raises(asyncio.CancelledError):
@@ -106,6 +106,42 @@ async def test_the_timer_stops_when_nothing_is_in_flight() -> None:
     async with asyncio.timeout(10):
         while deadlines._timer is not None:  # one sweep finds nothing due and does not re-arm
             await asyncio.sleep(0.01)
+
+
+async def test_a_task_that_already_carries_a_cancel_count_still_times_out() -> None:
+    """A cancel caught earlier (and not taken back) is not ours to take back: the deadline is still a timeout."""
+    deadlines = Deadlines(0.05)
+
+    async def cleanup_after_a_cancel() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass  # swallowed without uncancel(): cancelling() stays 1
+        await _attempt(deadlines, asyncio.Event())
+
+    async with asyncio.timeout(10):
+        task = asyncio.create_task(cleanup_after_a_cancel())
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(_TimedOut):
+            await task
+
+
+def test_what_a_closed_loop_left_does_not_stop_the_next_loops_deadlines() -> None:
+    deadlines = Deadlines(0.05)
+    old = asyncio.new_event_loop()
+    stale = old.create_task(_attempt(deadlines, asyncio.Event()))
+    old.run_until_complete(asyncio.sleep(0.01))  # the attempt started, and is never finished
+    assert stale in deadlines._due
+    old.close()  # without cancelling it, as an embedding may do
+
+    async def once() -> None:
+        with pytest.raises(_TimedOut):
+            async with asyncio.timeout(10):  # a sweep that died on the stale task would hang here
+                await _attempt(deadlines, asyncio.Event())
+
+    asyncio.run(once())
+    assert stale not in deadlines._due
 
 
 def test_a_client_times_out_on_two_event_loops_in_turn() -> None:

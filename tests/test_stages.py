@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +225,59 @@ async def test_a_failing_journal_write_ends_the_writer_with_output_error(
     await _emit(sink, _record(0))
     with pytest.raises(OutputError, match="cannot write the journal.*No space"):
         await asyncio.wait_for(task, 10)
+
+
+
+async def test_a_cancelled_writer_lets_the_thread_finish_its_journal_record_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelling the writer mid-step must not close the segment's file under the thread writing it."""
+    import batchgen.io.journal as journal_module
+
+    real_write = os.write
+    writing = threading.Event()
+
+    def slow_write(fd: int, data: Any) -> int:
+        writing.set()
+        time.sleep(0.3)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(journal_module.os, "write", slow_write)
+    sink, _ = await _sink(tmp_path, journal_seconds=0.01, flush_rows=1000)
+    task = asyncio.create_task(sink.run())
+    await _emit(sink, _record(0))
+    async with asyncio.timeout(10):
+        while not writing.is_set():
+            await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (segment,) = list_segments(tmp_path / "state")
+    tables, problem = read_segment(segment.path)
+    assert problem is None and [t["_index"].to_pylist() for t in tables] == [[0]]
+
+
+async def test_a_failed_writer_releases_producers_waiting_for_room(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sink, writer = await _sink(tmp_path, journal_seconds=0.01, flush_rows=2)  # room for 4 x 2 pending records
+    sealing = threading.Event()
+
+    def slow_full_disk(table: Any) -> None:
+        sealing.set()
+        time.sleep(0.2)  # producers fill the pending list meanwhile
+        raise OutputError("No space left on device")
+
+    monkeypatch.setattr(writer, "write_table", slow_full_disk)
+    task = asyncio.create_task(sink.run())
+    await _emit(sink, _record(0))
+    await _emit(sink, _record(1))  # flush_rows: journaled, then a part is due
+    async with asyncio.timeout(10):
+        while not sealing.is_set():
+            await asyncio.sleep(0.005)
+    rooms = [sink.emit(_record(i)) for i in range(2, 11)]
+    waiting = [room for room in rooms if room is not None]
+    assert waiting  # the pending list is full while the part is written
+    async with asyncio.timeout(10):
+        for room in waiting:
+            await room  # released, though the writer failed
+    with pytest.raises(OutputError, match="No space"):
+        await task

@@ -281,7 +281,10 @@ def _recover_journal(state_dir: Path) -> list[str]:
                 except (pa.ArrowException, ValueError) as exc:
                     raise OutputError(f"{segment.path}: journal records of different schemas ({exc})") from exc
                 write_part_file(part, table)
-        segment.path.unlink(missing_ok=True)
+        try:
+            segment.path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{segment.path}: cannot remove the journal segment ({exc})") from exc
     return warnings
 
 
