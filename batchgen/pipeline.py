@@ -34,6 +34,7 @@ from batchgen.errors import InputError, ServerUnusableError
 from batchgen.feed import Feeder
 from batchgen.idcheck import find_duplicate_id, source_ids
 from batchgen.io.merge import MergeResult, finalize
+from batchgen.io.files import output_lock
 from batchgen.io.parts import Checkpoint, PartWriter, scan_checkpoint
 from batchgen.io.readers import InputSource, open_input
 from batchgen.io.schema import output_schema, state_schema
@@ -254,6 +255,11 @@ async def run_async(cfg: RunConfig, *, log: TextIO | None = None) -> RunResult:
 
 async def _run_async(cfg: RunConfig, *, log: TextIO) -> RunResult:
     _use_jemalloc()
+    with output_lock(Path(cfg.output)):
+        return await _locked_run(cfg, log=log)
+
+
+async def _locked_run(cfg: RunConfig, *, log: TextIO) -> RunResult:
     source = open_input(cfg.input, cfg.input_format)
     mapper = RowMapper(
         source.columns,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +271,28 @@ async def test_a_rerun_resumes_from_a_crashed_runs_journal_and_warns_about_its_t
     out = pl.read_parquet(tmp_path / "out.parquet")
     assert out["content"].to_list() == [f"journaled {i}" for i in range(4)] + [f"echo: row {i}" for i in range(4, 10)]
     assert not state_dir.exists()
+
+
+async def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    """Two runs on one output would resend each other's rows and convert each other's journal."""
+    from batchgen.errors import OutputError
+
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(orjson.dumps({"prompt": f"row {i}"}).decode() + "\n" for i in range(40)))
+    async with MockServer(MockConfig(latency_ms=50)) as server:
+        settings = {"input": str(path), "output": str(tmp_path / "out.parquet"), "base_url": server.url,
+                    "progress": False, "concurrency": 2}  # fmt: skip
+        first = asyncio.create_task(run_async(load_config(settings), log=io.StringIO()))
+        async with asyncio.timeout(10):
+            while not server.state.requests:
+                await asyncio.sleep(0.01)
+        sent = len(server.state.requests)
+        with pytest.raises(OutputError, match=rf"being written by another batchgen run \(pid {os.getpid()}\)"):
+            await run_async(load_config(settings), log=io.StringIO())
+        assert len(server.state.requests) <= sent + 2  # the second run sent nothing (the first goes on)
+        result = await first
+        assert result.exit_code == EXIT_OK
+        assert not (tmp_path / "out.parquet.lock").exists()
+        rerun = await run_async(load_config(settings), log=io.StringIO())  # once it is over, the output is free
+    assert rerun.exit_code == EXIT_OK and "nothing to do" in rerun.message
+    assert pl.read_parquet(tmp_path / "out.parquet")["id"].to_list() == [str(i) for i in range(40)]
