@@ -276,8 +276,7 @@ class Client:
         reply = await self.exchange(body, read_response)
         response = reply.value
         response.attempts, response.latency_s, response.ttft_s = reply.attempts, reply.latency_s, reply.ttft_s
-        if not body.get("stream"):
-            response.body = reply.body
+        response.body = reply.body  # None for a stream, whose `raw` is the assembled answer
         return response
 
     def exchange(self, body: dict[str, Any], read: Callable[[Any], T]) -> Awaitable[Reply[T]]:
@@ -366,7 +365,7 @@ class Client:
                 try:  # plain excepts, not context managers: this runs per row
                     async with session.post(
                         self._chat_url, data=self._body(payload), allow_redirects=False,
-                        headers=None if request_id_header is None else attempt_headers(request_id_header),
+                        headers=attempt_headers(request_id_header),
                     ) as response:  # fmt: skip
                         if response.status != 200:
                             await self._raise_for_status(response)
@@ -421,8 +420,8 @@ class Client:
     async def _stream_request(self, payload: bytes, read: Callable[[Any], T]) -> Reply[T]:
         started = time.perf_counter()
         response = await self._with_retries(lambda n: self._stream_attempt(payload, n))
-        body = orjson.dumps(response.raw)
-        return Reply(read(response), response.attempts, time.perf_counter() - started, response.ttft_s, body)
+        latency = time.perf_counter() - started
+        return Reply(read(response), response.attempts, latency, response.ttft_s, None, response.raw)
 
     async def _stream_attempt(self, payload: bytes, attempt: int) -> ChatCompletionResponse:
         """One attempt of a stream read to its end in this task, under one deadline (open and read)."""

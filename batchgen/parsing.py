@@ -194,7 +194,8 @@ def _choice(value: Any, position: int) -> Choice:
             calls = message.get("tool_calls")
             texts_ok = {type(role), type(content), type(reasoning), type(finish)} <= STR_OR_NONE
             stop, logprobs = value.get("stop_reason"), value.get("logprobs")
-            if type(index) is int and texts_ok and (calls is None or calls == []) and logprobs is None and type(stop) in STOP_TYPES:
+            no_calls = calls is None or calls == []  # not `not calls`: "" or {} is malformed, not empty
+            if type(index) is int and texts_ok and no_calls and logprobs is None and type(stop) in STOP_TYPES:
                 # The usual answer, checked in one pass; anything else takes the careful path below.
                 return Choice(index, role, content, reasoning, [], finish, stop, None)
     return _checked_choice(value, position)

@@ -22,7 +22,6 @@ from batchgen.parsing import INT_OR_NONE, STR_OR_NONE, parse_completion, parse_u
 from batchgen.types import ChatCompletionResponse, Choice, Reply
 
 __all__ = [
-    "ANSWER_COLUMNS",
     "ERROR_COLUMN",
     "INDEX_COLUMN",
     "Outcome",
@@ -164,13 +163,6 @@ def _failure(
     }  # fmt: skip
 
 
-# The answer columns of a record: what `read_answer` makes of one answer.
-ANSWER_COLUMNS = (
-    "content", "reasoning_content", "tool_calls", "finish_reason", "stop_reason", "logprobs", "choices", "usage",
-    "model", "response_id", "ttft_s",
-)  # fmt: skip
-
-
 def read_answer(answer: Any) -> dict[str, Any]:
     """The answer columns of one answer: `Client.exchange`'s reader for a run.
 
@@ -226,21 +218,17 @@ def usage_record(value: dict[str, Any]) -> dict[str, int | None]:
 def response_columns(response: ChatCompletionResponse) -> dict[str, Any]:
     """The answer columns of a typed response: the first choice's, and `choices` when there are several."""
     choices = response.choices
-    choice = choices[0]
+    columns = _choice_record(choices[0])
+    del columns["index"]  # the first choice's index is no column of its own
     usage = response.usage
-    return {
-        "content": choice.content,
-        "reasoning_content": choice.reasoning_content,
-        "tool_calls": _tool_calls(choice),
-        "finish_reason": choice.finish_reason,
-        "stop_reason": _stop_text(choice),
-        "logprobs": _logprobs(choice),
-        "choices": [_choice_record(c) for c in choices] if len(choices) > 1 else None,
-        "usage": None if usage is None else usage.to_dict(),
-        "model": response.model,
-        "response_id": response.id,
-        "ttft_s": response.ttft_s,
-    }
+    columns.update(
+        choices=[_choice_record(c) for c in choices] if len(choices) > 1 else None,
+        usage=None if usage is None else usage.to_dict(),
+        model=response.model,
+        response_id=response.id,
+        ttft_s=response.ttft_s,
+    )
+    return columns
 
 
 def outcome_record(outcome: Outcome, *, keep_raw: bool = False) -> ResultRecord:
@@ -263,7 +251,7 @@ def outcome_record(outcome: Outcome, *, keep_raw: bool = False) -> ResultRecord:
     record["status_code"] = 200
     record["attempts"] = outcome.attempts
     record["latency_s"] = outcome.latency_s
-    record["raw"] = reply.body.decode() if keep_raw else None
+    record["raw"] = reply.raw_json() if keep_raw else None
     return record  # type: ignore[return-value]
 
 

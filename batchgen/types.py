@@ -215,15 +215,24 @@ class Reply(Generic[T]):
 
     `value` is what `read` returned (see `Client.exchange`), `attempts` the tries made, `latency_s`
     the time from the first send to the full answer, `ttft_s` the time to the first text of a
-    stream (None when not streamed), `body` the answer's JSON bytes (as received, or the assembled
-    stream). A plain class with slots, not a dataclass: one is built per row.
+    stream (None when not streamed). `body` is the answer's JSON as received, or for a stream None
+    and `raw` the assembled answer (encoded only if asked for: `raw_json`). A plain class with
+    slots, not a dataclass: one is built per row.
     """
 
-    __slots__ = ("value", "attempts", "latency_s", "ttft_s", "body")
+    __slots__ = ("value", "attempts", "latency_s", "ttft_s", "body", "raw")
 
-    def __init__(self, value: T, attempts: int, latency_s: float, ttft_s: float | None, body: bytes) -> None:
+    def __init__(
+        self, value: T, attempts: int, latency_s: float, ttft_s: float | None, body: bytes | None,
+        raw: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         self.value = value
         self.attempts = attempts
         self.latency_s = latency_s
         self.ttft_s = ttft_s
         self.body = body
+        self.raw = raw
+
+    def raw_json(self) -> str:
+        """The answer as JSON text: the body as received, or the assembled stream."""
+        return (self.body if self.body is not None else orjson.dumps(self.raw)).decode()

@@ -102,9 +102,11 @@ def test_malformed_logprobs_name_the_field() -> None:
 
 def _record(answer: dict[str, Any] | ChatCompletionResponse, keep_raw: bool = False) -> dict[str, Any]:
     """A run's record of `answer` (a decoded body, or an assembled stream), as the pipeline makes it."""
-    body = orjson.dumps(answer.raw if isinstance(answer, ChatCompletionResponse) else answer)
-    ttft = answer.ttft_s if isinstance(answer, ChatCompletionResponse) else None
-    outcome = Outcome(RowRequest(0, "r0", {}), Reply(read_answer(answer), 1, 0.1, ttft, body), None, 1, 0.1)
+    if isinstance(answer, ChatCompletionResponse):  # as Client.exchange replies for a stream
+        reply = Reply(read_answer(answer), 1, 0.1, answer.ttft_s, None, answer.raw)
+    else:
+        reply = Reply(read_answer(answer), 1, 0.1, None, orjson.dumps(answer))
+    outcome = Outcome(RowRequest(0, "r0", {}), reply, None, 1, 0.1)
     return outcome_record(outcome, keep_raw=keep_raw)  # type: ignore[return-value]
 
 
