@@ -13,6 +13,7 @@ from batchgen import _constants as C
 from batchgen._cli_types import json_object
 from batchgen._constants import EXIT_CODE_MEANINGS
 from batchgen._version import __version__
+from batchgen.endpoints import DEFAULT_EJECT_AFTER
 from batchgen.errors import BatchgenError
 
 __all__ = ["main"]
@@ -66,10 +67,19 @@ def _add_run_parser(commands: Any, *, full: bool) -> None:
                     help=f"fsync finished answers this soon, so a crash re-sends no more (default "
                          f"{C.DEFAULT_JOURNAL_SECONDS:g}; 0 = only at each part, every flush_seconds)")  # fmt: skip
     server = parser.add_argument_group("server")
-    server.add_argument("--base-url", metavar="URL", help=f"default {C.DEFAULT_BASE_URL}; '{C.MOCK_URL}' = built-in mock server")
+    server.add_argument("--base-url", metavar="URL", action="append",
+                        help=f"default {C.DEFAULT_BASE_URL}; '{C.MOCK_URL}' = built-in mock server; repeat it to spread "
+                             "the run over several servers of one model")  # fmt: skip
     server.add_argument("--api-key-env", metavar="VAR", help=f"env var holding the API key (default {', then '.join(C.API_KEY_ENV_VARS)})")
     server.add_argument("--model", metavar="NAME", help="default: the first model GET /v1/models lists")
-    server.add_argument("--concurrency", type=int, metavar="N", help=f"requests in flight (default {C.DEFAULT_CONCURRENCY})")
+    server.add_argument("--concurrency", type=int, metavar="N",
+                        help=f"requests in flight per server (default {C.DEFAULT_CONCURRENCY})")
+    server.add_argument("--eject-after", type=int, metavar="N",
+                        help="connection failures, timeouts or 5xx in a row that take a server out of the run until "
+                             f"it answers again (default {DEFAULT_EJECT_AFTER})")
+    server.add_argument("--skip-bad-endpoints", action="store_true",
+                        help="drop a server that cannot be reached or does not serve the model (a warning), "
+                             "instead of stopping before anything is sent")  # fmt: skip
     server.add_argument("--max-retries", type=int, metavar="N", help=f"retries per row (default {C.DEFAULT_MAX_RETRIES})")
     server.add_argument("--timeout", type=float, metavar="SECONDS", help=f"per attempt (default {C.DEFAULT_TIMEOUT:g})")
     server.add_argument("--stream", action="store_true", help="use SSE and record time to first token (ttft_s)")

@@ -17,7 +17,7 @@ import time
 from urllib.parse import urlsplit
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import aiohttp
 import orjson
@@ -46,15 +46,32 @@ if TYPE_CHECKING:
 
 __all__ = ["Client"]
 
-_LARGE_BODY = 1024 * 1024  # aiohttp's threshold for its "large body as bytes" warning
+_LARGE_BODY = 1024 * 1024
+_PROBE_TIMEOUT_S = 10.0  # a health check slower than this fails: a busy server still answers /health at once  # aiohttp's threshold for its "large body as bytes" warning
 
 T = TypeVar("T")
+
+
+class Sender(Protocol):
+    """What `chat.completions` sends through: a `Client`, or a `ClientPool` of several servers."""
+
+    async def complete(self, body: dict[str, Any], *, validated: bool = False) -> ChatCompletionResponse: ...
+
+    async def open_stream(self, body: dict[str, Any]) -> Stream: ...
+
+
+def as_response(reply: Reply[ChatCompletionResponse]) -> ChatCompletionResponse:
+    """The typed response of a reply read with `read_response`, carrying how the request went."""
+    response = reply.value
+    response.attempts, response.latency_s, response.ttft_s = reply.attempts, reply.latency_s, reply.ttft_s
+    response.body = reply.body  # None for a stream, whose `raw` is the assembled answer
+    return response
 
 
 class Completions:
     """`client.chat.completions`: `create(...)` and `builder()`."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Sender) -> None:
         self._client = client
 
     async def create(
@@ -132,7 +149,7 @@ def build_body(**fields: Any) -> dict[str, Any]:
 
 
 class Chat:
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Sender) -> None:
         self.completions = Completions(client)
 
 
@@ -191,6 +208,7 @@ class Client:
         self.connect_timeout = min(timeout, C.DEFAULT_CONNECT_TIMEOUT)
         self._deadlines = Deadlines(timeout)  # the per-row paths' timeout: one timer for every request
         self._timeout = attempt_timeout(timeout, read_timeout, self.connect_timeout)  # the other paths'
+        self._probe_timeout = attempt_timeout(min(timeout, _PROBE_TIMEOUT_S), None, min(self.connect_timeout, _PROBE_TIMEOUT_S))
         self.max_connections = max_connections
         self.max_response_bytes = max_response_bytes
         self._chat_url = self.base_url + "/chat/completions"
@@ -273,25 +291,50 @@ class Client:
 
     async def request(self, body: dict[str, Any]) -> ChatCompletionResponse:
         """`complete()` for a body already validated."""
-        reply = await self.exchange(body, read_response)
-        response = reply.value
-        response.attempts, response.latency_s, response.ttft_s = reply.attempts, reply.latency_s, reply.ttft_s
-        response.body = reply.body  # None for a stream, whose `raw` is the assembled answer
-        return response
+        return as_response(await self.exchange(body, read_response))
 
     def exchange(self, body: dict[str, Any], read: Callable[[Any], T]) -> Awaitable[Reply[T]]:
-        """Send a validated body, retrying as the policy allows; the worker pool's per-row path.
+        """Send a validated body, retrying as the policy allows.
 
         `read` makes the answer's value from the decoded JSON body, or from the assembled
         `ChatCompletionResponse` of a stream; it raises `IncompleteResponseError` for a body that
-        is not a chat completion, which is retried like any other incomplete answer. Returned as a
-        bare coroutine: every coroutine between a task and aiohttp is resumed at each I/O step of a
-        request, so this one adds none of its own (measured: each layer cost ~1% of a run's CPU).
+        is not a chat completion, which is retried like any other incomplete answer. (A run sends
+        through a `ClientPool`, which retries across its servers with `attempt`.)
         """
-        payload = orjson.dumps(body)
-        if body.get("stream"):
-            return self._stream_request(payload, read)
-        return self._plain_request(payload, read)
+        return self._exchange(orjson.dumps(body), bool(body.get("stream")), read)
+
+    async def _exchange(self, payload: bytes, stream: bool, read: Callable[[Any], T]) -> Reply[T]:
+        started = time.perf_counter()
+        reply = await self._with_retries(lambda n: self.attempt(payload, stream, read))
+        reply.latency_s = time.perf_counter() - started
+        return reply
+
+    def attempt(self, payload: bytes, stream: bool, read: Callable[[Any], T]) -> Awaitable[Reply[T]]:
+        """One attempt of an encoded request body, without retry; raises `APIError` when it fails.
+
+        Returned as a bare coroutine: every coroutine between a task and aiohttp is resumed at
+        each I/O step of a request, so this one adds none of its own (measured: each layer cost
+        ~1% of a run's CPU).
+        """
+        if stream:
+            return self._stream_once(payload, read)
+        return self._plain_attempt(payload, read)
+
+    async def check_health(self) -> bool:
+        """Whether the server answers: `GET /health` at its root (vLLM, llama.cpp), else `GET /models`
+        (servers without a health route, e.g. llama-cpp-python). Never raises for a failure."""
+        session = self.session
+        for url in (self.base_url.removesuffix("/v1") + "/health", self.base_url + "/models"):
+            try:
+                async with session.get(url, allow_redirects=False, timeout=self._probe_timeout) as response:
+                    await response.read()
+                    if response.status == 200:
+                        return True
+                    if response.status not in (404, 405):
+                        return False  # it answers, but is not ready (vLLM: 503 while its engine is down)
+            except (*AIOHTTP_ERRORS, OSError):
+                return False
+        return False
 
     async def open_stream(self, body: dict[str, Any]) -> Stream:
         """Open a stream; connection failures and error statuses before the first byte are retried."""
@@ -315,7 +358,7 @@ class Client:
             except APIError as exc:
                 error = exc
                 continue
-            if isinstance(result, (ChatCompletionResponse, Stream)):
+            if isinstance(result, (ChatCompletionResponse, Stream, Reply)):
                 result.attempts = attempt
             return result
 
@@ -355,38 +398,31 @@ class Client:
             retry_after=parse_retry_after(response.headers),
         )
 
-    async def _plain_request(self, payload: bytes, read: Callable[[Any], T]) -> Reply[T]:
+    async def _plain_attempt(self, payload: bytes, read: Callable[[Any], T]) -> Reply[T]:
         started = time.perf_counter()
-        deadlines, session, request_id_header = self._deadlines, self.session, self.request_id_header
-        attempt = 1
-        while True:
-            try:
-                task = deadlines.start()
-                try:  # plain excepts, not context managers: this runs per row
-                    async with session.post(
-                        self._chat_url, data=self._body(payload), allow_redirects=False,
-                        headers=attempt_headers(request_id_header),
-                    ) as response:  # fmt: skip
-                        if response.status != 200:
-                            await self._raise_for_status(response)
-                        data = await read_body(response, self.max_response_bytes)
-                except AIOHTTP_ERRORS as exc:
-                    raise translate_error(exc) from exc
-                except asyncio.CancelledError:
-                    if deadlines.expired(task):
-                        raise self._timed_out() from None
-                    raise
-                finally:
-                    deadlines.finish(task)
-                try:
-                    value = read(orjson.loads(data))
-                except orjson.JSONDecodeError as exc:
-                    raise IncompleteResponseError(f"200 response body is not valid JSON ({exc})") from exc
-            except APIError as exc:
-                await self._before_retry(exc, attempt)
-                attempt += 1
-                continue
-            return Reply(value, attempt, time.perf_counter() - started, None, data)
+        deadlines = self._deadlines
+        task = deadlines.start()
+        try:  # plain excepts, not context managers: this runs per row
+            async with self.session.post(
+                self._chat_url, data=self._body(payload), allow_redirects=False,
+                headers=attempt_headers(self.request_id_header),
+            ) as response:  # fmt: skip
+                if response.status != 200:
+                    await self._raise_for_status(response)
+                data = await read_body(response, self.max_response_bytes)
+        except AIOHTTP_ERRORS as exc:
+            raise translate_error(exc) from exc
+        except asyncio.CancelledError:
+            if deadlines.expired(task):
+                raise self._timed_out() from None
+            raise
+        finally:
+            deadlines.finish(task)
+        try:
+            value = read(orjson.loads(data))
+        except orjson.JSONDecodeError as exc:
+            raise IncompleteResponseError(f"200 response body is not valid JSON ({exc})") from exc
+        return Reply(value, 1, time.perf_counter() - started, None, data)
 
     def _timed_out(self) -> APITimeoutError:
         return APITimeoutError(f"request timed out (no full answer within {self.timeout:g} s)")
@@ -417,11 +453,10 @@ class Client:
             response, attempts=attempt, started=started, max_bytes=self.max_response_bytes, scrub=self._scrub
         )
 
-    async def _stream_request(self, payload: bytes, read: Callable[[Any], T]) -> Reply[T]:
+    async def _stream_once(self, payload: bytes, read: Callable[[Any], T]) -> Reply[T]:
         started = time.perf_counter()
-        response = await self._with_retries(lambda n: self._stream_attempt(payload, n))
-        latency = time.perf_counter() - started
-        return Reply(read(response), response.attempts, latency, response.ttft_s, None, response.raw)
+        response = await self._stream_attempt(payload, 1)
+        return Reply(read(response), 1, time.perf_counter() - started, response.ttft_s, None, response.raw)
 
     async def _stream_attempt(self, payload: bytes, attempt: int) -> ChatCompletionResponse:
         """One attempt of a stream read to its end in this task, under one deadline (open and read)."""

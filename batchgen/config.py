@@ -19,6 +19,7 @@ from typing import Any
 from batchgen import _constants as C
 from batchgen.apikey import resolve_api_key
 from batchgen.client import check_base_url
+from batchgen.endpoints import DEFAULT_EJECT_AFTER, EndpointSpec
 from batchgen.errors import ConfigError
 from batchgen.headers import check_headers, parse_header_lines
 from batchgen.retry import RetryPolicy
@@ -37,7 +38,10 @@ class RunConfig:
     input: str
     output: str
     input_format: str | None = None
-    base_url: str = C.DEFAULT_BASE_URL
+    base_url: str | tuple[str, ...] = C.DEFAULT_BASE_URL  # several: one run over several servers
+    endpoints: tuple[EndpointSpec, ...] = ()  # servers with settings of their own (instead of base_url)
+    eject_after: int = DEFAULT_EJECT_AFTER
+    skip_bad_endpoints: bool = False
     api_key_env: str | None = None
     api_key_file: str | None = None
     api_key: str | None = None  # works, but warns: keys belong in the environment or a file
@@ -82,9 +86,12 @@ class RunConfig:
             raise ConfigError(f"output must end in .parquet or .jsonl, got {self.output!r}")
         if self.input_format is not None and self.input_format not in C.INPUT_FORMATS:
             raise ConfigError(f"input_format must be one of {', '.join(C.INPUT_FORMATS)}, got {self.input_format!r}")
-        if self.base_url != C.MOCK_URL:
-            check_base_url(self.base_url)
-        for name in ("concurrency", "flush_rows"):
+        if self.endpoints and self.base_url != C.DEFAULT_BASE_URL:
+            raise ConfigError("give base_url or endpoints, not both")
+        for spec in self.endpoint_specs():
+            if spec.url != C.MOCK_URL:
+                check_base_url(spec.url)
+        for name in ("concurrency", "flush_rows", "eject_after"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_retries < 0:
@@ -101,6 +108,13 @@ class RunConfig:
             raise ConfigError(f"extra must be a mapping of request fields, got {self.extra!r}")
         if self.overwrite and self.retry_failed:
             raise ConfigError("overwrite and retry_failed cannot be used together")
+
+    def endpoint_specs(self) -> list[EndpointSpec]:
+        """The run's servers: `endpoints`, else one per `base_url`."""
+        if self.endpoints:
+            return list(self.endpoints)
+        urls = (self.base_url,) if isinstance(self.base_url, str) else self.base_url
+        return [EndpointSpec(url=url) for url in urls]
 
     def defaults(self) -> dict[str, Any]:
         """The request fields every row starts from (None values are left out)."""
@@ -159,6 +173,14 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return parse_header_lines(value)
         raise ConfigError("headers must be a mapping of header names to values, or a list of 'Name: value' lines")
+    if name == "base_url":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return value[0] if len(value) == 1 else tuple(value)
+        raise ConfigError(f"base_url must be a URL or a non-empty list of URLs, got {value!r}")
+    if name == "endpoints":
+        return _endpoints(value)
     if name == "request_id_header":
         return next(iter(check_headers({str(value): ""}, where="request_id_header")))
     if name == "stop":
@@ -182,6 +204,30 @@ def _coerce(name: str, value: Any) -> Any:
             raise ConfigError(f"{name} must be a string, got {value!r}")
         return str(value)
     return value
+
+
+_ENDPOINT_KEYS = tuple(f.name for f in dataclasses.fields(EndpointSpec))
+
+
+def _endpoints(value: Any) -> tuple[EndpointSpec, ...]:
+    """`endpoints:` as YAML gives it: a list of URLs or of mappings with the keys of `EndpointSpec`."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError("endpoints must be a non-empty list of URLs or of {url, concurrency, api_key_env, weight}")
+    specs = []
+    for number, item in enumerate(value, 1):
+        if isinstance(item, str):
+            item = {"url": item}
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"endpoints item {number} must be a URL or a mapping, got {item!r}")
+        for key in item:
+            if key not in _ENDPOINT_KEYS:
+                close = difflib.get_close_matches(str(key), _ENDPOINT_KEYS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"endpoints item {number}: unknown key {key!r}{hint}")
+        if "url" not in item:
+            raise ConfigError(f"endpoints item {number} has no url")
+        specs.append(EndpointSpec(**{str(k): v for k, v in item.items()}))
+    return tuple(specs)
 
 
 def load_config(settings: Mapping[str, Any], *, source: str = "config") -> RunConfig:

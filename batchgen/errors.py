@@ -135,7 +135,8 @@ class ClientProcessError(BatchgenError):
 
 
 class APIError(BatchgenError):
-    """A request to the server failed. `attempts` counts the tries made, retries included."""
+    """A request to the server failed. `attempts` counts the tries made, retries included;
+    `endpoint` is the base URL of the server of the last attempt (set by a `ClientPool`)."""
 
     retryable: ClassVar[bool] = False
     error_type: ClassVar[str] = "api_error"
@@ -144,6 +145,7 @@ class APIError(BatchgenError):
         super().__init__(message)
         self.message = message
         self.attempts = 1
+        self.endpoint: str | None = None
 
     def is_retryable(self) -> bool:
         return self.retryable

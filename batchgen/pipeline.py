@@ -5,8 +5,9 @@ the pieces, starts them and turns how they ended into a `RunResult`:
 
     Feeder (feed.py) ──▶ WorkerPool (worker.py) ──▶ LostServerWatch (watch.py) ──▶ ResultSink (sink.py)
         input rows            requests in flight           held-back failures          part files
-                                    ▲
-                       RunControl (control.py): one stop state for all of them
+                                    │    ▲
+                ClientPool (client_pool.py)    RunControl (control.py): one stop state for all of them
+                 the servers: dispatch, health; drains the run when every server is gone
 
 When every row is done the parts are merged into the output in input order (io/merge.py). The
 parts are the checkpoint: a rerun skips every row already on disk.
@@ -27,7 +28,8 @@ from typing import TextIO
 import pyarrow as pa
 
 from batchgen._constants import ExitCode
-from batchgen.client import Client
+from batchgen.client_pool import ClientPool
+from batchgen.endpoints import EndpointFigures
 from batchgen.config import RunConfig
 from batchgen.control import RunControl, RunState, StopCause
 from batchgen.errors import InputError, ServerUnusableError
@@ -42,7 +44,7 @@ from batchgen.progress import Progress, RunStats
 from batchgen.records import Outcome, outcome_record, read_answer
 from batchgen.rows import RowMapper
 from batchgen.runtime import lean_gc
-from batchgen.servers import discover_model, serving
+from batchgen.servers import check_endpoints, serving_all
 from batchgen.sink import ResultSink
 from batchgen.watch import LostServerWatch
 from batchgen.worker import WorkerPool
@@ -97,7 +99,7 @@ class _Layout:
         )
 
 
-async def _execute(cfg: RunConfig, client: Client, source: InputSource, mapper: RowMapper, log: TextIO) -> RunResult:
+async def _execute(cfg: RunConfig, servers: ClientPool, source: InputSource, mapper: RowMapper, log: TextIO) -> RunResult:
     """Run every row not yet done, then merge; the stages end in order: feeder, pool, watch, sink."""
     layout = _Layout.of(source, mapper)
     output, state_dir = Path(cfg.output), state_dir_for(cfg.output)
@@ -111,9 +113,11 @@ async def _execute(cfg: RunConfig, client: Client, source: InputSource, mapper: 
 
     stats = RunStats()
     control = RunControl()
-    progress = Progress(stats, total, enabled=cfg.progress, stream=log)
+    progress = Progress(stats, total, enabled=cfg.progress, stream=log, endpoints=servers.endpoints)
     writer = PartWriter(state_dir, state_schema(layout.results_schema), checkpoint.next_generation)
-    watch = LostServerWatch(control, max(2 * cfg.concurrency, 10), client.base_url)
+    watch = LostServerWatch(control)
+    servers.on_event = progress.note
+    servers.on_lost = lambda message: control.drain(StopCause.LOST_SERVER, message)
 
     def on_outcome(outcome: Outcome) -> Awaitable[object] | None:
         record = outcome_record(outcome, keep_raw=cfg.keep_raw)
@@ -123,11 +127,11 @@ async def _execute(cfg: RunConfig, client: Client, source: InputSource, mapper: 
             sink.emit(held)  # its backpressure is the last record's, below
         return sink.emit(record)
 
-    # A lambda, not a coroutine: the pool awaits the client's own coroutine, one frame fewer per I/O step.
-    pool = WorkerPool(lambda request: client.exchange(request.body, read_answer), cfg.concurrency, on_outcome=on_outcome,
-                      control=control)  # fmt: skip
+    # A lambda, not a coroutine: the pool awaits ClientPool's own coroutine, one frame fewer per I/O step.
+    pool = WorkerPool(lambda request: servers.exchange(request.body, read_answer), servers.capacity,
+                      on_outcome=on_outcome, control=control)  # fmt: skip
     sink = ResultSink(writer, stats, progress, flush_seconds=cfg.flush_seconds, flush_rows=cfg.flush_rows,
-                      journal_seconds=cfg.journal_seconds, retries=lambda: client.retries_total,
+                      journal_seconds=cfg.journal_seconds, retries=lambda: servers.retries_total,
                       in_flight=lambda: pool.in_flight)  # fmt: skip
     feeder = Feeder(source, mapper, checkpoint.status, submit=pool.submit,
                     try_submit=pool.try_submit, emit=sink.emit, stats=stats,
@@ -155,7 +159,8 @@ async def _execute(cfg: RunConfig, client: Client, source: InputSource, mapper: 
             await asyncio.wait([producer])
         write_task.cancel()
         progress.close()
-        stats.retries = client.retries_total
+        stats.retries = servers.retries_total
+        stats.endpoints = [EndpointFigures.of(e) for e in servers.endpoints]
 
     def result(code: int, message: str) -> RunResult:
         return RunResult(code, stats, str(output), message)
@@ -284,24 +289,26 @@ async def _locked_run(cfg: RunConfig, *, log: TextIO) -> RunResult:
                 f"duplicate id {value!r} in column {mapper.id_column!r}: {source.where(first)} and {source.where(second)}"
             )
     api_key = cfg.resolve_api_key()
-    with serving(cfg.base_url) as base_url:
-        client = Client(
-            base_url,
+    with serving_all(cfg.endpoint_specs()) as specs:
+        servers = ClientPool(
+            specs,
             api_key,
+            concurrency=cfg.concurrency,
+            eject_after=cfg.eject_after,
             timeout=cfg.timeout,
             read_timeout=cfg.read_timeout,
             retry=cfg.retry_policy(),
-            max_connections=cfg.concurrency,
             max_response_bytes=cfg.max_response_bytes,
             headers=cfg.headers,
             request_id_header=cfg.request_id_header,
         )
-        async with client:
+        async with servers:
             try:
-                mapper.model = await discover_model(client, cfg.model)
+                mapper.model = await check_endpoints(servers, cfg.model, skip_bad=cfg.skip_bad_endpoints,
+                                                     warn=lambda text: print(f"batchgen: warning: {text}", file=log))  # fmt: skip
             except ServerUnusableError as exc:
                 return RunResult(EXIT_FATAL, RunStats(), cfg.output, str(exc))
-            return await _execute(cfg, client, source, mapper, log)
+            return await _execute(cfg, servers, source, mapper, log)
 
 
 def run(cfg: RunConfig, *, log: TextIO | None = None) -> RunResult:

@@ -6,11 +6,15 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
+
+from batchgen.endpoints import EndpointFigures
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from batchgen.endpoints import Endpoint
     from batchgen.records import ResultRecord
 
 __all__ = ["Progress", "RunStats"]
@@ -30,6 +34,7 @@ class RunStats:
     errors: Counter[str] = field(default_factory=Counter)
     retries: int = 0
     started: float = field(default_factory=time.perf_counter)
+    endpoints: list[EndpointFigures] = field(default_factory=list)  # per server, filled at the end
 
     def add(self, record: ResultRecord) -> None:
         if record["error"] is None:
@@ -59,6 +64,8 @@ class RunStats:
             f"tokens: {self.input_tokens} input, {self.output_tokens} output; retries: {self.retries}",
             f"time: {wall:.1f} s, {self.done / wall:.1f} rows/s, {self.output_tokens / wall:.1f} output tokens/s",
         ]
+        if len(self.endpoints) > 1 or any(e.ejections for e in self.endpoints):
+            lines.extend(f"  {e.line(wall)}" for e in self.endpoints)
         if output:
             lines.append(f"output: {output}")
         return "\n".join(lines)
@@ -67,8 +74,12 @@ class RunStats:
 class Progress:
     """Shows progress: a tqdm bar when `stream` is a terminal and `enabled`, else a line every few seconds."""
 
-    def __init__(self, stats: RunStats, total: int | None, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, stats: RunStats, total: int | None, *, enabled: bool = True, stream: TextIO | None = None,
+        endpoints: Sequence[Endpoint] = (),
+    ) -> None:  # fmt: skip
         self.stats = stats
+        self.endpoints = endpoints if len(endpoints) > 1 else ()  # one server: the totals say it all
         self.stream = stream or sys.stderr
         self.retries = 0
         self.in_flight = 0
@@ -82,10 +93,20 @@ class Progress:
 
     def _postfix(self) -> str:
         wall = max(self.stats.elapsed, 1e-9)
-        return (
+        text = (
             f"in-flight={self.in_flight} tok/s={self.stats.output_tokens / wall:.0f} "
             f"err={self.stats.failed} retries={self.retries}"
         )
+        if self.endpoints:  # per server: state initial, in flight, rows ("h32:1200 E0:310 p1:90")
+            text += " " + " ".join(f"{e.state.value[0]}{e.in_flight}:{e.rows}" for e in self.endpoints)
+        return text
+
+    def note(self, text: str) -> None:
+        """A line of its own (a server ejected or back), above the bar when there is one."""
+        if self._bar is not None:
+            self._bar.write(f"batchgen: {text}", file=self.stream)
+        else:
+            print(f"batchgen: {text}", file=self.stream)
 
     def refresh(self, retries: int, in_flight: int = 0) -> None:
         """Show the counters as they are now; called on a timer, not per row (tqdm costs µs per call).
@@ -104,6 +125,9 @@ class Progress:
             total = f"/{self._total}" if self._total is not None else ""
             rate = self.stats.done / max(self.stats.elapsed, 1e-9)
             print(f"batchgen: {self.stats.done}{total} rows, {rate:.1f} rows/s, {self._postfix()}", file=self.stream)
+            wall = self.stats.elapsed
+            for endpoint in self.endpoints:
+                print(f"batchgen:   {EndpointFigures.of(endpoint).line(wall)}", file=self.stream)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -121,6 +121,7 @@ ResultRecord = TypedDict(
         "attempts": int | None,
         "latency_s": float | None,
         "ttft_s": float | None,
+        "endpoint": str | None,
         "raw": str | None,
     },
 )
@@ -153,13 +154,13 @@ def _choice_record(choice: Choice) -> dict[str, Any]:
 
 def _failure(
     index: int, row_id: str | None, error: str, error_type: str | None, status_code: int | None,
-    attempts: int | None, latency_s: float | None,
+    attempts: int | None, latency_s: float | None, endpoint: str | None = None,
 ) -> ResultRecord:  # fmt: skip
     return {
         "_index": index, "id": row_id, "content": None, "reasoning_content": None, "tool_calls": None,
         "finish_reason": None, "stop_reason": None, "logprobs": None, "choices": None, "usage": None, "model": None,
         "response_id": None, "error": error, "error_type": error_type, "status_code": status_code,
-        "attempts": attempts, "latency_s": latency_s, "ttft_s": None, "raw": None,
+        "attempts": attempts, "latency_s": latency_s, "ttft_s": None, "endpoint": endpoint, "raw": None,
     }  # fmt: skip
 
 
@@ -243,7 +244,7 @@ def outcome_record(outcome: Outcome, *, keep_raw: bool = False) -> ResultRecord:
         assert error is not None
         status = error.status_code if isinstance(error, APIStatusError) else None
         return _failure(request.index, request.row_id, str(error), error.error_type, status,
-                        outcome.attempts, outcome.latency_s)  # fmt: skip
+                        outcome.attempts, outcome.latency_s, error.endpoint)  # fmt: skip
     record = reply.value
     record["_index"] = request.index
     record["id"] = request.row_id
@@ -251,6 +252,7 @@ def outcome_record(outcome: Outcome, *, keep_raw: bool = False) -> ResultRecord:
     record["status_code"] = 200
     record["attempts"] = outcome.attempts
     record["latency_s"] = outcome.latency_s
+    record["endpoint"] = reply.endpoint
     record["raw"] = reply.raw_json() if keep_raw else None
     return record  # type: ignore[return-value]
 
@@ -262,8 +264,9 @@ def problem_record(problem: RowProblem) -> ResultRecord:
 
 def unstorable_record(record: ResultRecord, reason: str) -> ResultRecord:
     """An error record in place of an answer that Arrow cannot store (the row is kept, as an error)."""
-    row_id, attempts = record.get("id"), record.get("attempts")
+    row_id, attempts, endpoint = record.get("id"), record.get("attempts"), record.get("endpoint")
     return _failure(
         record["_index"], row_id if isinstance(row_id, str) else None, f"the answer could not be stored: {reason}",
         "unexpected_error", None, attempts if type(attempts) is int and 0 <= attempts < 2**31 else None, None,
+        endpoint if isinstance(endpoint, str) else None,
     )  # fmt: skip

@@ -92,6 +92,9 @@ class Stream:
         self.ttft_s: float | None = None
         self.latency_s: float | None = None
         self.request_id: str | None = http_response.headers.get("x-request-id")
+        self.endpoint: str | None = None  # the server's base URL, when a `ClientPool` opened it
+        # Called once when the stream ends (its error, or None): how a `ClientPool` frees the slot.
+        self.on_end: Callable[[APIError | None], None] | None = None
 
     def __aiter__(self) -> AsyncIterator[ChatCompletionChunk]:
         return self._iterate()
@@ -117,6 +120,7 @@ class Stream:
         decoder = SSEDecoder()
         keep = self._payloads.extend
         limit, size = self._max_bytes, 0
+        failure: APIError | None = None
         try:
             async for data in self._http.content.iter_any():
                 now = time.perf_counter()
@@ -155,14 +159,21 @@ class Stream:
         except APIError as exc:
             if self._scrub is not None:
                 self._scrub(exc)  # rewrites the message in place
+            failure = exc
             raise
         except AIOHTTP_ERRORS as exc:  # a plain except, not a context manager: cheaper per stream
-            error = translate_error(exc)
+            failure = translate_error(exc)
             if self._scrub is not None:
-                self._scrub(error)
-            raise error from exc
+                self._scrub(failure)
+            raise failure from exc
         finally:
             self._http.release()
+            self._end(failure)
+
+    def _end(self, failure: APIError | None) -> None:
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end(failure)
 
     def _finish(self) -> None:
         self._done = True
@@ -202,6 +213,7 @@ class Stream:
     async def aclose(self) -> None:
         """Stop reading and release the connection (safe to call twice)."""
         self._http.close()
+        self._end(None)
 
     async def __aenter__(self) -> Stream:
         return self

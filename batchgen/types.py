@@ -215,12 +215,13 @@ class Reply(Generic[T]):
 
     `value` is what `read` returned (see `Client.exchange`), `attempts` the tries made, `latency_s`
     the time from the first send to the full answer, `ttft_s` the time to the first text of a
-    stream (None when not streamed). `body` is the answer's JSON as received, or for a stream None
+    stream (None when not streamed), `endpoint` the base URL of the server that answered (set by
+    a `ClientPool`). `body` is the answer's JSON as received, or for a stream None
     and `raw` the assembled answer (encoded only if asked for: `raw_json`). A plain class with
     slots, not a dataclass: one is built per row.
     """
 
-    __slots__ = ("value", "attempts", "latency_s", "ttft_s", "body", "raw")
+    __slots__ = ("value", "attempts", "latency_s", "ttft_s", "body", "raw", "endpoint")
 
     def __init__(
         self, value: T, attempts: int, latency_s: float, ttft_s: float | None, body: bytes | None,
@@ -232,6 +233,7 @@ class Reply(Generic[T]):
         self.ttft_s = ttft_s
         self.body = body
         self.raw = raw
+        self.endpoint: str | None = None
 
     def raw_json(self) -> str:
         """The answer as JSON text: the body as received, or the assembled stream."""

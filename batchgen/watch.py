@@ -1,10 +1,10 @@
-"""`LostServerWatch`: tells a server that is gone from rows that failed, and drains the run.
+"""`LostServerWatch`: keeps rows that failed for want of a server unwritten until their fate is known.
 
 A refused or reset connection after every retry says the server may be gone; a timeout only says
-that a row is slow. When `threshold` such failures come in a row, the run is drained (nothing more
-is sent) and their records are held back, never written: a rerun sends those rows again instead of
-keeping them as error rows. A success or any other failure in between shows the server is there:
-the held records were real failures and are released to be written.
+that a row is slow. Such records are held back: when the run goes on (a later row succeeds or fails
+for another reason), they were real failures and are released to be written; when the run is
+drained because every server is gone (`ClientPool`'s `on_lost`), they are never written, so a
+rerun sends those rows again instead of keeping them as error rows.
 """
 
 from __future__ import annotations
@@ -17,21 +17,16 @@ __all__ = ["LostServerWatch"]
 
 
 class LostServerWatch:
-    """Holds the records of a streak of connection failures; drains `control` when it gets long.
+    """Holds the records of a streak of connection failures.
 
     Args:
-        control: the run's stop state.
-        threshold: failures in a row that mean the server is gone (twice the concurrency is a
-            good choice: every worker failed at least twice).
-        server: how to name the server in the message (its base URL).
+        control: the run's stop state (a run drained for a lost server keeps the held rows unwritten).
     """
 
-    __slots__ = ("_control", "_held", "_server", "_threshold")
+    __slots__ = ("_control", "_held")
 
-    def __init__(self, control: RunControl, threshold: int, server: str) -> None:
+    def __init__(self, control: RunControl) -> None:
         self._control = control
-        self._threshold = threshold
-        self._server = server
         self._held: list[ResultRecord] = []
 
     def hold(self, outcome: Outcome, record: ResultRecord) -> bool:
@@ -40,17 +35,11 @@ class LostServerWatch:
         if not isinstance(error, APIConnectionError) or isinstance(error, APITimeoutError):
             return False
         self._held.append(record)
-        if len(self._held) >= self._threshold and self._control.sending:
-            self._control.drain(
-                StopCause.LOST_SERVER,
-                f"the server at {self._server} stopped answering: {len(self._held)} requests in a row "
-                f"failed after every retry (last: {error})",
-            )
         return True
 
     def release(self) -> list[ResultRecord]:
         """The held records, to be written: the streak ended while the run goes on. Empty once the
-        watch has drained the run (they stay unwritten, so a rerun resends them)."""
+        run is drained for a lost server (they stay unwritten, so a rerun resends them)."""
         if not self._held or self._control.cause is StopCause.LOST_SERVER:
             return []
         held, self._held = self._held, []

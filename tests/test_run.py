@@ -212,7 +212,7 @@ def test_python_api_generate(tmp_path: Path) -> None:
     assert out["topic"].to_list() == ["x", "y"] and out["error"].null_count() == 2
 
 
-async def test_a_server_that_is_gone_stops_the_run_and_it_resumes_later(tmp_path: Path) -> None:
+async def test_a_server_that_is_gone_at_the_start_stops_the_run_before_sending_and_it_runs_later(tmp_path: Path) -> None:
     import socket
 
     path = tmp_path / "in.parquet"
@@ -223,8 +223,8 @@ async def test_a_server_that_is_gone_stops_the_run_and_it_resumes_later(tmp_path
     settings = {"input": str(path), "output": str(tmp_path / "out.parquet"), "progress": False, "model": "mock-model",
                 "concurrency": 4, "max_retries": 1, "backoff_base": 0.001}
     gone = await run_async(load_config({**settings, "base_url": dead_url}), log=io.StringIO())
-    assert gone.exit_code == 3 and "stopped answering" in gone.message and "rerun" in gone.message
-    assert not (tmp_path / "out.parquet").exists()
+    assert gone.exit_code == 3 and f"cannot list models at {dead_url}/models" in gone.message
+    assert not (tmp_path / "out.parquet").exists() and not (tmp_path / "out.parquet.batchgen").exists()
     async with MockServer() as server:
         back = await run_async(load_config({**settings, "base_url": server.url}), log=io.StringIO())
     assert back.exit_code == EXIT_OK, back.message

@@ -75,6 +75,9 @@ RESULT_FIELDS: tuple[pa.Field, ...] = (
     # Always present (null when not streaming / without keep_raw) so the schema never depends on
     # the run's settings, and a resumed run with other settings still matches its part files.
     pa.field("ttft_s", pa.float64()),
+    # The base URL of the server that gave the final answer (or the last failure); null for a row
+    # that was never sent. Always present, one server or many.
+    pa.field("endpoint", pa.string()),
     pa.field("raw", pa.large_string()),
 )
 RESULT_COLUMNS: tuple[str, ...] = tuple(field.name for field in RESULT_FIELDS)

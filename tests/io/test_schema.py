@@ -27,6 +27,7 @@ def test_result_columns_in_order() -> None:
         "attempts",
         "latency_s",
         "ttft_s",
+        "endpoint",
         "raw",
     )
 
