@@ -3,6 +3,8 @@
 from batchgen._version import __version__
 from batchgen.builder import ChatCompletionBuilder
 from batchgen.client import Client
+from batchgen.client_pool import ClientPool
+from batchgen.endpoints import EndpointSpec
 from batchgen.errors import (
     APIConnectionError,
     APIError,
@@ -48,8 +50,10 @@ __all__ = [
     "ChatCompletionResponse",
     "Choice",
     "Client",
+    "ClientPool",
     "ClientProcessError",
     "ConfigError",
+    "EndpointSpec",
     "Function",
     "IncompleteResponseError",
     "InputError",

@@ -131,12 +131,13 @@ class ClientPool:
     def in_flight(self) -> int:
         return sum(e.in_flight for e in self.endpoints)
 
-    def drop(self, endpoint: Endpoint) -> None:
+    async def drop(self, endpoint: Endpoint) -> None:
         """Remove a server before anything is sent (a bad one, skipped at the start of a run)."""
         if len(self.endpoints) == 1:
             raise ConfigError("cannot drop the last endpoint")
         self.endpoints.remove(endpoint)
         self._reshape()
+        await endpoint.client.aclose()
 
     async def aclose(self) -> None:
         """Stop the probes and close every server's connections."""

@@ -93,7 +93,7 @@ async def check_endpoints(
             continue
         if skip_bad and problems and len(pool.endpoints) > 1:
             warn(f"skipping endpoint: {problems.pop()[1]}")
-            pool.drop(endpoint)
+            await pool.drop(endpoint)
     if problems:
         hint = "; --skip-bad-endpoints drops such a server" if len(listings) > 1 else ""
         kind = ServerUnusableError if any(k is ServerUnusableError for k, _ in problems) else ConfigError
