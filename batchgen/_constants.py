@@ -46,6 +46,6 @@ EXIT_CODE_MEANINGS = {
     ExitCode.OK: "every row succeeded",
     ExitCode.ROW_ERRORS: "completed with some error rows",
     ExitCode.CONFIG: "config or input error (nothing sent), or the output could not be written (finished rows stay on disk)",
-    ExitCode.FATAL: "the server could not be used, or stopped answering mid-run (rerun to resume)",
+    ExitCode.FATAL: "a server could not be used, or every server stopped answering mid-run (rerun to resume)",
     ExitCode.INTERRUPTED: "interrupted by Ctrl-C or SIGTERM (rerun to resume)",
 }

@@ -12,9 +12,9 @@ A failure that counts is a connection failure, a timeout or a 5xx: the server ma
 last healthy server is ejected only when it cannot be reached: see `Endpoint.failed`). A 4xx
 is the row's fault and says the server is there (it resets the streak, never ejects); a 429 says
 the server is there but full, so it halves the endpoint's limit instead (at most once per
-`DECREASE_GAP_S`, so a burst of 429s from one overload halves it once). The limit then grows back:
-by one slot per success up to half the configured concurrency after a 429 (or all of it after a
-re-admission, the slow start), then by one slot per `limit` successes (additive increase).
+`DECREASE_GAP_S`, so a burst of 429s from one overload halves it once). The limit then grows back
+by one slot per `limit` successes (additive increase); after a re-admission it starts at 1 and
+grows by one per success up to the configured concurrency (a slow start).
 """
 
 from __future__ import annotations
