@@ -176,7 +176,7 @@ def _coerce(name: str, value: Any) -> Any:
     if name == "base_url":
         if isinstance(value, str):
             return value
-        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
             return value[0] if len(value) == 1 else tuple(value)
         raise ConfigError(f"base_url must be a URL or a non-empty list of URLs, got {value!r}")
     if name == "endpoints":
@@ -211,10 +211,15 @@ _ENDPOINT_KEYS = tuple(f.name for f in dataclasses.fields(EndpointSpec))
 
 def _endpoints(value: Any) -> tuple[EndpointSpec, ...]:
     """`endpoints:` as YAML gives it: a list of URLs or of mappings with the keys of `EndpointSpec`."""
+    if isinstance(value, tuple):
+        value = list(value)
     if not isinstance(value, list) or not value:
         raise ConfigError("endpoints must be a non-empty list of URLs or of {url, concurrency, api_key_env, weight}")
     specs = []
     for number, item in enumerate(value, 1):
+        if isinstance(item, EndpointSpec):  # from Python
+            specs.append(item)
+            continue
         if isinstance(item, str):
             item = {"url": item}
         if not isinstance(item, Mapping):
