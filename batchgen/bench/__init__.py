@@ -4,7 +4,7 @@
 run each load level (in one or more client processes), then print and write the reports.
 
 Example:
-    options = BenchOptions(server=ServerSpec(base_url="http://localhost:8000/v1"),
+    options = BenchOptions(server=ServerSpec.of("http://localhost:8000/v1"),
                            dataset=DatasetSpec(name="random", model="", num_prompts=200, output_len=128),
                            loads=(LoadSpec(concurrency=16, num_prompts=200),))
     levels = run_bench(options)
@@ -41,7 +41,8 @@ class BenchOptions:
     """One `batchgen bench` invocation.
 
     Args:
-        server: where to send (base_url "mock" starts the built-in mock server).
+        server: where to send (each base URL "mock" starts a built-in mock server; several URLs
+            share one load, and the report breaks it down per server).
         dataset: the prompts; its `model` is replaced by `model` or the server's first model.
         loads: the load levels, run in order (several = a sweep).
         model: None = the first model GET /v1/models lists.
@@ -63,10 +64,11 @@ class BenchOptions:
 
 @contextlib.contextmanager
 def _server(spec: ServerSpec) -> Iterator[ServerSpec]:
-    from batchgen.servers import serving
+    from batchgen.endpoints import EndpointSpec
+    from batchgen.servers import serving_all
 
-    with serving(spec.base_url) as base_url:
-        yield dataclasses.replace(spec, base_url=base_url)
+    with serving_all([EndpointSpec(url=url) for url in spec.base_urls]) as specs:
+        yield dataclasses.replace(spec, base_urls=tuple(s.url for s in specs))
 
 
 def __getattr__(name: str) -> Any:
@@ -121,7 +123,7 @@ def run_bench(options: BenchOptions, *, out: TextIO | None = None, log: TextIO |
             print(f"batchgen bench: level {number}/{len(options.loads)}: {level_label(load)} ...", file=log, flush=True)
             result = run_level(server, dataset.bodies, load, options.processes)
             summary = summarize(result.records, duration_s=result.duration_s, clients=result.clients,
-                                goodput=options.goodput_ms)  # fmt: skip
+                                goodput=options.goodput_ms, endpoints=server.base_urls)  # fmt: skip
             level = Level(result, summary)
             levels.append(level)
             print(console_report(level, info), file=out, flush=True)

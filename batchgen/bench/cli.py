@@ -90,8 +90,10 @@ def add_bench_parser(commands: Any) -> None:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     server = parser.add_argument_group("server")
-    server.add_argument("--base-url", default=C.DEFAULT_BASE_URL, metavar="URL",
-                        help="API root (default %(default)s); 'mock' = the built-in mock server (TTFT 20 ms, ITL 5 ms)")
+    server.add_argument("--base-url", dest="base_urls", action="append", metavar="URL",
+                        help=f"API root (default {C.DEFAULT_BASE_URL}); 'mock' = a built-in mock server (TTFT 20 ms, "
+                             "ITL 5 ms); repeat it to spread one load over several servers, with a breakdown per "
+                             "server")  # fmt: skip
     server.add_argument("--model", metavar="NAME", help="default: the first model GET /v1/models lists")
     server.add_argument("--api-key-env", metavar="VAR", help="env var holding the API key (default BATCHGEN_API_KEY, "
                         "then OPENAI_API_KEY)")
@@ -170,8 +172,8 @@ def _options(args: argparse.Namespace) -> Any:
         defaults=defaults, continuous_usage=args.continuous_usage,
     )  # fmt: skip
     return BenchOptions(
-        server=ServerSpec(base_url=args.base_url, api_key=_api_key(args), timeout=args.timeout,
-                          headers=parse_header_lines(args.headers or [])),
+        server=ServerSpec(base_urls=tuple(args.base_urls or [C.DEFAULT_BASE_URL]), api_key=_api_key(args),
+                          timeout=args.timeout, headers=parse_header_lines(args.headers or [])),
         dataset=dataset, loads=loads, model=args.model, processes=args.client_processes,
         goodput_ms=dict(args.goodput) if args.goodput else None,
         result_json=args.result_json, raw_output=args.raw_output, plot=args.plot,

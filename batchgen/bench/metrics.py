@@ -15,6 +15,7 @@ so result files line up; an empty sample gives None, never a made-up 0.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections import Counter
@@ -28,7 +29,9 @@ __all__ = [
     "BenchSummary",
     "ClientLoad",
     "Distribution",
+    "EndpointSummary",
     "RequestRecord",
+    "by_endpoint",
     "describe",
     "percentile",
     "summarize",
@@ -62,6 +65,7 @@ class RequestRecord:
         chunk_tokens: tokens each of those chunks carried (from continuous usage), or None.
         prompt_tokens / output_tokens: from the server's final usage, or None when it sent none.
         error / error_type: why it failed; None for a success.
+        endpoint: the base URL of the server that answered (or failed it); None when it reached none.
     """
 
     index: int
@@ -78,6 +82,7 @@ class RequestRecord:
     output_tokens: int | None
     error: str | None = None
     error_type: str | None = None
+    endpoint: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -150,10 +155,23 @@ class BenchSummary:
     cpu_util_max: float  # busiest process, as a fraction of one core
     processes: int
     client_warnings: tuple[str, ...]
+    endpoints: tuple[EndpointSummary, ...] = ()  # one per server, in the order given
 
     @property
     def client_limited(self) -> bool:
         return bool(self.client_warnings)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSummary:
+    """One server's part of a level: its requests summarized over the level's duration.
+
+    `url` is None for the requests that reached no server (every server was down). `summary` has
+    no event-loop lag or CPU figures: those belong to the client processes, not to a server.
+    """
+
+    url: str | None
+    summary: BenchSummary
 
 
 def percentile(sorted_values: Sequence[float], p: float) -> float:
@@ -268,6 +286,7 @@ def summarize(
     clients: Sequence[ClientLoad] = (),
     goodput: Mapping[str, float] | None = None,
     percentiles: Sequence[float] = PERCENTILES,
+    endpoints: Sequence[str] = (),
 ) -> BenchSummary:
     """Summarize one load level.
 
@@ -276,6 +295,8 @@ def summarize(
         duration_s: the measured wall time (first scheduled send to the last request's end).
         clients: one `ClientLoad` per client process.
         goodput: SLOs in ms by metric name (`ttft`, `tpot`, `e2el`); None = no goodput.
+        endpoints: the servers' base URLs; with several, `endpoints` of the result summarizes
+            each one's requests (see `by_endpoint`); one server's part is the whole level.
     """
     if goodput is not None and set(goodput) - set(GOODPUT_METRICS):
         raise ConfigError(f"goodput metrics must be among {', '.join(GOODPUT_METRICS)}, got {sorted(goodput)}")
@@ -292,7 +313,7 @@ def summarize(
     loop_lag = describe([lag for c in clients for lag in c.loop_lags_s], percentiles)
     cpu_util = max((c.cpu_s / c.wall_s for c in clients if c.wall_s > 0), default=0.0)
     tpots = [t for t in map(_tpot_s, ok) if t is not None]
-    return BenchSummary(
+    whole = BenchSummary(
         completed=len(ok),
         failed=len(failed),
         duration_s=duration_s,
@@ -323,4 +344,29 @@ def summarize(
         client_warnings=client_warnings(
             send_lag, loop_lag, cpu_util, max(len(clients), 1), burst=all(r.scheduled_s == 0.0 for r in records)
         ),
+    )
+    if len(endpoints) == 1:  # all of it: not summarized a second time
+        return dataclasses.replace(whole, endpoints=(EndpointSummary(endpoints[0], whole),))
+    if endpoints:
+        return dataclasses.replace(
+            whole, endpoints=by_endpoint(records, endpoints, duration_s=duration_s, percentiles=percentiles)
+        )
+    return whole
+
+
+def by_endpoint(
+    records: Sequence[RequestRecord],
+    endpoints: Sequence[str],
+    *,
+    duration_s: float,
+    percentiles: Sequence[float] = PERCENTILES,
+) -> tuple[EndpointSummary, ...]:
+    """Each server's requests summarized on their own, in `endpoints` order (a server that got
+    none included), then the requests that reached no server, if any."""
+    groups: dict[str | None, list[RequestRecord]] = {url: [] for url in endpoints}
+    for r in records:
+        groups.setdefault(r.endpoint, []).append(r)
+    return tuple(
+        EndpointSummary(url, summarize(group, duration_s=duration_s, percentiles=percentiles))
+        for url, group in groups.items()
     )

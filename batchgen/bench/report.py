@@ -2,8 +2,8 @@
 
 The result file uses the field names of vLLM's `bench serve` for every metric both tools have, so
 existing dashboards read it unchanged; batchgen's own figures (client lag, CPU, ITL per token, how
-tokens were counted) sit next to them under their own names. A sweep writes one JSON object per
-line, as `vllm bench serve --append-result` does.
+tokens were counted) sit next to them under their own names, `endpoints` among them (each server's
+share of the level). A sweep writes one JSON object per line, as `vllm bench serve --append-result` does.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchgen._version import __version__
-from batchgen.bench.metrics import BenchSummary, Distribution
+from batchgen.bench.metrics import BenchSummary, Distribution, EndpointSummary
 from batchgen.bench.multiproc import LevelResult
 from batchgen.bench.runner import LoadSpec
 from batchgen.errors import ConfigError
@@ -30,6 +30,7 @@ __all__ = ["Level", "RunInfo", "check_plot", "console_report", "level_label", "r
            "write_raw", "write_results"]  # fmt: skip
 
 _WIDTH = 50
+_NO_SERVER = "(no server)"  # requests that failed before any server was chosen
 _LATENCIES = (("ttft", "TTFT", "Time to First Token"), ("tpot", "TPOT", "Time per Output Token (excl. 1st token)"),
               ("itl", "ITL", "Inter-token Latency"), ("itl_per_token", "ITL/token", "Inter-token Latency per Token"),
               ("e2el", "E2EL", "End-to-end Latency"))  # fmt: skip
@@ -110,6 +111,9 @@ def console_report(level: Level, info: RunInfo) -> str:
         row(f"Std {short} (ms):", _fmt(dist.std))
         for p, value in dist.percentiles:
             row(f"P{p:g} {short} (ms):", _fmt(value))
+    if len(s.endpoints) > 1:
+        out.append(" Per endpoint (latencies in ms) ".center(_WIDTH, "-"))
+        out += _endpoint_table(s.endpoints)
     out.append(" Client ".center(_WIDTH, "-"))
     for name, dist in (("Send lag", s.send_lag), ("Client queue time", s.queue_time), ("Event-loop lag", s.loop_lag)):
         if dist is not None:
@@ -130,6 +134,45 @@ def console_report(level: Level, info: RunInfo) -> str:
         out.append("!! Use --client-processes N (or a faster machine) and compare.")
         out.append("!" * _WIDTH)
     return "\n".join(out)
+
+
+def _latencies(s: BenchSummary) -> dict[str, float | None]:
+    """The latencies shown per server, under vLLM's names."""
+    return {
+        "mean_ttft_ms": s.ttft.mean if s.ttft else None,
+        "median_ttft_ms": s.ttft.median if s.ttft else None,
+        "mean_tpot_ms": s.tpot.mean if s.tpot else None,
+        "median_e2el_ms": s.e2el.median if s.e2el else None,
+    }
+
+
+def _endpoint_table(endpoints: Sequence[EndpointSummary]) -> list[str]:
+    """One line per server: requests, failures, output tok/s, mean/median TTFT, mean TPOT, median E2EL."""
+    width = max(len(e.url or _NO_SERVER) for e in endpoints) + 2
+    lines = [f"{'endpoint':<{width}}{'requests':>9}{'failed':>8}{'tok/s':>10}{'TTFT mean':>11}{'TTFT p50':>10}"
+             f"{'TPOT mean':>11}{'E2EL p50':>10}"]  # fmt: skip
+    for e in endpoints:
+        s = e.summary
+        ttft, ttft_p50, tpot, e2el_p50 = (_fmt(v) for v in _latencies(s).values())
+        lines.append(
+            f"{e.url or _NO_SERVER:<{width}}{s.completed + s.failed:>9}{s.failed:>8}"
+            f"{_fmt(s.output_throughput, '.1f'):>10}{ttft:>11}{ttft_p50:>10}{tpot:>11}{e2el_p50:>10}"
+        )
+    return lines
+
+
+def _endpoint_fields(endpoint: EndpointSummary) -> dict[str, Any]:
+    s = endpoint.summary
+    return {
+        "base_url": endpoint.url,
+        "requests": s.completed + s.failed,
+        "completed": s.completed,
+        "failed": s.failed,
+        "error_counts": dict(s.errors),
+        "total_output_tokens": s.total_output_tokens,
+        "output_throughput": s.output_throughput,
+        **_latencies(s),
+    }
 
 
 def sweep_table(levels: Sequence[Level]) -> str:
@@ -216,6 +259,7 @@ def result_json(level: Level, info: RunInfo) -> dict[str, Any]:
         "client_cpu_util_max": s.cpu_util_max,
         "client_limited": s.client_limited,
         "client_warnings": list(s.client_warnings),
+        "endpoints": [_endpoint_fields(e) for e in s.endpoints],
     })  # fmt: skip
     return result
 
@@ -232,7 +276,7 @@ _RAW_SCHEMA = pa.schema([
     ("end_s", pa.float64()), ("ttft_s", pa.float64()), ("e2el_s", pa.float64()),
     ("chunk_times_s", pa.list_(pa.float64())), ("chunk_tokens", pa.list_(pa.int32())),
     ("prompt_tokens", pa.int64()), ("output_tokens", pa.int64()), ("chunks", pa.int32()),
-    ("error", pa.string()), ("error_type", pa.string()),
+    ("error", pa.string()), ("error_type", pa.string()), ("endpoint", pa.string()),
 ])  # fmt: skip
 
 
@@ -249,7 +293,7 @@ def write_raw(path: str, levels: Sequence[Level]) -> None:
                 "ttft_s": r.ttft_s, "e2el_s": r.e2el_s, "chunk_times_s": list(r.chunk_times_s),
                 "chunk_tokens": None if r.chunk_tokens is None else list(r.chunk_tokens),
                 "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens, "chunks": len(r.chunk_times_s),
-                "error": r.error, "error_type": r.error_type,
+                "error": r.error, "error_type": r.error_type, "endpoint": r.endpoint,
             })  # fmt: skip
     pq.write_table(pa.Table.from_pylist(rows, schema=_RAW_SCHEMA), path)
 

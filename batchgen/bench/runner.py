@@ -5,7 +5,8 @@ its next request when the last one ends) and an open loop (arrivals at `request_
 gaps of shape `burstiness`, optionally capped by `max_concurrency`). While the measured phase
 runs, a ticker task records event-loop lag and the process's CPU time is read at both ends, so the
 report can tell when the client, not the server, set the pace. A request never raises: its
-failure becomes a `RequestRecord` with `error` set (retries are off, vLLM-style).
+failure becomes a `RequestRecord` with `error` set (retries are off, vLLM-style). With several
+base URLs a `ClientPool` chooses the server of each request, and each record names it.
 """
 
 from __future__ import annotations
@@ -19,25 +20,46 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchgen._constants import MOCK_URL
 from batchgen.bench.metrics import ClientLoad, RequestRecord
 from batchgen.chunks import event_usage, has_text
-from batchgen.client import Client
+from batchgen.client import Client, Sender
+from batchgen.client_pool import ClientPool
 from batchgen.servers import discover_model
 from batchgen.errors import APIError, ConfigError
 
 __all__ = ["LoadSpec", "ServerSpec", "ShardResult", "arrival_offsets", "run_shard", "server_model"]
 
 TICK_S = 0.005  # event-loop lag probe period: fine enough to see a 10 ms stall, cheap at 200 wakeups/s
+_UNCAPPED = 1 << 30  # a pool's "no limit" (it needs a number where aiohttp takes 0)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServerSpec:
-    """Where to send: base URL, key (never printed), the user's own headers and the per-request timeout in seconds."""
+    """Where to send: base URLs (several = one load spread over them), key (never printed), the
+    user's own headers and the per-request timeout in seconds. `ServerSpec.of(url)` for one server."""
 
-    base_url: str
+    base_urls: tuple[str, ...]
     api_key: str | None = None
     timeout: float = 600.0
     headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.base_urls:
+            raise ConfigError("give at least one base URL")
+        twice = sorted({u for u in self.base_urls if u != MOCK_URL and self.base_urls.count(u) > 1})
+        if twice:
+            raise ConfigError(f"a base URL is given twice: {', '.join(twice)}")
+
+    @classmethod
+    def of(cls, base_url: str, **options: Any) -> ServerSpec:
+        """One server, e.g. `ServerSpec.of("http://localhost:8000/v1", api_key=key)`."""
+        return cls(base_urls=(base_url,), **options)
+
+    @property
+    def base_url(self) -> str:
+        """The first server: the one asked for the model."""
+        return self.base_urls[0]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -136,17 +158,25 @@ def arrival_offsets(load: LoadSpec, count: int | None) -> Iterator[float]:
 
 
 async def server_model(server: ServerSpec) -> str:
-    """The first model the server lists (GET /v1/models), as vLLM's bench does without --model."""
+    """The first model the first server lists (GET /v1/models), as vLLM's bench does without --model.
+
+    The other servers are not asked: a request to one without the model is an error record of its own.
+    """
     async with Client(server.base_url, server.api_key, timeout=min(server.timeout, 60.0), max_retries=2,
                       headers=server.headers) as client:  # fmt: skip
         return await discover_model(client, None)
 
 
 class _Shard:
-    """One process's share of a level: its client, its request numbers and its records."""
+    """One process's share of a level: its client (or pool), its request numbers and its records.
 
-    def __init__(self, client: Client, bodies: Sequence[dict[str, Any]], process: int, processes: int) -> None:
-        self.client, self.bodies, self.process, self.processes = client, bodies, process, processes
+    `url` names the server of every record when there is one; a pool names it per stream instead.
+    """
+
+    def __init__(
+        self, client: Sender, url: str | None, bodies: Sequence[dict[str, Any]], process: int, processes: int
+    ) -> None:
+        self.client, self.url, self.bodies, self.process, self.processes = client, url, bodies, process, processes
         self.records: list[RequestRecord] = []
         self.origin = time.perf_counter()
         self.start_wall = time.time()
@@ -171,9 +201,11 @@ class _Shard:
         usage = None
         error = error_type = None
         counted = 0
+        endpoint = self.url
         sent = time.perf_counter()
         try:
             stream = await self.client.open_stream(body)
+            endpoint = stream.endpoint or endpoint
             # Per network read, not per chunk: the chunks of one read arrived at the same time.
             async for now, events in stream.reads():
                 for event in events:
@@ -194,6 +226,7 @@ class _Shard:
                 error, error_type = "the stream carried no generated text", "empty_stream"
         except APIError as exc:
             error, error_type = str(exc), exc.error_type
+            endpoint = exc.endpoint or endpoint  # a pool names the server that failed before the stream opened
         except Exception as exc:  # a client-side bug must cost one request, not the whole benchmark
             error, error_type = f"{type(exc).__name__}: {exc}", "client_error"
         end = time.perf_counter()
@@ -212,6 +245,7 @@ class _Shard:
             output_tokens=usage.completion_tokens if usage is not None else None,
             error=error,
             error_type=error_type,
+            endpoint=endpoint,
         )
         self.records.append(record)
         return record
@@ -272,6 +306,21 @@ async def _tick(lags: list[float]) -> None:
         lags.append(max(0.0, time.perf_counter() - before - TICK_S))
 
 
+def _sender(server: ServerSpec, load: LoadSpec) -> Client | ClientPool:
+    """One server: a plain `Client`, as fast as before. Several: a `ClientPool` that picks the server
+    of each request (the one with room and the least token work outstanding)."""
+    if len(server.base_urls) == 1:
+        return Client(server.base_url, server.api_key, timeout=server.timeout, max_retries=0,
+                      max_connections=load.in_flight_limit, headers=server.headers)  # fmt: skip
+    # The bench's own loop sets the load (its concurrency, arrivals and cap); the pool only chooses
+    # where each request goes. So every server may hold the level's whole in-flight limit: a smaller
+    # share would make requests wait inside the pool for a slot, and that wait would be timed as the
+    # server's TTFT. The pool still waits when no server can take one: all ejected after failures in
+    # a row, or limits lowered by 429s, which is the servers' doing and shows in their figures.
+    return ClientPool(server.base_urls, server.api_key, concurrency=load.in_flight_limit or _UNCAPPED,
+                      timeout=server.timeout, max_retries=0, headers=server.headers)  # fmt: skip
+
+
 async def run_shard(
     server: ServerSpec,
     bodies: Sequence[dict[str, Any]],
@@ -288,10 +337,10 @@ async def run_shard(
     """
     if not bodies:
         raise ConfigError("no request bodies to send")
-    client = Client(server.base_url, server.api_key, timeout=server.timeout, max_retries=0,
-                    max_connections=load.in_flight_limit, headers=server.headers)  # fmt: skip
+    client = _sender(server, load)
     async with client:
-        shard = _Shard(client, bodies, process, processes)
+        url = server.base_url if len(server.base_urls) == 1 else None
+        shard = _Shard(client, url, bodies, process, processes)
         if load.warmup:
             # Warmup is a closed loop at the level's concurrency (all at once when nothing caps it).
             width = load.concurrency or load.max_concurrency or load.warmup

@@ -36,7 +36,7 @@ def _bodies(num: int = 6, output_len: int = OUTPUT_LEN) -> tuple[dict[str, Any],
 
 async def test_measured_latencies_match_the_configured_delays() -> None:
     async with MockServer(MockConfig(ttft_ms=TTFT_MS, itl_ms=ITL_MS)) as server:
-        shard = await run_shard(ServerSpec(base_url=server.url), _bodies(), LoadSpec(concurrency=2, num_prompts=6))
+        shard = await run_shard(ServerSpec.of(server.url), _bodies(), LoadSpec(concurrency=2, num_prompts=6))
         sent = server.state.requests
     assert len(shard.records) == 6 and all(r.ok for r in shard.records)
     for r in shard.records:
@@ -63,7 +63,7 @@ async def test_failures_are_counted_and_warmup_is_not() -> None:
     config = MockConfig(ttft_ms=2, itl_ms=1, fault_rate=0.4, faults=("500", "truncated"), seed=3)
     async with MockServer(config) as server:
         load = LoadSpec(concurrency=4, num_prompts=20, warmup=3)
-        shard = await run_shard(ServerSpec(base_url=server.url), _bodies(), load)
+        shard = await run_shard(ServerSpec.of(server.url), _bodies(), load)
         faults = sum(server.state.faults_injected.values())
         seen = len(server.state.requests)
     failed = [r for r in shard.records if not r.ok]
@@ -77,7 +77,7 @@ async def test_failures_are_counted_and_warmup_is_not() -> None:
 
 async def test_open_loop_follows_the_schedule_and_the_cap() -> None:
     async with MockServer(MockConfig(ttft_ms=20, itl_ms=1)) as server:
-        url = ServerSpec(base_url=server.url)
+        url = ServerSpec.of(server.url)
         paced = await run_shard(url, _bodies(), LoadSpec(request_rate=50, num_prompts=8, seed=1))
         server.state.reset()
         capped = await run_shard(url, _bodies(), LoadSpec(max_concurrency=2, num_prompts=6))
@@ -101,7 +101,7 @@ async def test_a_server_without_usage_is_labelled(scripted_server: Callable[...,
     chunks = _sse(delta({"role": "assistant", "content": ""}), delta({"reasoning_content": "hm"}),
                   delta({"content": "a"}), delta({"content": " b"}, "stop"))  # fmt: skip
     server = await scripted_server([Reply(chunks=chunks, content_type="text/event-stream")])
-    shard = await run_shard(ServerSpec(base_url=server.url), _bodies(2), LoadSpec(concurrency=1, num_prompts=2))
+    shard = await run_shard(ServerSpec.of(server.url), _bodies(2), LoadSpec(concurrency=1, num_prompts=2))
     r = shard.records[0]
     assert r.ok and r.output_tokens is None and r.chunk_tokens is None
     assert len(r.chunk_times_s) == 3  # reasoning counts as text; the role chunk does not
@@ -184,7 +184,7 @@ def test_plot_without_matplotlib_is_a_clear_error(
 async def test_a_duration_run_stops_starting_requests_at_the_deadline() -> None:
     async with MockServer(MockConfig(ttft_ms=20, itl_ms=1)) as server:
         load = LoadSpec(max_concurrency=3, num_prompts=None, duration_s=0.3)
-        shard = await run_shard(ServerSpec(base_url=server.url), _bodies(), load)
+        shard = await run_shard(ServerSpec.of(server.url), _bodies(), load)
     assert shard.records and all(r.ok for r in shard.records)
     assert all(r.sent_s < 0.3 + 0.05 for r in shard.records)  # none started after the deadline (+ slack)
     assert server.state.max_in_flight <= 3

@@ -34,12 +34,13 @@ def record(
     scheduled: float | None = None,
     queue: float = 0.0,
     error: str | None = None,
+    endpoint: str | None = None,
 ) -> RequestRecord:
     return RequestRecord(
         index=index, process=0, scheduled_s=sent if scheduled is None else scheduled, queue_s=queue, sent_s=sent,
         end_s=sent + (chunks[-1] if chunks else 0.5) + 0.001, ttft_s=chunks[0] if chunks else None,
         e2el_s=chunks[-1] if chunks else None, chunk_times_s=chunks, chunk_tokens=tokens, prompt_tokens=prompt,
-        output_tokens=output, error=error, error_type="server_error" if error else None,
+        output_tokens=output, error=error, error_type="server_error" if error else None, endpoint=endpoint,
     )  # fmt: skip
 
 
@@ -164,6 +165,40 @@ def test_result_json_uses_vllm_field_names() -> None:
                 "p99.9_ttft_ms", "p90_tpot_ms", "p95_itl_ms", "p50_e2el_ms"):  # fmt: skip
         assert key in data, key
     assert data["max_concurrency"] == 4 and data["request_rate"] == "inf"
+
+
+def test_each_endpoint_is_summarized_on_its_own_and_the_parts_add_up() -> None:
+    records = [record(0, endpoint="a", output=3), record(1, endpoint="b", output=5, chunks=(0.2, 0.4)),
+               record(2, endpoint="a", error="HTTP 500"), record(3, endpoint=None, error="all down")]  # fmt: skip
+    s = summarize(records, duration_s=2.0, endpoints=("a", "b", "c"))
+    # In the order given, a server that got nothing included, then what reached no server.
+    assert [e.url for e in s.endpoints] == ["a", "b", "c", None]
+    a, b, c, none = (e.summary for e in s.endpoints)
+    assert (a.completed, a.failed, b.completed, c.completed, none.failed) == (1, 1, 1, 0, 1)
+    assert sum(e.summary.completed + e.summary.failed for e in s.endpoints) == len(records)
+    assert a.output_throughput == pytest.approx(1.5) and b.output_throughput == pytest.approx(2.5)  # level duration
+    assert b.ttft is not None and b.ttft.mean == pytest.approx(200.0) and c.ttft is None
+    level = Level(LevelResult(LoadSpec(concurrency=2), tuple(records), (), 2.0), s)
+    data = result_json(level, RunInfo(model="m", dataset="random"))
+    assert [(e["base_url"], e["requests"], e["failed"]) for e in data["endpoints"]] == [
+        ("a", 2, 1), ("b", 1, 0), ("c", 0, 0), (None, 1, 1)]  # fmt: skip
+    assert data["endpoints"][1]["median_e2el_ms"] == pytest.approx(400.0)
+    assert data["endpoints"][2]["mean_ttft_ms"] is None
+    lines = console_report(level, RunInfo(model="m", dataset="random")).splitlines()
+    start = next(i for i, line in enumerate(lines) if "Per endpoint" in line) + 2  # past the column names
+    table = lines[start : start + 4]
+    assert [line.split()[:3] for line in table] == [["a", "2", "1"], ["b", "1", "0"], ["c", "0", "0"],
+                                                    ["(no", "server)", "1"]]  # fmt: skip
+
+
+def test_one_endpoint_is_the_whole_level_without_a_breakdown() -> None:
+    records = [record(i, endpoint="a") for i in range(3)]
+    s = summarize(records, duration_s=1.0, endpoints=("a",))
+    ((url, part),) = ((e.url, e.summary) for e in s.endpoints)
+    assert url == "a" and part.completed == 3 and part.output_throughput == s.output_throughput
+    level = Level(LevelResult(LoadSpec(concurrency=2), tuple(records), (), 1.0), s)
+    assert "Per endpoint" not in console_report(level, RunInfo(model="m", dataset="random"))
+    assert summarize(records, duration_s=1.0).endpoints == ()
 
 
 def test_a_duration_with_an_unlimited_rate_needs_a_cap() -> None:
