@@ -180,7 +180,8 @@ class ClientPool:
     async def _exchange(self, payload: bytes, stream: bool, max_tokens: Any, read: Callable[[Any], T]) -> Reply[T]:
         started = time.perf_counter()
         size = len(payload)
-        work = self._work.estimate(size, max_tokens)
+        # With one server there is nothing to choose: no estimate to make or learn (2% of a run's CPU).
+        work = 0.0 if self._only is not None else self._work.estimate(size, max_tokens)
         attempt, avoid, delay = 1, None, 0.0
         while True:
             endpoint = self._pick(work, avoid)
@@ -202,7 +203,8 @@ class ClientPool:
             prompt, completion = usage_tokens(reply.value)
             if completion is not None:
                 endpoint.output_tokens += completion
-            self._work.learn(size, max_tokens, prompt, completion)
+            if work:
+                self._work.learn(size, max_tokens, prompt, completion)
             endpoint.rows += 1
             reply.attempts, reply.endpoint = attempt, endpoint.url
             reply.latency_s = time.perf_counter() - started
