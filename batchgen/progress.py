@@ -84,12 +84,19 @@ class Progress:
         self.retries = 0
         self.in_flight = 0
         self._bar: tqdm[Any] | None = None
+        self._server_bars: list[tqdm[Any]] = []
         self._last_log = time.perf_counter()
         self._total = total
         if enabled and self.stream.isatty():
             from tqdm import tqdm  # only a terminal shows a bar (start-up time)
 
             self._bar = tqdm(total=total, file=self.stream, unit="row", dynamic_ncols=True, smoothing=0.1)
+            # A line per server under the bar: its rows, state, in flight, errors, retries, tok/s.
+            self._server_bars = [
+                tqdm(file=self.stream, position=number, desc=e.url, bar_format="{desc}: {n_fmt} rows{postfix}",
+                     dynamic_ncols=True)
+                for number, e in enumerate(self.endpoints, 1)
+            ]  # fmt: skip
 
     def _postfix(self) -> str:
         wall = max(self.stats.elapsed, 1e-9)
@@ -97,8 +104,6 @@ class Progress:
             f"in-flight={self.in_flight} tok/s={self.stats.output_tokens / wall:.0f} "
             f"err={self.stats.failed} retries={self.retries}"
         )
-        if self.endpoints:  # per server: state initial, in flight, rows ("h32:1200 E0:310 p1:90")
-            text += " " + " ".join(f"{e.state.value[0]}{e.in_flight}:{e.rows}" for e in self.endpoints)
         return text
 
     def note(self, text: str) -> None:
@@ -118,6 +123,12 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix_str(self._postfix(), refresh=False)
             self._bar.update(self.stats.done - self._bar.n)
+            wall = max(self.stats.elapsed, 1e-9)
+            for bar, endpoint in zip(self._server_bars, self.endpoints, strict=True):
+                bar.n = endpoint.rows
+                bar.set_postfix_str(f"{endpoint.state.value}, {endpoint.in_flight}/{endpoint.limit:.0f} in flight, "
+                                    f"{endpoint.errors} errors, {endpoint.retried} retries, "
+                                    f"{endpoint.output_tokens / wall:.0f} tok/s")  # fmt: skip
             return
         now = time.perf_counter()
         if now - self._last_log >= LOG_EVERY_S:
@@ -131,5 +142,7 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
-            self.refresh(self.retries)
+            self.refresh(self.retries, self.in_flight)
+            for bar in self._server_bars:
+                bar.close()
             self._bar.close()

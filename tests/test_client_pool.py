@@ -203,3 +203,29 @@ def test_bad_endpoint_settings_are_clear_errors(settings: dict[str, Any], messag
 def test_a_url_listed_twice_is_an_error() -> None:
     with pytest.raises(ConfigError, match="listed twice: http://a/v1"):
         ClientPool(["http://a/v1", "http://a/v1/"])
+
+
+async def test_429s_lower_a_servers_limit_and_never_eject_it() -> None:
+    async with MockServer(MockConfig(fault_rate=0.3, faults=("429",), retry_after_s=0.001, latency_ms=2)) as server:
+        async with ClientPool([server.url], concurrency=16, eject_after=1, max_retries=20) as pool:
+            endpoint = pool.endpoints[0]
+            limits: list[float] = []
+
+            async def one(i: int) -> None:
+                await pool.request(_body(f"q{i}"))
+                limits.append(endpoint.limit)
+
+            await asyncio.gather(*(one(i) for i in range(200)))
+    assert endpoint.ejections == 0 and endpoint.state is EndpointState.HEALTHY and endpoint.retried > 0
+    assert min(limits) < 16  # halved at least once
+    assert server.state.max_in_flight <= 16
+
+
+def test_generate_takes_a_list_of_servers() -> None:
+    from batchgen import generate
+    from batchgen.testing.mock_server import mock_server_thread
+
+    with mock_server_thread() as a, mock_server_thread() as b:
+        out = generate(pl.DataFrame({"prompt": [f"p {i}" for i in range(30)]}), base_url=[a.url, b.url], max_tokens=8)
+    assert out["content"].to_list() == [f"echo: p {i}" for i in range(30)]
+    assert set(out["endpoint"].to_list()) <= {a.url, b.url} and out["endpoint"].null_count() == 0
