@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import math
+from urllib.parse import urlsplit, urlunsplit
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,10 @@ from batchgen.errors import APIConnectionError, APIError, APITimeoutError, Confi
 if TYPE_CHECKING:
     from batchgen.client import Client
 
-__all__ = ["DEFAULT_EJECT_AFTER", "Endpoint", "EndpointFigures", "EndpointSpec", "EndpointState", "counts_against_health"]
+__all__ = [
+    "DEFAULT_EJECT_AFTER", "Endpoint", "EndpointFigures", "EndpointSpec", "EndpointState", "counts_against_health",
+    "public_url",
+]  # fmt: skip
 
 DEFAULT_EJECT_AFTER = 5  # failures in a row (Envoy's consecutive_5xx default): one blip never ejects
 DECREASE_GAP_S = 1.0  # 429s closer than this are one overload: the limit is halved once
@@ -73,6 +77,18 @@ class EndpointSpec:
             raise ConfigError(f"endpoint {self.url}: weight must be a number > 0, got {self.weight!r}")
 
 
+def public_url(url: str) -> str:
+    """`url` without what may be a secret: user:password@ and the query (`?api-key=...`)."""
+    parts = urlsplit(url)
+    if not parts.username and not parts.password and not parts.query:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
 def _unreachable(error: APIError) -> bool:
     return isinstance(error, APIConnectionError) and not isinstance(error, APITimeoutError)
 
@@ -97,7 +113,7 @@ class Endpoint:
 
     def __init__(self, client: Client, capacity: int, *, weight: float = 1.0, eject_after: int = DEFAULT_EJECT_AFTER) -> None:
         self.client = client
-        self.url = client.base_url
+        self.url = public_url(client.base_url)  # what the output, the logs and the summary show
         self.capacity = capacity
         self.weight = weight
         self.eject_after = eject_after

@@ -229,3 +229,17 @@ def test_generate_takes_a_list_of_servers() -> None:
         out = generate(pl.DataFrame({"prompt": [f"p {i}" for i in range(30)]}), base_url=[a.url, b.url], max_tokens=8)
     assert out["content"].to_list() == [f"echo: p {i}" for i in range(30)]
     assert set(out["endpoint"].to_list()) <= {a.url, b.url} and out["endpoint"].null_count() == 0
+
+
+async def test_each_server_may_have_its_own_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECOND_SERVER_KEY", "key-two")
+    async with MockServer(MockConfig(api_key="key-one")) as one, MockServer(MockConfig(api_key="key-two")) as two:
+        specs = [EndpointSpec(url=one.url), EndpointSpec(url=two.url, api_key_env="SECOND_SERVER_KEY")]
+        async with ClientPool(specs, "key-one", concurrency=2) as pool:
+            await asyncio.gather(*(pool.request(_body(f"q{i}")) for i in range(20)))
+    assert len(one.state.requests) + len(two.state.requests) == 20 and one.state.requests and two.state.requests
+    assert {h["authorization"] for h in one.state.request_headers} == {"Bearer key-one"}
+    assert {h["authorization"] for h in two.state.request_headers} == {"Bearer key-two"}
+    monkeypatch.delenv("SECOND_SERVER_KEY")
+    with pytest.raises(ConfigError, match="'SECOND_SERVER_KEY', but that variable is not set"):
+        ClientPool(specs)

@@ -129,3 +129,12 @@ def test_usage_tokens_reads_both_kinds_of_answer() -> None:
     assert usage_tokens(parse_completion(body)) == (7, 3)
     assert usage_tokens({"usage": body["usage"]}) == (7, 3)
     assert usage_tokens({"usage": None}) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [("http://h:8000/v1", "http://h:8000/v1"), ("https://user:s3cret@h/v1", "https://h/v1"),
+     ("https://h/openai/v1?api-key=s3cret", "https://h/openai/v1"), ("http://u:p@[::1]:9/v1", "http://[::1]:9/v1")],
+)
+def test_an_endpoint_is_shown_without_credentials_or_query(url: str, shown: str) -> None:
+    assert Endpoint(Client(url), 1).url == shown
