@@ -330,8 +330,15 @@ class ClientPool:
             self.on_event(text)
 
     def _ejected(self, endpoint: Endpoint) -> None:
-        self._event(f"endpoint {endpoint.url} ejected after {endpoint.failures_in_row} failures in a row "
-                    f"(last: {endpoint.last_failure}); probing it in {self._probe_delay:g} s")  # fmt: skip
+        if endpoint.probe_failures:  # its trial request failed: still down, and maybe down for good
+            endpoint.probe_delay = min(endpoint.probe_delay * 2.0, self._probe_max_delay)
+            self._check_lost()
+            self._event(f"endpoint {endpoint.url} ejected again: its trial request failed ({endpoint.last_failure}); "
+                        f"probing it in {endpoint.probe_delay:g} s")  # fmt: skip
+        else:
+            endpoint.probe_delay = self._probe_delay
+            self._event(f"endpoint {endpoint.url} ejected after {endpoint.failures_in_row} failures in a row "
+                        f"(last: {endpoint.last_failure}); probing it in {endpoint.probe_delay:g} s")  # fmt: skip
         if not self._closed:
             task = asyncio.get_running_loop().create_task(self._probe(endpoint))
             self._probes.add(task)
@@ -343,9 +350,8 @@ class ClientPool:
 
     async def _probe(self, endpoint: Endpoint) -> None:
         """Check an ejected server after a backoff, doubling, until it answers; then let one request try it."""
-        delay = self._probe_delay
         while endpoint.state is EndpointState.EJECTED and not self._closed:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(endpoint.probe_delay)
             if await endpoint.client.check_health():
                 endpoint.probe_passed()
                 self.lost = None
@@ -353,7 +359,7 @@ class ClientPool:
                 self._wake_all()
                 return
             endpoint.probe_failures += 1
-            delay = min(delay * 2.0, self._probe_max_delay)
+            endpoint.probe_delay = min(endpoint.probe_delay * 2.0, self._probe_max_delay)
             self._check_lost()
 
     def _check_lost(self) -> None:

@@ -5,7 +5,7 @@
 
 - RUNNING: rows are read, mapped and sent.
 - DRAINING: nothing more is read or sent; requests in flight finish and their records are kept.
-  The lost-server watch drains a run whose server stopped answering (a rerun resends the rest).
+  The ClientPool drains a run when every server stopped answering (a rerun resends the rest).
 - ABORTED: requests in flight are cancelled too: Ctrl-C or SIGTERM, or the result writer failed.
 
 The first cause wins and a state never goes back. Components register what a state change must

@@ -45,7 +45,8 @@ __all__ = [
 ERROR_MAP: tuple[tuple[type[BaseException], type[APIError] | None], ...] = (
     # -- timeouts -------------------------------------------------------------------------------------
     # No TCP connection within the connect timeout: the host is unreachable, not slow. A connection
-    # error (not a timeout), so that the lost-server watch counts it; a slow row never trips it.
+    # error (not a timeout), so that even the last healthy server is ejected for it (ClientPool);
+    # a slow row never is.
     (aiohttp.ConnectionTimeoutError, APIConnectionError),
     # The socket read timeout: the server went quiet mid-response (a stalled stream).
     (aiohttp.SocketTimeoutError, APITimeoutError),
@@ -57,7 +58,7 @@ ERROR_MAP: tuple[tuple[type[BaseException], type[APIError] | None], ...] = (
     (aiohttp.ClientConnectorCertificateError, TLSVerificationError),
     (aiohttp.ServerFingerprintMismatch, TLSVerificationError),  # only with a pinned fingerprint
     # A failed handshake: an EOF under load passes; https:// to a plain-HTTP port does not, but the
-    # retry budget bounds it and the lost-server watch stops a run where every row fails so.
+    # retry budget bounds it and the ClientPool stops a run where every server fails so.
     (aiohttp.ClientConnectorSSLError, APIConnectionError),
     (aiohttp.ClientSSLError, APIConnectionError),  # base of the two above; never raised bare
     # -- no connection, or the connection dropped: retryable ------------------------------------------

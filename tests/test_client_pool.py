@@ -243,3 +243,18 @@ async def test_each_server_may_have_its_own_key(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("SECOND_SERVER_KEY")
     with pytest.raises(ConfigError, match="'SECOND_SERVER_KEY', but that variable is not set"):
         ClientPool(specs)
+
+
+async def test_a_server_whose_health_passes_but_drops_every_request_is_given_up_on() -> None:
+    """/health answers, every chat request is dropped: trial after trial fails; the pool must not wait forever."""
+    lost: list[str] = []
+    async with MockServer(MockConfig(fault_rate=1.0, faults=("disconnect",))) as server:
+        async with ClientPool([server.url], concurrency=2, eject_after=2, max_retries=3, backoff_base=0.01,
+                              on_lost=lost.append) as pool:  # fmt: skip
+            results = await asyncio.wait_for(
+                asyncio.gather(*(pool.request(_body(f"q{i}")) for i in range(6)), return_exceptions=True), 30
+            )
+            endpoint = pool.endpoints[0]
+    assert all(isinstance(r, APIConnectionError) for r in results), results
+    assert len(lost) == 1 and "the server stopped answering" in lost[0]
+    assert endpoint.state is EndpointState.EJECTED and endpoint.ejections == 1 and endpoint.probe_failures >= 1
