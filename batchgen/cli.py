@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from batchgen import _constants as C
-from batchgen._cli_types import json_object
+from batchgen._cli_types import concurrency_value, json_object
 from batchgen._constants import EXIT_CODE_MEANINGS
 from batchgen._version import __version__
 from batchgen.endpoints import DEFAULT_EJECT_AFTER
@@ -72,8 +72,11 @@ def _add_run_parser(commands: Any, *, full: bool) -> None:
                              "the run over several servers of one model")  # fmt: skip
     server.add_argument("--api-key-env", metavar="VAR", help=f"env var holding the API key (default {', then '.join(C.API_KEY_ENV_VARS)})")
     server.add_argument("--model", metavar="NAME", help="default: the first model GET /v1/models lists")
-    server.add_argument("--concurrency", type=int, metavar="N",
-                        help=f"requests in flight per server (default {C.DEFAULT_CONCURRENCY})")
+    server.add_argument("--concurrency", type=concurrency_value, metavar="N|auto",
+                        help=f"requests in flight per server (default {C.DEFAULT_CONCURRENCY}); auto: steered by each "
+                             "server's own load (vLLM /metrics), within --concurrency-min/--concurrency-max")
+    server.add_argument("--concurrency-min", type=int, metavar="N", help="concurrency auto's lower bound (default 1)")
+    server.add_argument("--concurrency-max", type=int, metavar="N", help="concurrency auto's upper bound (default 512)")
     server.add_argument("--eject-after", type=int, metavar="N",
                         help="connection failures, timeouts or 5xx in a row that take a server out of the run until "
                              f"it answers again (default {DEFAULT_EJECT_AFTER})")

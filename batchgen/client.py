@@ -320,6 +320,17 @@ class Client:
             return self._stream_once(payload, read)
         return self._plain_attempt(payload, read)
 
+    async def get_text(self, url: str) -> str | None:
+        """The text of `GET url` on this server (e.g. its `/metrics`), or None when it does not answer 200."""
+        try:
+            async with self.session.get(url, allow_redirects=False, timeout=self._probe_timeout) as response:
+                if response.status != 200:
+                    await response.read()
+                    return None
+                return (await read_body(response, self.max_response_bytes)).decode("utf-8", "replace")
+        except (*AIOHTTP_ERRORS, OSError, APIError):
+            return None
+
     async def check_health(self) -> bool:
         """Whether the server answers: `GET /health` at its root (vLLM, llama.cpp), else `GET /models`
         (servers without a health route, e.g. llama-cpp-python). Never raises for a failure."""

@@ -40,6 +40,7 @@ import orjson
 
 from batchgen import _constants as C
 from batchgen.apikey import resolve_api_key
+from batchgen.autoscale import AutoConcurrency, ConcurrencyController
 from batchgen.client import Chat, Client, as_response
 from batchgen.endpoints import DEFAULT_EJECT_AFTER, Endpoint, EndpointSpec, EndpointState
 from batchgen.errors import APIConnectionError, APIError, ConfigError
@@ -78,7 +79,7 @@ class ClientPool:
         endpoints: Sequence[str | EndpointSpec],
         api_key: str | None = None,
         *,
-        concurrency: int = C.DEFAULT_CONCURRENCY,
+        concurrency: int | AutoConcurrency = C.DEFAULT_CONCURRENCY,
         eject_after: int = DEFAULT_EJECT_AFTER,
         on_event: Callable[[str], None] | None = None,
         on_lost: Callable[[str], None] | None = None,
@@ -87,14 +88,18 @@ class ClientPool:
         specs = [EndpointSpec(url=e) if isinstance(e, str) else e for e in endpoints]
         if not specs:
             raise ConfigError("a ClientPool needs at least one endpoint")
-        if concurrency < 1 or eject_after < 1:
+        if (isinstance(concurrency, int) and concurrency < 1) or eject_after < 1:
             raise ConfigError(f"concurrency and eject_after must be >= 1, got {concurrency} and {eject_after}")
+        auto_settings = concurrency if isinstance(concurrency, AutoConcurrency) else AutoConcurrency()
         self.endpoints: list[Endpoint] = []
         for spec in specs:
-            capacity = spec.concurrency or concurrency
+            chosen = spec.concurrency or concurrency
+            auto = not isinstance(chosen, int)  # "auto", or the pool's AutoConcurrency
+            capacity = chosen if isinstance(chosen, int) else auto_settings.max
             key = resolve_api_key(env_var=spec.api_key_env) if spec.api_key_env else api_key
             client = Client(spec.url, key, max_connections=capacity, **client_options)
-            self.endpoints.append(Endpoint(client, capacity, weight=spec.weight, eject_after=eject_after))
+            endpoint = Endpoint(client, capacity, weight=spec.weight, eject_after=eject_after, auto=auto)
+            self.endpoints.append(endpoint)
         urls = [e.url for e in self.endpoints]
         if len(set(urls)) != len(urls):
             raise ConfigError(f"an endpoint is listed twice: {', '.join(u for u in urls if urls.count(u) > 1)}")
@@ -107,6 +112,8 @@ class ClientPool:
         self.on_event = on_event
         self.on_lost = on_lost
         self._work = WorkEstimate()
+        self._auto_settings = auto_settings
+        self._controllers: list[asyncio.Task[None]] = []
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._probes: set[asyncio.Task[None]] = set()
         self._only: Endpoint | None = None
@@ -118,6 +125,8 @@ class ClientPool:
 
     def _reshape(self) -> None:
         self._only = self.endpoints[0] if len(self.endpoints) == 1 else None
+        # The token estimate is for choosing a server, and for the KV start of concurrency auto.
+        self._estimating = self._only is None or self._only.auto
 
     def __repr__(self) -> str:  # never shows a key
         return f"ClientPool({[e.url for e in self.endpoints]!r})"
@@ -139,18 +148,32 @@ class ClientPool:
         self._reshape()
         await endpoint.client.aclose()
 
+    def start(self) -> None:
+        """Start the concurrency controllers of the servers whose concurrency is auto (`async with` does it)."""
+        if self._controllers:
+            return
+        loop = asyncio.get_running_loop()
+        for endpoint in self.endpoints:
+            if endpoint.auto:
+                controller = ConcurrencyController(endpoint, self._auto_settings, request_tokens=self._work.request_tokens,
+                                                   on_event=self._event)  # fmt: skip
+                endpoint.controller = controller
+                self._controllers.append(loop.create_task(controller.run()))
+
     async def aclose(self) -> None:
-        """Stop the probes and close every server's connections."""
+        """Stop the probes and the controllers, and close every server's connections."""
         self._closed = True
-        for task in list(self._probes):
+        tasks = [*self._probes, *self._controllers]
+        for task in tasks:
             task.cancel()
-        if self._probes:
-            await asyncio.wait(self._probes)
+        if tasks:
+            await asyncio.wait(tasks)
         self._wake_all()
         for endpoint in self.endpoints:
             await endpoint.client.aclose()
 
     async def __aenter__(self) -> ClientPool:
+        self.start()
         return self
 
     async def __aexit__(
@@ -180,8 +203,8 @@ class ClientPool:
     async def _exchange(self, payload: bytes, stream: bool, max_tokens: Any, read: Callable[[Any], T]) -> Reply[T]:
         started = time.perf_counter()
         size = len(payload)
-        # With one server there is nothing to choose: no estimate to make or learn (2% of a run's CPU).
-        work = 0.0 if self._only is not None else self._work.estimate(size, max_tokens)
+        # With one fixed server there is nothing to choose: no estimate to make or learn (2% of a run's CPU).
+        work = self._work.estimate(size, max_tokens) if self._estimating else 0.0
         attempt, avoid, delay = 1, None, 0.0
         while True:
             endpoint = self._pick(work, avoid)
@@ -200,6 +223,9 @@ class ClientPool:
                 continue
             if endpoint.succeeded():
                 self._readmitted(endpoint)
+            if endpoint.auto and reply.ttft_s is not None:
+                endpoint.ttft_sum += reply.ttft_s
+                endpoint.ttft_count += 1
             prompt, completion = usage_tokens(reply.value)
             if completion is not None:
                 endpoint.output_tokens += completion

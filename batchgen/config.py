@@ -18,6 +18,7 @@ from typing import Any
 
 from batchgen import _constants as C
 from batchgen.apikey import resolve_api_key
+from batchgen.autoscale import AutoConcurrency
 from batchgen.client import check_base_url
 from batchgen.endpoints import DEFAULT_EJECT_AFTER, EndpointSpec
 from batchgen.errors import ConfigError
@@ -48,7 +49,9 @@ class RunConfig:
     headers: dict[str, str] = field(default_factory=dict)
     request_id_header: str | None = None
     model: str | None = None
-    concurrency: int = C.DEFAULT_CONCURRENCY
+    concurrency: int | str = C.DEFAULT_CONCURRENCY  # or "auto": steered by each server's load
+    concurrency_min: int = 1  # the bounds of concurrency auto, per server
+    concurrency_max: int = 512
     max_retries: int = C.DEFAULT_MAX_RETRIES
     timeout: float = C.DEFAULT_TIMEOUT
     read_timeout: float | None = None
@@ -91,7 +94,10 @@ class RunConfig:
         for spec in self.endpoint_specs():
             if spec.url != C.MOCK_URL:
                 check_base_url(spec.url)
-        for name in ("concurrency", "flush_rows", "eject_after"):
+        if self.concurrency != "auto" and (not isinstance(self.concurrency, int) or self.concurrency < 1):
+            raise ConfigError(f"concurrency must be >= 1 (or auto), got {self.concurrency!r}")
+        self.auto_concurrency()  # checks the bounds
+        for name in ("flush_rows", "eject_after"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_retries < 0:
@@ -115,6 +121,14 @@ class RunConfig:
             return list(self.endpoints)
         urls = (self.base_url,) if isinstance(self.base_url, str) else self.base_url
         return [EndpointSpec(url=url) for url in urls]
+
+    def auto_concurrency(self) -> AutoConcurrency:
+        """The bounds of `concurrency: auto` (used by a server whose concurrency is auto)."""
+        return AutoConcurrency(min=self.concurrency_min, max=self.concurrency_max)
+
+    def pool_concurrency(self) -> int | AutoConcurrency:
+        """`concurrency` as `ClientPool` takes it."""
+        return self.auto_concurrency() if self.concurrency == "auto" else int(self.concurrency)
 
     def defaults(self) -> dict[str, Any]:
         """The request fields every row starts from (None values are left out)."""
@@ -181,6 +195,12 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"base_url must be a URL or a non-empty list of URLs, got {value!r}")
     if name == "endpoints":
         return _endpoints(value)
+    if name == "concurrency":
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        if isinstance(value, str) and value.isdigit():
+            return int(value)
+        raise ConfigError(f"concurrency must be an integer >= 1, auto, or {{min: N, max: N}} (auto), got {value!r}")
     if name == "request_id_header":
         return next(iter(check_headers({str(value): ""}, where="request_id_header")))
     if name == "stop":
@@ -235,6 +255,21 @@ def _endpoints(value: Any) -> tuple[EndpointSpec, ...]:
     return tuple(specs)
 
 
+def _expand_auto(settings: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`concurrency: {min: 4, max: 256}` (YAML) is `concurrency: auto` with those bounds."""
+    value = settings.get("concurrency")
+    if not isinstance(value, Mapping):
+        return settings
+    unknown = set(value) - {"min", "max"}
+    if unknown:
+        raise ConfigError(f"concurrency as a mapping takes min and max (it means auto), got {sorted(map(str, unknown))}")
+    expanded = {**settings, "concurrency": "auto"}
+    for bound in ("min", "max"):
+        if bound in value:
+            expanded[f"concurrency_{bound}"] = value[bound]
+    return expanded
+
+
 def load_config(settings: Mapping[str, Any], *, source: str = "config") -> RunConfig:
     """Build a `RunConfig` from a flat mapping (YAML merged with flags).
 
@@ -242,6 +277,7 @@ def load_config(settings: Mapping[str, Any], *, source: str = "config") -> RunCo
         ConfigError: an unknown key (with the closest known one), a wrong type, or a bad value.
     """
     values: dict[str, Any] = {}
+    settings = _expand_auto(settings)
     for raw_key, value in settings.items():
         key = str(raw_key).replace("-", "_")
         if key not in FIELDS:

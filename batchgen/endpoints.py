@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from batchgen.errors import APIConnectionError, APIError, APITimeoutError, ConfigError, RateLimitError, ServerError
 
 if TYPE_CHECKING:
+    from batchgen.autoscale import ConcurrencyController
     from batchgen.client import Client
 
 __all__ = [
@@ -51,7 +52,8 @@ class EndpointSpec:
 
     Args:
         url: the API root, e.g. `http://gpu-1:8000/v1` (`mock` starts a built-in mock server).
-        concurrency: requests in flight at most on this server; None = the run's `concurrency`.
+        concurrency: requests in flight at most on this server, or "auto" (steered by its load,
+            `autoscale.py`); None = the run's `concurrency`.
         api_key_env: the variable holding this server's key; None = the run's key.
         weight: relative speed of one of its slots, used when several servers have room (a
             weight 2 server is given the work first until it carries twice the tokens per slot).
@@ -61,16 +63,18 @@ class EndpointSpec:
     """
 
     url: str
-    concurrency: int | None = None
+    concurrency: int | str | None = None
     api_key_env: str | None = None
     weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url:
             raise ConfigError(f"an endpoint needs a url, got {self.url!r}")
-        if self.concurrency is not None and (isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int)
-                                             or self.concurrency < 1):  # fmt: skip
-            raise ConfigError(f"endpoint {self.url}: concurrency must be an integer >= 1, got {self.concurrency!r}")
+        concurrency = self.concurrency
+        if concurrency is not None and concurrency != "auto" and (
+            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+        ):
+            raise ConfigError(f"endpoint {self.url}: concurrency must be an integer >= 1 or auto, got {concurrency!r}")
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not (
             math.isfinite(self.weight) and self.weight > 0
         ):
@@ -106,13 +110,25 @@ class Endpoint:
     """
 
     __slots__ = (
-        "capacity", "client", "decreased_at", "down_since", "ejections", "errors", "failures_in_row", "in_flight",
-        "last_failure", "limit", "outstanding", "output_tokens", "probe_delay", "probe_failures", "readmissions",
-        "retried", "rows", "state", "threshold", "url", "weight", "eject_after",
+        "auto", "capacity", "client", "controller", "decreased_at", "down_since", "ejections", "errors",
+        "failures_in_row", "in_flight", "last_failure", "limit", "outstanding", "output_tokens", "overloads",
+        "probe_delay", "probe_failures", "readmissions", "retried", "rows", "state", "threshold", "timeouts",
+        "ttft_count", "ttft_sum", "url", "weight", "eject_after",
     )  # fmt: skip
 
-    def __init__(self, client: Client, capacity: int, *, weight: float = 1.0, eject_after: int = DEFAULT_EJECT_AFTER) -> None:
+    def __init__(
+        self, client: Client, capacity: int, *, weight: float = 1.0, eject_after: int = DEFAULT_EJECT_AFTER,
+        auto: bool = False,
+    ) -> None:  # fmt: skip
         self.client = client
+        # With `concurrency: auto` a ConcurrencyController owns `limit` (capacity is its max): the
+        # 429 and growth rules below leave it alone, and the counters feed the controller.
+        self.auto = auto
+        self.controller: ConcurrencyController | None = None
+        self.overloads = 0  # 429 and 503 answers
+        self.timeouts = 0
+        self.ttft_sum = 0.0
+        self.ttft_count = 0
         self.url = public_url(client.base_url)  # what the output, the logs and the summary show
         self.capacity = capacity
         self.weight = weight
@@ -154,7 +170,7 @@ class Endpoint:
             self.limit, self.threshold = 1.0, float(self.capacity)
             return True
         limit = self.limit
-        if limit < self.capacity:
+        if limit < self.capacity and not self.auto:
             self.limit = min(float(self.capacity), limit + (1.0 if limit < self.threshold else 1.0 / limit))
         return False
 
@@ -166,9 +182,13 @@ class Endpoint:
         fail as error rows after their retries instead of waiting for a server that never comes
         (Envoy's panic threshold, for the same reason).
         """
+        if isinstance(error, RateLimitError) or getattr(error, "status_code", None) == 503:
+            self.overloads += 1
+        elif isinstance(error, APITimeoutError):
+            self.timeouts += 1
         if not counts_against_health(error):
             # The server answered: the row's fault, or a 429 (full, not gone).
-            if isinstance(error, RateLimitError) and now - self.decreased_at >= DECREASE_GAP_S:
+            if isinstance(error, RateLimitError) and not self.auto and now - self.decreased_at >= DECREASE_GAP_S:
                 self.decreased_at = now
                 self.limit = self.threshold = max(1.0, math.floor(self.limit / 2))
             if self.state is EndpointState.PROBING:

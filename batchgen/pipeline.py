@@ -293,7 +293,7 @@ async def _locked_run(cfg: RunConfig, *, log: TextIO) -> RunResult:
         servers = ClientPool(
             specs,
             api_key,
-            concurrency=cfg.concurrency,
+            concurrency=cfg.pool_concurrency(),
             eject_after=cfg.eject_after,
             timeout=cfg.timeout,
             read_timeout=cfg.read_timeout,

@@ -33,19 +33,33 @@ class WorkEstimate:
         answer_tokens: generated tokens of a request without `max_tokens` (starts at 256).
     """
 
-    __slots__ = ("answer_share", "answer_tokens", "tokens_per_byte")
+    __slots__ = ("_bound_sum", "_count", "_prompt_sum", "answer_share", "answer_tokens", "tokens_per_byte")
 
     def __init__(self) -> None:
         self.tokens_per_byte = 0.25
         self.answer_share = 1.0
         self.answer_tokens = 256.0
+        self._count = 0
+        self._prompt_sum = 0.0
+        self._bound_sum = 0.0
 
     def estimate(self, body_bytes: int, max_tokens: Any) -> float:
         """The estimated tokens of a request whose JSON body is `body_bytes` long."""
         prompt = max(body_bytes - _BODY_OVERHEAD, 1) * self.tokens_per_byte
-        if type(max_tokens) is int and max_tokens > 0:
-            return prompt + self.answer_share * max_tokens
+        bounded = type(max_tokens) is int and max_tokens > 0
+        self._count += 1
+        self._prompt_sum += prompt
+        self._bound_sum += max_tokens if bounded else self.answer_tokens
+        if bounded:
+            return prompt + self.answer_share * float(max_tokens)
         return prompt + self.answer_tokens
+
+    def request_tokens(self) -> float | None:
+        """The mean KV tokens one request may hold (prompt + max_tokens) over the requests estimated so
+        far, or None before the first one: how many fit in a server's KV cache at their longest."""
+        if not self._count:
+            return None
+        return (self._prompt_sum + self._bound_sum) / self._count
 
     def learn(self, body_bytes: int, max_tokens: Any, prompt_tokens: int | None, completion_tokens: int | None) -> None:
         """Correct the factors with the usage one answer reported."""

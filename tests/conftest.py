@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,3 +159,25 @@ async def scripted_server() -> AsyncIterator[Callable[..., Awaitable[Scripted]]]
     yield start
     for server in servers:
         await server.close()
+
+
+@pytest.fixture
+def dead_url() -> Iterator[Callable[[], str]]:
+    """`dead_url()`: the base URL of a port that refuses connections for the whole test.
+
+    The socket stays bound (not listening) until the test ends, so no server started meanwhile can
+    take the port and make the "dead" URL answer.
+    """
+    import socket
+
+    held: list[socket.socket] = []
+
+    def make() -> str:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        held.append(sock)
+        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+    yield make
+    for sock in held:
+        sock.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,6 @@ from batchgen.testing.mock_server import MockConfig, MockServer
 
 HI = [{"role": "user", "content": "Hi"}]
 
-
-def _dead_url() -> str:
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 def _body(text: str = "Hi", **fields: Any) -> dict[str, Any]:
@@ -73,8 +68,8 @@ async def test_least_outstanding_work_is_weighed_in_tokens_not_requests() -> Non
         assert pool._pick(100.0, a) is b  # a retry avoids the server that just failed
 
 
-async def test_a_dead_server_is_ejected_and_its_rows_succeed_elsewhere() -> None:
-    dead = _dead_url()
+async def test_a_dead_server_is_ejected_and_its_rows_succeed_elsewhere(dead_url: Callable[[], str]) -> None:
+    dead = dead_url()
     events: list[str] = []
     async with MockServer() as alive:
         async with ClientPool([dead, alive.url], concurrency=4, eject_after=2, backoff_base=0.01, on_event=events.append) as pool:
@@ -122,9 +117,9 @@ async def test_a_server_that_comes_back_is_probed_tried_once_and_readmitted() ->
     assert f"endpoint {url} answers its health check" in text and f"endpoint {url} re-admitted" in text
 
 
-async def test_when_every_server_is_down_the_pool_gives_up_once_and_says_so() -> None:
+async def test_when_every_server_is_down_the_pool_gives_up_once_and_says_so(dead_url: Callable[[], str]) -> None:
     lost: list[str] = []
-    urls = [_dead_url(), _dead_url()]
+    urls = [dead_url(), dead_url()]
     async with ClientPool(urls, concurrency=2, eject_after=1, max_retries=2, backoff_base=0.01, on_lost=lost.append) as pool:
         results = await asyncio.gather(*(pool.request(_body(f"q{i}")) for i in range(12)), return_exceptions=True)
     assert all(isinstance(r, APIConnectionError) for r in results), results

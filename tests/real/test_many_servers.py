@@ -4,7 +4,7 @@ with a second server, and a dead server dropped at the start or taken out mid-ru
 from __future__ import annotations
 
 import io
-import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -20,11 +20,6 @@ from tests.real.conftest import LlamaServer
 QUESTIONS = [f"What is {i} + {i}?" for i in range(8)]
 
 
-def _dead_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
-
 
 def _input(tmp_path: Path) -> Path:
     path = tmp_path / "in.parquet"
@@ -32,11 +27,13 @@ def _input(tmp_path: Path) -> Path:
     return path
 
 
-async def test_the_health_probe_passes_on_llama_cpp_which_has_no_health_route(llama_server: LlamaServer) -> None:
+async def test_the_health_probe_passes_on_llama_cpp_which_has_no_health_route(
+    llama_server: LlamaServer, dead_url: Callable[[], str]
+) -> None:
     # llama-cpp-python serves no /health (404): the probe falls back to GET /v1/models.
     async with Client(llama_server.url) as client:
         assert await client.check_health()
-    async with Client(_dead_url()) as dead:
+    async with Client(dead_url()) as dead:
         assert not await dead.check_health()
 
 
@@ -54,8 +51,10 @@ async def test_a_run_shared_by_llama_cpp_and_a_second_server(llama_server: Llama
     assert out.filter(pl.col("endpoint") == llama_server.url)["model"].to_list()[0] == llama_server.model
 
 
-async def test_a_dead_server_is_skipped_at_the_start_or_taken_out(llama_server: LlamaServer, tmp_path: Path) -> None:
-    dead = _dead_url()
+async def test_a_dead_server_is_skipped_at_the_start_or_taken_out(
+    llama_server: LlamaServer, tmp_path: Path, dead_url: Callable[[], str]
+) -> None:
+    dead = dead_url()
     log = io.StringIO()
     settings = {"input": str(_input(tmp_path)), "output": str(tmp_path / "out.parquet"), "progress": False,
                 "base_url": [dead, llama_server.url], "max_tokens": 8, "temperature": 0, "skip_bad_endpoints": True,

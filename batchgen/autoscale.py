@@ -1,0 +1,262 @@
+"""`--concurrency auto`: one `ConcurrencyController` per server steers how many requests it holds.
+
+Too few requests in flight leave the GPU idle; too many fill vLLM's queue, and past its KV cache it
+preempts running requests (recomputing them) while time to first token soars. vLLM queues instead
+of answering 429, so a client that only backs off on errors never backs off from it. The controller
+reads the server's own load every `interval` seconds (`server_metrics`: running, waiting for
+capacity, KV usage, preemptions, tokens generated) and moves the server's limit (`Endpoint.limit`,
+the one number dispatch reads), in this order of precedence:
+
+1. The server pushes back: 429 or 503 → ×0.5; timeouts → ×0.7 (Retry-After is honoured by the
+   retries themselves).
+2. Preemptions rose → ×0.75, and the limit it was at becomes a ceiling not to grow back to for
+   `CEILING_S` (the KV cache was full there: growing back would preempt again).
+3. The waiting queue is longer than it needs to be (more than 2·q + 2, q = max(2, 5% of running))
+   → × (running + q) / (running + waiting), at least ×0.5. Multiplicative, so two clients on one
+   server shrink by the same factor and keep a fair share.
+4. A small positive queue (1 … 2·q + 2) → hold: freed slots refill at once, and TTFT does not grow.
+5. The queue is empty and our slots are full → grow: ×2 in the slow start (while tokens/s rises),
+   else by √limit.
+6. Never grow while batchgen itself is the limit: fewer requests in flight than 90% of the limit
+   (the input or the writer is slower), or the client process is CPU-bound.
+
+The start: when the server states its KV size (`vllm:cache_config_info`), the first tick jumps to
+`kv tokens / (mean prompt tokens + max_tokens)` (as many requests as fit in the cache at their
+longest); else a slow start from `start`.
+
+Without `/metrics` (a hosted API, a proxy, llama.cpp): rules 1, 5 and 6, plus a TTFT gradient for
+streamed requests: when the mean TTFT of the last tick is above 1.5 × its floor + 50 ms, the limit
+shrinks by that ratio (queueing shows in TTFT; end-to-end latency would mostly measure answer length
+and is never used).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from batchgen.errors import ConfigError
+from batchgen.server_metrics import ServerLoad, metrics_url, parse_metrics
+
+if TYPE_CHECKING:
+    from batchgen.endpoints import Endpoint
+
+__all__ = ["AutoConcurrency", "ConcurrencyController", "Tick"]
+
+CEILING_S = 60.0  # how long a limit that preempted stays a ceiling (the server's capacity may change)
+_FULL = 0.9  # in flight / limit at or above which our slots count as full
+_CPU_BOUND = 0.9  # client CPU seconds per second at or above which batchgen is its own limit
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AutoConcurrency:
+    """`concurrency: auto` for a server: the bounds of its limit and how often it is steered.
+
+    Example:
+        AutoConcurrency(min=4, max=256)
+    """
+
+    min: int = 1
+    max: int = 512
+    start: int = 8
+    interval: float = 1.5
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.max:
+            raise ConfigError(f"concurrency auto needs 1 <= min <= max, got min {self.min}, max {self.max}")
+        if not (math.isfinite(self.interval) and 0 < self.interval):
+            raise ConfigError(f"the controller's interval must be > 0 seconds, got {self.interval}")
+
+    def clamp(self, limit: float) -> float:
+        return float(min(self.max, max(self.min, limit)))
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """One step of a controller: what it saw and what it did (the timeline in the summary and bench's JSON)."""
+
+    t: float  # seconds since the controller started
+    limit: int  # after the decision
+    in_flight: int
+    running: float | None  # the server's (None without /metrics)
+    waiting: float | None
+    kv_usage: float | None
+    preemptions: float | None  # since the last tick
+    tokens_per_s: float | None
+    decision: str
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(slots=True)
+class _Counts:
+    """An endpoint's client-side counters at one tick (the controller works on their differences)."""
+
+    at: float
+    cpu: float
+    overloads: int
+    timeouts: int
+    ttft_sum: float
+    ttft_count: int
+    readmissions: int
+
+    @classmethod
+    def of(cls, endpoint: Endpoint, at: float) -> _Counts:
+        return cls(at, time.process_time(), endpoint.overloads, endpoint.timeouts, endpoint.ttft_sum,
+                   endpoint.ttft_count, endpoint.readmissions)  # fmt: skip
+
+
+class ConcurrencyController:
+    """Steers `endpoint.limit` within `settings`' bounds (the rules: the module docstring).
+
+    Args:
+        endpoint: the server; its `limit` is set here and only here (its own 429 rule is off).
+        settings: min, max, start and the interval.
+        request_tokens: the mean tokens one request may hold in the KV cache (prompt + max_tokens),
+            or None while unknown; for the start from the KV size.
+        on_event: called with a line of text when the controller falls back (no /metrics).
+    """
+
+    def __init__(
+        self, endpoint: Endpoint, settings: AutoConcurrency, *, request_tokens: Callable[[], float | None] = lambda: None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:  # fmt: skip
+        self.endpoint = endpoint
+        self.settings = settings
+        self.timeline: list[Tick] = []
+        self.last_decision = "start"
+        self.load: ServerLoad | None = None
+        self.metrics: bool | None = None  # unknown until the first scrape
+        self._request_tokens = request_tokens
+        self._on_event = on_event
+        self._slow_start = True
+        self._ceiling: tuple[float, float] | None = None  # (limit, when)
+        self._ttft_floor: float | None = None
+        self._previous_tokens_per_s: float | None = None
+        self._started = time.monotonic()
+        self._counts = _Counts.of(endpoint, self._started)
+        endpoint.limit = settings.clamp(settings.start)
+
+    def status(self) -> str:
+        """A short line for the progress display: limit, in flight, the server's load, the last decision."""
+        endpoint, load = self.endpoint, self.load
+        text = f"limit {endpoint.limit:.0f}, {endpoint.in_flight} in flight"
+        if load is not None:
+            kv = f", kv {load.kv_usage:.0%}" if load.kv_usage is not None else ""
+            text += f", server {load.running:.0f} running/{load.waiting:.0f} waiting{kv}"
+        return f"{text}; {self.last_decision}"
+
+    async def run(self) -> None:
+        """Scrape, decide, sleep; until cancelled."""
+        while True:
+            await asyncio.sleep(self.settings.interval)
+            load = await self._scrape() if self.metrics is not False else None
+            self.step(load, time.monotonic())
+
+    async def _scrape(self) -> ServerLoad | None:
+        client = self.endpoint.client
+        text = await client.get_text(metrics_url(client.base_url))
+        load = parse_metrics(text) if text is not None else None
+        if self.metrics is None:
+            self.metrics = load is not None
+            if load is None and self._on_event is not None:
+                self._on_event(f"endpoint {self.endpoint.url}: no vLLM /metrics; concurrency auto steers by 429s, "
+                               "timeouts and TTFT only")  # fmt: skip
+        return load
+
+    def step(self, load: ServerLoad | None, now: float) -> Tick:
+        """One decision from the server's `load` (None: unknown) and the client's counters since the last step."""
+        endpoint, settings = self.endpoint, self.settings
+        counts = _Counts.of(endpoint, now)
+        previous, self._counts = self._counts, counts
+        if counts.readmissions != previous.readmissions:
+            self._slow_start = True  # back from an ejection: its limit starts again from 1
+        before, self.load = self.load, load
+        wall = max(now - previous.at, 1e-9)
+        preempted = None
+        tokens_per_s = None
+        if load is not None and before is not None:
+            if load.preemptions is not None and before.preemptions is not None:
+                preempted = max(0.0, load.preemptions - before.preemptions)
+            if load.generation_tokens is not None and before.generation_tokens is not None:
+                tokens_per_s = max(0.0, load.generation_tokens - before.generation_tokens) / max(load.at - before.at, 1e-9)
+        limit = endpoint.limit
+        new, decision = self._decide(limit, load, preempted, tokens_per_s, counts, previous, wall, now)
+        endpoint.limit = settings.clamp(new)
+        self.last_decision = decision
+        self._previous_tokens_per_s = tokens_per_s if tokens_per_s is not None else self._previous_tokens_per_s
+        tick = Tick(round(now - self._started, 3), round(endpoint.limit), endpoint.in_flight,
+                    None if load is None else load.running, None if load is None else load.waiting,
+                    None if load is None else load.kv_usage, preempted, tokens_per_s, decision)  # fmt: skip
+        self.timeline.append(tick)
+        return tick
+
+    def _decide(
+        self, limit: float, load: ServerLoad | None, preempted: float | None, tokens_per_s: float | None,
+        counts: _Counts, previous: _Counts, wall: float, now: float,
+    ) -> tuple[float, str]:  # fmt: skip
+        endpoint = self.endpoint
+        # 1. The server pushes back.
+        overloads, timeouts = counts.overloads - previous.overloads, counts.timeouts - previous.timeouts
+        if overloads:
+            self._slow_start = False
+            return limit * 0.5, f"{overloads} x 429/503: x0.5"
+        if timeouts:
+            self._slow_start = False
+            return limit * 0.7, f"{timeouts} timeouts: x0.7"
+        # 2. The KV cache overflowed.
+        if preempted:
+            self._slow_start = False
+            self._ceiling = (limit, now)
+            return limit * 0.75, f"{preempted:.0f} preemptions: x0.75"
+        if self._ceiling is not None and now - self._ceiling[1] > CEILING_S:
+            self._ceiling = None
+        # The start from the KV size, once.
+        if load is not None and load.kv_tokens and len(self.timeline) == 0:
+            per_request = self._request_tokens()
+            if per_request:
+                self._slow_start = False
+                fit = load.kv_tokens / per_request
+                return fit, f"start: {load.kv_tokens} KV tokens / {per_request:.0f} per request"
+        full = endpoint.in_flight >= _FULL * limit
+        cpu_bound = (counts.cpu - previous.cpu) / wall >= _CPU_BOUND
+        if load is not None:
+            # 3./4. The queue.
+            target = max(2.0, 0.05 * load.running)
+            if load.waiting > 2 * target + 2:
+                self._slow_start = False
+                factor = max(0.5, (load.running + target) / (load.running + load.waiting))
+                return limit * factor, f"queue {load.waiting:.0f} > {2 * target + 2:.0f}: x{factor:.2f}"
+            if load.waiting > 0:
+                self._slow_start = False
+                return limit, f"queue {load.waiting:.0f}: hold"
+        else:
+            ttft_count = counts.ttft_count - previous.ttft_count
+            if ttft_count:
+                ttft = (counts.ttft_sum - previous.ttft_sum) / ttft_count
+                floor = self._ttft_floor = ttft if self._ttft_floor is None else min(self._ttft_floor * 1.01, ttft)
+                allowed = 1.5 * floor + 0.05
+                if ttft > allowed:
+                    self._slow_start = False
+                    factor = max(0.5, allowed / ttft)
+                    return limit * factor, f"TTFT {ttft * 1000:.0f} ms > {allowed * 1000:.0f} ms: x{factor:.2f}"
+        # 5./6. Growth, only when our slots are the limit.
+        if not full:
+            return limit, "hold: batchgen sends fewer than the limit"
+        if cpu_bound:
+            return limit, "hold: the client is CPU-bound"
+        if self._ceiling is not None and limit >= 0.9 * self._ceiling[0]:
+            return limit, f"hold: preemptions at {self._ceiling[0]:.0f}"
+        cap = 0.9 * self._ceiling[0] if self._ceiling is not None else math.inf
+        if self._slow_start:
+            previous_rate = self._previous_tokens_per_s
+            if tokens_per_s is None or previous_rate is None or tokens_per_s > 1.05 * previous_rate:
+                return min(limit * 2, cap), "slow start: x2"
+            self._slow_start = False
+        return min(limit + math.sqrt(limit), cap), "queue empty, slots full: +sqrt(limit)"
