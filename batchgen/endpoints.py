@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from batchgen.errors import APIConnectionError, APIError, APITimeoutError, ConfigError, RateLimitError, ServerError
 
 if TYPE_CHECKING:
-    from batchgen.autoscale import ConcurrencyController
+    from batchgen.autoscale import ConcurrencyController, Tick
     from batchgen.client import Client
 
 __all__ = [
@@ -234,12 +234,14 @@ class EndpointFigures:
     output_tokens: int
     ejections: int
     readmissions: int
+    timeline: tuple[Tick, ...] = ()  # concurrency auto's decisions
 
     @classmethod
     def of(cls, endpoint: Endpoint) -> EndpointFigures:
+        timeline = tuple(endpoint.controller.timeline) if endpoint.controller is not None else ()
         return cls(endpoint.url, endpoint.state.value, endpoint.in_flight, endpoint.limit, endpoint.rows,
                    endpoint.errors, endpoint.retried, endpoint.output_tokens, endpoint.ejections,
-                   endpoint.readmissions)  # fmt: skip
+                   endpoint.readmissions, timeline)  # fmt: skip
 
     def line(self, seconds: float) -> str:
         """One line: `URL: healthy, 12/32 in flight, 3100 rows (2 errors), 5 retries, 410 tok/s, ejected 1x, back 1x`."""
@@ -248,3 +250,24 @@ class EndpointFigures:
         if self.ejections:
             text += f", ejected {self.ejections}x, re-admitted {self.readmissions}x"
         return text
+
+    def timeline_lines(self, most: int = 12) -> list[str]:
+        """Concurrency auto's timeline as a small table (at most `most` evenly spread rows, the last included)."""
+        ticks = self.timeline
+        if not ticks:
+            return []
+        step = max(1, math.ceil(len(ticks) / most))
+        chosen = list(ticks[::step])
+        if chosen[-1] is not ticks[-1]:
+            chosen.append(ticks[-1])
+
+        def number(value: float | None, form: str = ".0f") -> str:
+            return "-" if value is None else format(value, form)
+
+        lines = [f"concurrency auto at {self.url} ({len(ticks)} decisions):",
+                 "      t s  limit  in flight  running  waiting     kv  preempted  decision"]  # fmt: skip
+        for tick in chosen:
+            kv = "-" if tick.kv_usage is None else f"{tick.kv_usage:.0%}"
+            lines.append(f"  {tick.t:7.1f}  {tick.limit:5d}  {tick.in_flight:9d}  {number(tick.running):>7}  "
+                         f"{number(tick.waiting):>7}  {kv:>5}  {number(tick.preemptions):>9}  {tick.decision}")  # fmt: skip
+        return lines

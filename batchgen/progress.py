@@ -66,6 +66,8 @@ class RunStats:
         ]
         if len(self.endpoints) > 1 or any(e.ejections for e in self.endpoints):
             lines.extend(f"  {e.line(wall)}" for e in self.endpoints)
+        for endpoint in self.endpoints:
+            lines.extend(endpoint.timeline_lines())
         if output:
             lines.append(f"output: {output}")
         return "\n".join(lines)
@@ -80,6 +82,8 @@ class Progress:
     ) -> None:  # fmt: skip
         self.stats = stats
         self.endpoints = endpoints if len(endpoints) > 1 else ()  # one server: the totals say it all
+        # concurrency auto on one server: its controller's state joins the totals
+        self._controlled = endpoints[0] if len(endpoints) == 1 and endpoints[0].controller is not None else None
         self.stream = stream or sys.stderr
         self.retries = 0
         self.in_flight = 0
@@ -104,6 +108,8 @@ class Progress:
             f"in-flight={self.in_flight} tok/s={self.stats.output_tokens / wall:.0f} "
             f"err={self.stats.failed} retries={self.retries}"
         )
+        if self._controlled is not None and self._controlled.controller is not None:
+            text += f" | auto: {self._controlled.controller.status()}"
         return text
 
     def note(self, text: str) -> None:
@@ -126,9 +132,10 @@ class Progress:
             wall = max(self.stats.elapsed, 1e-9)
             for bar, endpoint in zip(self._server_bars, self.endpoints, strict=True):
                 bar.n = endpoint.rows
+                auto = f" | auto: {endpoint.controller.status()}" if endpoint.controller is not None else ""
                 bar.set_postfix_str(f"{endpoint.state.value}, {endpoint.in_flight}/{endpoint.limit:.0f} in flight, "
                                     f"{endpoint.errors} errors, {endpoint.retried} retries, "
-                                    f"{endpoint.output_tokens / wall:.0f} tok/s")  # fmt: skip
+                                    f"{endpoint.output_tokens / wall:.0f} tok/s{auto}")  # fmt: skip
             return
         now = time.perf_counter()
         if now - self._last_log >= LOG_EVERY_S:
@@ -138,7 +145,8 @@ class Progress:
             print(f"batchgen: {self.stats.done}{total} rows, {rate:.1f} rows/s, {self._postfix()}", file=self.stream)
             wall = self.stats.elapsed
             for endpoint in self.endpoints:
-                print(f"batchgen:   {EndpointFigures.of(endpoint).line(wall)}", file=self.stream)
+                auto = f" | auto: {endpoint.controller.status()}" if endpoint.controller is not None else ""
+                print(f"batchgen:   {EndpointFigures.of(endpoint).line(wall)}{auto}", file=self.stream)
 
     def close(self) -> None:
         if self._bar is not None:
