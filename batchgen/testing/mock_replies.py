@@ -72,6 +72,7 @@ __all__ = [
     "completion_body",
     "count_tokens",
     "error_body",
+    "generation_steps",
     "models_body",
     "parse_body",
     "plan_chat",
@@ -741,6 +742,21 @@ def _choice_steps(choice: Choice) -> list[_Step]:
         delta = {"content": ""} if choice.content is not None else {}
         steps.append(_Step(delta, choice.stop_tokens, choice.finish_reason, choice.stop_reason))
     return steps
+
+
+def _choice_step_count(choice: Choice) -> int:
+    """``len(_choice_steps(choice))`` without building the deltas."""
+    tool_steps = 1 + len(choice.tool_call.pieces) if choice.tool_call is not None else 0
+    steps = len(choice.reasoning) + len(choice.content or ()) + tool_steps
+    return steps if choice.finish_reason == "length" and steps else steps + 1  # + the EOS/stop step
+
+
+def generation_steps(plan: ChatPlan) -> int:
+    """How many generation steps `plan` takes: the paced frames of its stream (its choices advance together).
+
+    The mock's capacity model (`mock_engine`) runs a request for exactly this many engine steps.
+    """
+    return max(_choice_step_count(c) for c in plan.choices)
 
 
 def _frame(obj: Mapping[str, Any]) -> bytes:

@@ -11,6 +11,13 @@ the k-th kind applies to attempt k and later attempts succeed. A retry is told a
 a header (batchgen sends none): attempt k is the k-th arrival of the same body bytes with that header since
 the last `MockState.reset`, so two rows with byte-identical bodies share one count. Only requests that
 pass validation get faults, so a 4xx is never masked.
+
+Capacity model (off by default): with `MockConfig.batch_slots` or `kv_tokens` set, chat requests that get
+no fault run on simulated engines with batch slots, a KV budget and a waiting queue (rules in
+`mock_engine`): a plain answer is sent when its request finishes, a stream sends each step's chunk when the
+step produces it. The bodies are the same; only the timing changes. ``GET /metrics`` reports the load in
+vLLM's Prometheus format (engine on or off) and ``POST /mock/capacity`` changes the capacity of a running
+mock (`MockServer.set_capacity` in-process).
 """
 
 from __future__ import annotations
@@ -30,19 +37,27 @@ import warnings
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from types import TracebackType
+from types import EllipsisType, TracebackType
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from batchgen.testing.mock_engine import (
+    METRICS_CONTENT_TYPE,
+    Capacity,
+    EngineGroup,
+    EngineLoad,
+    render_metrics,
+)
 from batchgen.testing.mock_replies import (
     ChatPlan,
     RequestRejected,
     StreamEvent,
     completion_body,
     error_body,
+    generation_steps,
     models_body,
     parse_body,
     plan_chat,
@@ -85,7 +100,17 @@ class MockConfig:
         prompt_tokens_details: report cached prompt tokens in usage, as vLLM does with
             ``--enable-prompt-tokens-details`` (rule in `mock_replies`); False never sends them.
 
-    Example: ``MockConfig(ttft_ms=20, itl_ms=5, output_tokens=128)``.
+    Capacity model (rules in `mock_engine`), on when `batch_slots` or `kv_tokens` is set; then `latency_ms`,
+    `ttft_ms` and `itl_ms` do not apply (faults still do, and skip the engine):
+        batch_slots: requests running at once per engine (vLLM's max_num_seqs); None = unlimited.
+        kv_tokens: KV cache budget per engine in tokens (num_gpu_blocks = kv_tokens // 16); None = unlimited.
+        step_ms / step_ms_per_request: an engine step (one token for every running request) lasts
+            ``step_ms + step_ms_per_request * running`` ms.
+        engines: data-parallel engines, each with its own slots, KV and queue; a request goes to the least
+            loaded. `/metrics` has one series per engine either way.
+
+    Example: ``MockConfig(ttft_ms=20, itl_ms=5, output_tokens=128)``; a server whose throughput saturates
+    at 64 requests of max_tokens 64 and prompts up to 16 tokens: ``MockConfig(batch_slots=64, kv_tokens=64 * 80)``.
     """
 
     models: tuple[str, ...] = ("mock-model",)
@@ -100,6 +125,16 @@ class MockConfig:
     stall_s: float = 30.0
     api_key: str | None = None
     prompt_tokens_details: bool = True
+    batch_slots: int | None = None
+    kv_tokens: int | None = None
+    step_ms: float = 10.0
+    step_ms_per_request: float = 0.1
+    engines: int = 1
+
+    @property
+    def capacity_model(self) -> bool:
+        """True when requests run on the simulated engines (`batch_slots` or `kv_tokens` set)."""
+        return self.batch_slots is not None or self.kv_tokens is not None
 
     def __post_init__(self) -> None:
         # Accept any iterable of names, but store tuples so the config stays hashable and immutable.
@@ -119,11 +154,21 @@ class MockConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.output_tokens is not None and self.output_tokens < 1:
             raise ValueError("output_tokens must be >= 1 or None")
+        Capacity(batch_slots=self.batch_slots, kv_tokens=self.kv_tokens)  # raises ValueError
+        for name in ("step_ms", "step_ms_per_request"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0")
+        if isinstance(self.engines, bool) or not isinstance(self.engines, int) or self.engines < 1:
+            raise ValueError(f"engines must be an integer >= 1, got {self.engines!r}")
 
 
 @dataclass(slots=True, eq=False)
 class MockState:
-    """What the server saw, for tests to assert on. Only the server's event loop mutates it."""
+    """What the server saw, for tests to assert on. Only the server's event loop mutates it.
+
+    With the capacity model on, the engines also count `preemptions` (all engines) and the most requests
+    `max_running` / `max_waiting` on one engine at once (comparable to `MockConfig.batch_slots`).
+    """
 
     seed: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -132,16 +177,23 @@ class MockState:
     max_in_flight: int = 0
     faults_injected: Counter[str] = field(default_factory=Counter)
     attempts: Counter[bytes] = field(default_factory=Counter)  # forced-fault arrivals per body digest
+    preemptions: int = 0
+    max_running: int = 0
+    max_waiting: int = 0
     rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
 
     def reset(self) -> None:
-        """Forget everything seen and reseed the fault RNG; requests still running stay counted."""
+        """Forget everything seen and reseed the fault RNG; requests still running stay counted.
+
+        The engine maxima restart from 0 and catch up with the current load at the next step.
+        """
         self.requests.clear()
         self.request_headers.clear()
         self.max_in_flight = self.in_flight
+        self.preemptions = self.max_running = self.max_waiting = 0
         self.faults_injected.clear()
         self.attempts.clear()
         self.rng.seed(self.seed)
@@ -254,6 +306,72 @@ async def _answer(request: web.Request, plan: ChatPlan, config: MockConfig) -> w
     return _json(completion_body(plan))
 
 
+def _client_gone(request: web.Request) -> Callable[[], bool]:
+    def gone() -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+
+    return gone
+
+
+def _stream_steps(plan: ChatPlan) -> tuple[bytes, list[int]]:
+    """The stream's frames as one blob and where each generation step's frames end in it.
+
+    Step 0 also carries the role chunks before it, the last step the usage chunk and [DONE] after it.
+    """
+    parts: list[bytes] = []
+    ends: list[int] = []
+    size = 0
+    paced = False
+    for event in stream_events(plan):
+        if event.paced:
+            if paced:
+                ends.append(size)
+            paced = True
+        parts.append(event.data)
+        size += len(event.data)
+    ends.append(size)
+    return b"".join(parts), ends
+
+
+async def _engine_answer(request: web.Request, plan: ChatPlan, engines: EngineGroup) -> web.StreamResponse:
+    """Answer through the capacity model: a body when the request finishes, a stream step by step."""
+    width = len(plan.choices)
+    gone = _client_gone(request)
+    if not plan.stream:
+        job = engines.submit(plan.prompt_tokens, width, generation_steps(plan), stream=False, gone=gone)
+        try:
+            await job.progressed(job.steps - 1)
+        finally:
+            engines.abort(job)  # nothing once it is done; else the handler was cancelled
+        if not job.done:  # its client went away while it waited
+            _drop_connection(request)
+            return web.Response()
+        return _json(completion_body(plan))
+    blob, ends = _stream_steps(plan)
+    job = engines.submit(plan.prompt_tokens, width, len(ends), stream=True, gone=gone)
+    resp: web.StreamResponse | None = None
+    sent = 0
+    try:
+        while sent < len(ends):
+            await job.progressed(sent)
+            if job.aborted:
+                break
+            high = job.high
+            if resp is None:  # as vLLM, headers and role chunks go with the first token
+                resp = await _open_sse(request)
+            await resp.write(blob[ends[sent - 1] if sent else 0 : ends[high - 1]])
+            sent = high
+    except ConnectionError:
+        pass  # the client went away mid-stream
+    finally:
+        engines.abort(job)
+    if resp is None:
+        _drop_connection(request)
+        return web.Response()
+    return resp
+
+
 def _status_fault(status: int, error_type: str, message: str, retry_after: bool) -> FaultHandler:
     async def respond(request: web.Request, plan: ChatPlan, config: MockConfig) -> web.StreamResponse:
         headers = {"Retry-After": f"{config.retry_after_s:g}"} if retry_after else None
@@ -312,10 +430,14 @@ _FAULTS: Final[Mapping[str, FaultHandler]] = {
 class _Routes:
     """The endpoint handlers, bound to one config and one state."""
 
-    def __init__(self, config: MockConfig, state: MockState) -> None:
+    def __init__(self, config: MockConfig, state: MockState, engines: EngineGroup | None = None) -> None:
         self._config = config
         self._state = state
+        self._engines = engines
         self._created = int(time.time())
+        # Tokens answered while the capacity model is off (with it on, the engines count).
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
 
     def table(self) -> dict[tuple[str, str], Handler]:
         return {
@@ -323,6 +445,9 @@ class _Routes:
             ("GET", "/v1/models"): self.models,
             ("GET", "/health"): self.health,
             ("GET", "/version"): self.version,
+            ("GET", "/metrics"): self.metrics,
+            ("GET", "/mock/capacity"): self.capacity,
+            ("POST", "/mock/capacity"): self.capacity,
         }
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -332,6 +457,10 @@ class _Routes:
             except RequestRejected as exc:
                 return _json(exc.body, exc.status)
             if fault is None:
+                if self._engines is not None:
+                    return await _engine_answer(request, plan, self._engines)
+                self._prompt_tokens += plan.prompt_tokens
+                self._generation_tokens += plan.completion_tokens
                 return await _answer(request, plan, self._config)
             self._state.faults_injected[fault] += 1
             return await _FAULTS[fault](request, plan, self._config)
@@ -352,6 +481,8 @@ class _Routes:
             created=int(time.time()),
             prompt_tokens_details=self._config.prompt_tokens_details,
         )
+        if self._engines is not None:
+            self._engines.check(plan.prompt_tokens, generation_steps(plan) * len(plan.choices))
         return plan, choose_fault(request.headers, raw, self._config, self._state)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
@@ -362,6 +493,38 @@ class _Routes:
 
     async def version(self, request: web.Request) -> web.StreamResponse:
         return _json({"version": MOCK_VERSION})
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        """vLLM's Prometheus page. Capacity model off: running = chat requests in flight, no queue, no KV."""
+        capacity: Capacity | None = None
+        if self._engines is not None:
+            loads = self._engines.loads()
+            capacity = self._engines.capacity
+        else:
+            busy = EngineLoad(self._state.in_flight, 0, 0.0, 0, self._generation_tokens, self._prompt_tokens)
+            loads = [busy, *[EngineLoad(0, 0, 0.0, 0, 0, 0)] * (self._config.engines - 1)]
+        text = render_metrics(self._config.models[0], loads, capacity)
+        return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+    async def capacity(self, request: web.Request) -> web.StreamResponse:
+        """GET: the engines' capacity; POST ``{"batch_slots": n, "kv_tokens": n}`` (each optional, null =
+        unlimited) changes it from the next step and answers the new settings."""
+        if self._engines is None:
+            message = "The mock's capacity model is off: start it with batch_slots or kv_tokens"
+            return _json(error_body(message, "BadRequestError", None, 400), 400)
+        if request.method == "GET":
+            return _json(self._engines.capacity.as_dict())
+        try:
+            body = parse_body(await request.read())
+            unknown = sorted(set(body) - {"batch_slots", "kv_tokens"})
+            if unknown:
+                raise RequestRejected(400, f"unknown fields {unknown}", error_type="BadRequestError", param=None)
+            capacity = self._engines.set_capacity(**body)
+        except RequestRejected as exc:
+            return _json(exc.body, exc.status)
+        except ValueError as exc:
+            return _json(error_body(str(exc), "BadRequestError", None, 400), 400)
+        return _json(capacity.as_dict())
 
 
 @web.middleware
@@ -391,7 +554,8 @@ def _auth_middleware(api_key: str) -> Middleware:
 def make_app(config: MockConfig | None = None, state: MockState | None = None) -> web.Application:
     """Build the mock server app. A new state is seeded from `config.seed`; a given one keeps its seed.
 
-    The state is also stored as ``app["mock_state"]``.
+    The state is also stored as ``app["mock_state"]``, and the capacity model's engines (None when it is
+    off) as ``app["mock_engines"]``.
     """
     config = config if config is not None else MockConfig()
     state = state if state is not None else MockState(seed=config.seed)
@@ -399,12 +563,27 @@ def make_app(config: MockConfig | None = None, state: MockState | None = None) -
     if config.api_key is not None:
         middlewares.append(_auth_middleware(config.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=_MAX_BODY_BYTES)
-    for (method, path), handler in _Routes(config, state).table().items():
+    engines: EngineGroup | None = None
+    if config.capacity_model:
+        engines = EngineGroup(
+            engines=config.engines,
+            capacity=Capacity(batch_slots=config.batch_slots, kv_tokens=config.kv_tokens),
+            step_ms=config.step_ms,
+            step_ms_per_request=config.step_ms_per_request,
+            state=state,
+        )
+
+        async def stop_engines(app: web.Application) -> None:
+            await engines.close()
+
+        app.on_cleanup.append(stop_engines)
+    for (method, path), handler in _Routes(config, state, engines).table().items():
         app.router.add_route(method, path, handler)
     with warnings.catch_warnings():
         # The plain-string key is part of the public API; aiohttp's AppKey nudge would fail under -W error.
         warnings.simplefilter("ignore", web.NotAppKeyWarning)
         app["mock_state"] = state
+        app["mock_engines"] = engines
     return app
 
 
@@ -426,6 +605,7 @@ class MockServer:
         self.port = port
         self.state = MockState(seed=self.config.seed)
         self._runner: web.AppRunner | None = None
+        self._engines: EngineGroup | None = None
         self._url: str | None = None
 
     @property
@@ -438,8 +618,13 @@ class MockServer:
     async def start(self) -> None:
         if self._runner is not None:
             raise RuntimeError("MockServer is already running")
+        app = make_app(self.config, self.state)
+        # With the capacity model on, a client that hangs up frees its slot at once, as in vLLM.
         runner = web.AppRunner(
-            make_app(self.config, self.state), access_log=None, shutdown_timeout=_SHUTDOWN_GRACE_S
+            app,
+            access_log=None,
+            shutdown_timeout=_SHUTDOWN_GRACE_S,
+            handler_cancellation=self.config.capacity_model,
         )
         await runner.setup()
         try:
@@ -448,14 +633,30 @@ class MockServer:
             await runner.cleanup()
             raise
         self._runner = runner
+        self._engines = app["mock_engines"]
         self.port = int(runner.addresses[0][1])
         host = f"[{self.host}]" if ":" in self.host else self.host
         self._url = f"http://{host}:{self.port}/v1"
 
     async def close(self) -> None:
         runner, self._runner = self._runner, None
+        self._engines = None
         if runner is not None:
             await runner.cleanup()
+
+    def set_capacity(
+        self, *, batch_slots: int | None | EllipsisType = ..., kv_tokens: int | None | EllipsisType = ...
+    ) -> dict[str, int | None]:
+        """Change the capacity model's slots and/or KV budget (``...`` keeps one, None = unlimited) on
+        every engine from its next step, as ``POST /mock/capacity`` does; returns the new settings.
+
+        Callable from any thread (`mock_server_thread`). Raises RuntimeError when the server is not
+        running or its capacity model is off, ValueError for a value < 1.
+        """
+        engines = self._engines
+        if engines is None:
+            raise RuntimeError("set_capacity needs a running MockServer with the capacity model on")
+        return engines.set_capacity(batch_slots=batch_slots, kv_tokens=kv_tokens).as_dict()
 
     async def __aenter__(self) -> MockServer:
         await self.start()
@@ -559,6 +760,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="require this environment variable's value as the Bearer key on /v1/*")
     add("--prompt-tokens-details", action=argparse.BooleanOptionalAction, default=True,
         help="report cached prompt tokens in usage, as vLLM's --enable-prompt-tokens-details (default: on)")
+    add("--batch-slots", type=int, default=None, metavar="N",
+        help="capacity model: requests running at once per engine (vLLM max_num_seqs); "
+             "setting this or --kv-tokens turns the model on (default: off)")
+    add("--kv-tokens", type=int, default=None, metavar="N",
+        help="capacity model: KV cache budget per engine in tokens (default: unlimited)")
+    add("--step-ms", type=float, default=10.0, metavar="MS",
+        help="capacity model: fixed time of an engine step, one token per running request (default: %(default)s)")
+    add("--step-ms-per-request", type=float, default=0.1, metavar="MS",
+        help="capacity model: added step time per running request (default: %(default)s)")
+    add("--engines", type=int, default=1, metavar="N",
+        help="capacity model: data-parallel engines, each with its own slots and KV (default: %(default)s)")
 
 
 def _config_from_args(args: argparse.Namespace) -> MockConfig:
@@ -580,6 +792,11 @@ def _config_from_args(args: argparse.Namespace) -> MockConfig:
         stall_s=args.stall_s,
         api_key=api_key,
         prompt_tokens_details=args.prompt_tokens_details,
+        batch_slots=args.batch_slots,
+        kv_tokens=args.kv_tokens,
+        step_ms=args.step_ms,
+        step_ms_per_request=args.step_ms_per_request,
+        engines=args.engines,
     )
 
 
@@ -592,6 +809,13 @@ async def _serve_until_signalled(config: MockConfig, host: str, port: int) -> No
     async with MockServer(config, host, port) as server:
         models = ", ".join(config.models)
         message = f"batchgen mock server listening on {server.url} (models: {models})"
+        if config.capacity_model:
+            slots = config.batch_slots if config.batch_slots is not None else "unlimited"
+            kv = config.kv_tokens if config.kv_tokens is not None else "unlimited"
+            message += (
+                f"; capacity model: {config.engines} engine(s) x {slots} slots, {kv} KV tokens, "
+                f"step {config.step_ms:g} ms + {config.step_ms_per_request:g} ms per running request"
+            )
         print(message, file=sys.stderr, flush=True)
         await stop.wait()
 
