@@ -11,10 +11,15 @@ the one number dispatch reads), in this order of precedence:
    retries themselves).
 2. Preemptions rose → ×0.75, and the limit it was at becomes a ceiling not to grow back to for
    `CEILING_S` (the KV cache was full there: growing back would preempt again).
-3. The waiting queue is longer than it needs to be (more than 2·q + 2, q = max(2, 5% of running))
+3. The waiting queue is longer than it needs to be (more than 2·q + 2, q = max(2, 5% of running)
+   plus the turnover: running / mean answer tokens, the requests that replace finished ones and
+   wait up to one engine step to be admitted)
+   while the batch is full (running ≥ 90% of the most it ran lately), or for a second tick
    → × (running + q) / (running + waiting), at least ×0.5. Multiplicative, so two clients on one
-   server shrink by the same factor and keep a fair share.
-4. A small positive queue (1 … 2·q + 2) → hold: freed slots refill at once, and TTFT does not grow.
+   server shrink by the same factor and keep a fair share. (A server admits once per step: when a
+   whole batch ends together, a scrape sees a queue beside a half-empty batch for a moment.)
+4. A small positive queue beyond the turnover (1 … 2·q + 2) → hold: freed slots refill at once,
+   and TTFT does not grow.
 5. The queue is empty and our slots are full → grow: ×2 in the slow start (while tokens/s rises),
    else by √limit.
 6. Never grow while batchgen itself is the limit: fewer requests in flight than 90% of the limit
@@ -51,6 +56,7 @@ __all__ = ["AutoConcurrency", "ConcurrencyController", "Tick"]
 CEILING_S = 60.0  # how long a limit that preempted stays a ceiling (the server's capacity may change)
 _FULL = 0.9  # in flight / limit at or above which our slots count as full
 _CPU_BOUND = 0.9  # client CPU seconds per second at or above which batchgen is its own limit
+_PEAK_DECAY = 0.97  # per tick: a server whose capacity halved is believed within ~23 ticks
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -120,12 +126,15 @@ class ConcurrencyController:
         settings: min, max, start and the interval.
         request_tokens: the mean tokens one request may hold in the KV cache (prompt + max_tokens),
             or None while unknown; for the start from the KV size.
+        answer_tokens: the mean tokens of an answer, or None while unknown; for the queue's turnover.
+        on_raise: called when the limit grew (requests waiting for a slot may go now).
         on_event: called with a line of text when the controller falls back (no /metrics).
     """
 
     def __init__(
         self, endpoint: Endpoint, settings: AutoConcurrency, *, request_tokens: Callable[[], float | None] = lambda: None,
-        on_event: Callable[[str], None] | None = None,
+        answer_tokens: Callable[[], float | None] = lambda: None, on_event: Callable[[str], None] | None = None,
+        on_raise: Callable[[], None] | None = None,
     ) -> None:  # fmt: skip
         self.endpoint = endpoint
         self.settings = settings
@@ -134,10 +143,14 @@ class ConcurrencyController:
         self.load: ServerLoad | None = None
         self.metrics: bool | None = None  # unknown until the first scrape
         self._request_tokens = request_tokens
+        self._answer_tokens = answer_tokens
+        self._on_raise = on_raise
         self._on_event = on_event
         self._slow_start = True
         self._ceiling: tuple[float, float] | None = None  # (limit, when)
         self._ttft_floor: float | None = None
+        self._peak_running = 0.0  # the most the server has run lately (decays: its capacity may shrink)
+        self._queued = False  # the last tick saw a long queue
         self._previous_tokens_per_s: float | None = None
         self._started = time.monotonic()
         self._counts = _Counts.of(endpoint, self._started)
@@ -189,6 +202,8 @@ class ConcurrencyController:
         limit = endpoint.limit
         new, decision = self._decide(limit, load, preempted, tokens_per_s, counts, previous, wall, now)
         endpoint.limit = settings.clamp(new)
+        if endpoint.limit > limit and self._on_raise is not None:
+            self._on_raise()
         self.last_decision = decision
         self._previous_tokens_per_s = tokens_per_s if tokens_per_s is not None else self._previous_tokens_per_s
         tick = Tick(round(now - self._started, 3), round(endpoint.limit), endpoint.in_flight,
@@ -220,20 +235,31 @@ class ConcurrencyController:
         # The start from the KV size, once.
         if load is not None and load.kv_tokens and len(self.timeline) == 0:
             per_request = self._request_tokens()
-            if per_request:
-                self._slow_start = False
+            if per_request:  # the slow start goes on from there: answers are mostly shorter than max_tokens
                 fit = load.kv_tokens / per_request
                 return fit, f"start: {load.kv_tokens} KV tokens / {per_request:.0f} per request"
         full = endpoint.in_flight >= _FULL * limit
         cpu_bound = (counts.cpu - previous.cpu) / wall >= _CPU_BOUND
         if load is not None:
-            # 3./4. The queue.
+            # 3./4. The queue. A server admits waiting requests once per step, so a batch that ends
+            # at once shows a queue for a moment while the batch is half empty: that is no
+            # congestion unless the batch is (nearly) as full as it gets, or the queue stays.
+            peak = self._peak_running = max(load.running, self._peak_running * _PEAK_DECAY)
+            # Requests sent to replace finished ones wait up to one step to be admitted: about
+            # running / mean answer tokens of them at any time, which is turnover, not congestion.
+            answer = self._answer_tokens()
+            turnover = load.running / answer if answer else 0.0
+            excess = load.waiting - turnover  # the requests that wait because the server is full
             target = max(2.0, 0.05 * load.running)
-            if load.waiting > 2 * target + 2:
+            long_queue = excess > 2 * target + 2
+            queued_before, self._queued = self._queued, long_queue
+            if long_queue and (load.running >= _FULL * peak or queued_before):
                 self._slow_start = False
-                factor = max(0.5, (load.running + target) / (load.running + load.waiting))
-                return limit * factor, f"queue {load.waiting:.0f} > {2 * target + 2:.0f}: x{factor:.2f}"
-            if load.waiting > 0:
+                factor = max(0.5, (load.running + target + turnover) / (load.running + load.waiting))
+                return limit * factor, f"queue {load.waiting:.0f} > {2 * target + 2 + turnover:.0f}: x{factor:.2f}"
+            if long_queue:
+                return limit, f"hold: {load.waiting:.0f} waiting while {load.running:.0f} of up to {peak:.0f} run"
+            if excess >= 1:
                 self._slow_start = False
                 return limit, f"queue {load.waiting:.0f}: hold"
         else:

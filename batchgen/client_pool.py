@@ -155,8 +155,10 @@ class ClientPool:
         loop = asyncio.get_running_loop()
         for endpoint in self.endpoints:
             if endpoint.auto:
-                controller = ConcurrencyController(endpoint, self._auto_settings, request_tokens=self._work.request_tokens,
-                                                   on_event=self._event)  # fmt: skip
+                work = self._work
+                controller = ConcurrencyController(endpoint, self._auto_settings, request_tokens=work.request_tokens,
+                                                   answer_tokens=lambda: work.mean_answer, on_event=self._event,
+                                                   on_raise=self._wake_all)  # fmt: skip
                 endpoint.controller = controller
                 self._controllers.append(loop.create_task(controller.run()))
 

@@ -33,7 +33,7 @@ class WorkEstimate:
         answer_tokens: generated tokens of a request without `max_tokens` (starts at 256).
     """
 
-    __slots__ = ("_bound_sum", "_count", "_prompt_sum", "answer_share", "answer_tokens", "tokens_per_byte")
+    __slots__ = ("_bound_sum", "_count", "_prompt_sum", "answer_share", "answer_tokens", "mean_answer", "tokens_per_byte")
 
     def __init__(self) -> None:
         self.tokens_per_byte = 0.25
@@ -42,6 +42,7 @@ class WorkEstimate:
         self._count = 0
         self._prompt_sum = 0.0
         self._bound_sum = 0.0
+        self.mean_answer: float | None = None  # generated tokens per answer, as the answers say
 
     def estimate(self, body_bytes: int, max_tokens: Any) -> float:
         """The estimated tokens of a request whose JSON body is `body_bytes` long."""
@@ -67,6 +68,8 @@ class WorkEstimate:
             observed = prompt_tokens / max(body_bytes - _BODY_OVERHEAD, 1)
             self.tokens_per_byte += _SMOOTHING * (observed - self.tokens_per_byte)
         if completion_tokens is not None and completion_tokens >= 0:
+            mean = self.mean_answer
+            self.mean_answer = completion_tokens if mean is None else mean + _SMOOTHING * (completion_tokens - mean)
             if type(max_tokens) is int and max_tokens > 0:
                 self.answer_share += _SMOOTHING * (min(completion_tokens / max_tokens, 1.0) - self.answer_share)
             else:
