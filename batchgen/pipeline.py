@@ -132,7 +132,7 @@ async def _execute(cfg: RunConfig, servers: ClientPool, source: InputSource, map
                       on_outcome=on_outcome, control=control)  # fmt: skip
     sink = ResultSink(writer, stats, progress, flush_seconds=cfg.flush_seconds, flush_rows=cfg.flush_rows,
                       journal_seconds=cfg.journal_seconds, retries=lambda: servers.retries_total,
-                      in_flight=lambda: pool.in_flight)  # fmt: skip
+                      in_flight=lambda: servers.in_flight)  # fmt: skip
     feeder = Feeder(source, mapper, checkpoint.status, submit=pool.submit,
                     try_submit=pool.try_submit, emit=sink.emit, stats=stats,
                     limit=cfg.limit, retry_failed=cfg.retry_failed)  # fmt: skip
