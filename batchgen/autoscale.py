@@ -166,7 +166,8 @@ class ConcurrencyController:
         return f"{text}; {self.last_decision}"
 
     async def run(self) -> None:
-        """Scrape, decide, sleep; until cancelled."""
+        """Scrape at once (is there a /metrics? how big is the KV cache?), then decide every interval; until cancelled."""
+        self.load = await self._scrape()
         while True:
             await asyncio.sleep(self.settings.interval)
             load = await self._scrape() if self.metrics is not False else None

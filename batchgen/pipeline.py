@@ -295,6 +295,7 @@ async def _locked_run(cfg: RunConfig, *, log: TextIO) -> RunResult:
             api_key,
             concurrency=cfg.pool_concurrency(),
             eject_after=cfg.eject_after,
+            on_event=lambda text: print(f"batchgen: {text}", file=log),  # the progress display's, once it runs
             timeout=cfg.timeout,
             read_timeout=cfg.read_timeout,
             retry=cfg.retry_policy(),

@@ -70,3 +70,18 @@ async def test_a_dead_server_is_skipped_at_the_start_or_taken_out(
                                                        messages=[{"role": "user", "content": question}])  # fmt: skip
             assert reply.content
         assert [e.ejections for e in pool.endpoints] == [1, 0] and pool.endpoints[1].rows == 3
+
+
+async def test_concurrency_auto_on_llama_cpp_falls_back_to_client_signals(llama_server: LlamaServer, tmp_path: Path) -> None:
+    # llama-cpp-python serves no vLLM /metrics: the controller says so and steers by what it sees itself.
+    log = io.StringIO()
+    settings = {"input": str(_input(tmp_path)), "output": str(tmp_path / "out.parquet"), "progress": False,
+                "base_url": llama_server.url, "concurrency": "auto", "concurrency_max": 4, "max_tokens": 8,
+                "temperature": 0, "stream": True}  # fmt: skip
+    result = await run_async(load_config(settings), log=log)
+    assert result.exit_code == EXIT_OK, result.message
+    assert "no vLLM /metrics; concurrency auto steers by 429s, timeouts and TTFT only" in log.getvalue()
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["error"].null_count() == len(QUESTIONS) and out["ttft_s"].null_count() == 0
+    (figures,) = result.stats.endpoints
+    assert all(tick.running is None and 1 <= tick.limit <= 4 for tick in figures.timeline)  # a tick per 1.5 s
