@@ -262,15 +262,18 @@ class ClientPool:
                 self._release(endpoint, work)
                 raise
             stream.endpoint = endpoint.url
-            stream.on_end = lambda failure, endpoint=endpoint: self._stream_ended(endpoint, work, failure)
+            stream.on_end = lambda failure, endpoint=endpoint, stream=stream: self._stream_ended(endpoint, work, stream, failure)
             return stream
 
-    def _stream_ended(self, endpoint: Endpoint, work: float, failure: APIError | None) -> None:
+    def _stream_ended(self, endpoint: Endpoint, work: float, stream: Stream, failure: APIError | None) -> None:
         self._release(endpoint, work)
         endpoint.rows += 1
         if failure is None:
             if endpoint.succeeded():
                 self._readmitted(endpoint)
+            if endpoint.auto and stream.ttft_s is not None:  # the TTFT rule of concurrency auto without /metrics
+                endpoint.ttft_sum += stream.ttft_s
+                endpoint.ttft_count += 1
             return
         endpoint.errors += 1
         failure.endpoint = endpoint.url

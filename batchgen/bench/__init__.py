@@ -94,6 +94,7 @@ def run_bench(options: BenchOptions, *, out: TextIO | None = None, log: TextIO |
     """
     from batchgen.bench.metrics import summarize
     from batchgen.bench.multiproc import run_level
+    from batchgen.bench.saturation import find_saturation
     from batchgen.bench.report import (
         Level,
         RunInfo,
@@ -124,7 +125,11 @@ def run_bench(options: BenchOptions, *, out: TextIO | None = None, log: TextIO |
             result = run_level(server, dataset.bodies, load, options.processes)
             summary = summarize(result.records, duration_s=result.duration_s, clients=result.clients,
                                 goodput=options.goodput_ms, endpoints=server.base_urls)  # fmt: skip
-            level = Level(result, summary)
+            saturation = None
+            if load.auto is not None:
+                saturation = find_saturation(load.auto, result.traces, result.records, processes=options.processes,
+                                             shares=[share.auto or load.auto for share in result.shares])  # fmt: skip
+            level = Level(result, summary, saturation)
             levels.append(level)
             print(console_report(level, info), file=out, flush=True)
     if len(levels) > 1:

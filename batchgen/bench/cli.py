@@ -33,20 +33,46 @@ Token counts come from the server's usage; without usage the report says how the
 Load: --concurrency N (closed loop; a list 1,4,16 is a sweep) or --request-rate R (Poisson arrivals,
 --burstiness for gamma gaps, inf = all at once; a list is a sweep), optionally --max-concurrency.
 The default is vLLM's: every request at once (--request-rate inf).
+--concurrency auto finds the saturation point: a controller steers the concurrency from the server's
+load (vLLM /metrics: running, waiting, KV cache, preemptions; else 429s, timeouts and TTFT) within
+--concurrency-min/--concurrency-max; the report gives the limit it settled on (the median of the last
+third of its decisions), the server's running/waiting there and the throughput, and the result JSON
+the whole timeline. Give it a --duration of many --concurrency-interval's (default 1.5 s).
 
 Exit codes: 0 all requests succeeded; 1 some requests failed; 2 bad flags or dataset;
 3 the server could not be used (no model list, or every request failed).
 """
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected N or a list like 1,4,16, got {text!r}") from exc
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+def _concurrencies(text: str) -> list[int | str]:
+    """N, a list like 1,4,16, or auto (also in a list: 16,auto)."""
+    values: list[int | str] = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        if item == "auto":
+            values.append(item)
+            continue
+        try:
+            number = int(item)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected N, auto or a list like 1,4,16, got {text!r}") from exc
+        if number < 1:
+            raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+        values.append(number)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected N, auto or a list like 1,4,16, got {text!r}")
     return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
 
 
 def _rates(text: str) -> list[float]:
@@ -117,7 +143,14 @@ def add_bench_parser(commands: Any) -> None:
     data.add_argument("--no-continuous-usage", dest="continuous_usage", action="store_false",
                       help="do not ask for per-chunk usage (for servers that reject continuous_usage_stats)")
     load = parser.add_argument_group("load")
-    load.add_argument("--concurrency", type=_ints, metavar="N[,N...]", help="closed loop: N requests in flight")
+    load.add_argument("--concurrency", type=_concurrencies, metavar="N[,N...]|auto",
+                      help="closed loop: N requests in flight; auto = find the saturation point (see below)")
+    load.add_argument("--concurrency-min", type=_positive_int, metavar="N",
+                      help="concurrency auto: the lowest limit (default 1)")
+    load.add_argument("--concurrency-max", type=_positive_int, metavar="N",
+                      help="concurrency auto: the highest limit, and the number of workers (default 512)")
+    load.add_argument("--concurrency-interval", type=_positive_float, metavar="SECONDS",
+                      help="concurrency auto: seconds between the controller's decisions (default 1.5)")
     load.add_argument("--request-rate", type=_rates, metavar="R[,R...]", help="open loop: arrivals per second, or inf")
     load.add_argument("--burstiness", type=_positive_float, default=1.0, help="gamma shape of arrival gaps "
                       "(1 = Poisson, default)")
@@ -146,9 +179,26 @@ def _loads(args: argparse.Namespace) -> tuple[Any, ...]:
     num = args.num_prompts if args.num_prompts is not None else (None if args.duration else 1000)
     common = dict(burstiness=args.burstiness, max_concurrency=args.max_concurrency, num_prompts=num,
                   duration_s=args.duration, warmup=args.warmup, seed=args.seed)  # fmt: skip
+    auto = _auto(args)
     if args.concurrency:
-        return tuple(LoadSpec(concurrency=c, **common) for c in args.concurrency)
+        return tuple(LoadSpec(auto=auto, **common) if c == "auto" else LoadSpec(concurrency=int(c), **common)
+                     for c in args.concurrency)  # fmt: skip
     return tuple(LoadSpec(request_rate=r, **common) for r in (args.request_rate or [math.inf]))
+
+
+def _auto(args: argparse.Namespace) -> Any:
+    """The `AutoConcurrency` of `--concurrency auto` (None without it; its flags alone are an error)."""
+    from batchgen.autoscale import AutoConcurrency
+    from batchgen.errors import ConfigError
+
+    given = {name: value for name, value in (("min", args.concurrency_min), ("max", args.concurrency_max),
+                                            ("interval", args.concurrency_interval)) if value is not None}  # fmt: skip
+    if "auto" not in (args.concurrency or ()):
+        if given:
+            raise ConfigError("--concurrency-min, --concurrency-max and --concurrency-interval apply to "
+                              "--concurrency auto")  # fmt: skip
+        return None
+    return AutoConcurrency(**given)
 
 
 def _api_key(args: argparse.Namespace) -> str | None:

@@ -2,7 +2,9 @@
 
 One Python event loop tops out at a few thousand streamed chunks per second; past that, the
 client's own delays would show up as server latency. Spreading the load over processes lifts
-that ceiling. The level's load is split evenly (concurrency, request rate, prompts and warmup);
+that ceiling. The level's load is split evenly (concurrency, request rate, prompts and warmup;
+with concurrency auto each process has a controller of its own within its share of the bounds, and
+they share the server as two `batchgen run` clients do: multiplicative decreases keep fair shares);
 the processes finish their warmup, meet at a barrier, start the measured phase together, and
 their records are put on one time axis through each process's wall-clock start.
 """
@@ -18,8 +20,10 @@ from dataclasses import dataclass
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
+from batchgen.autoscale import AutoConcurrency
 from batchgen.bench.metrics import ClientLoad, RequestRecord
 from batchgen.bench.runner import LoadSpec, ServerSpec, ShardResult, run_shard
+from batchgen.bench.saturation import ControllerTrace
 from batchgen.errors import ClientProcessError, ConfigError
 from batchgen.runtime import lean_gc
 
@@ -37,6 +41,8 @@ class LevelResult:
     records: tuple[RequestRecord, ...]
     clients: tuple[ClientLoad, ...]
     duration_s: float
+    traces: tuple[ControllerTrace, ...] = ()  # concurrency auto: per process and server
+    shares: tuple[LoadSpec, ...] = ()  # each process's share of `load`, by process number
 
 
 def _share(total: int, part: int, parts: int) -> int:
@@ -55,12 +61,15 @@ def split_load(load: LoadSpec, processes: int) -> list[LoadSpec]:
         value = getattr(load, name)
         if value is not None and value < processes:
             raise ConfigError(f"{name.replace('_', ' ')} {value} is below --client-processes {processes}")
+    if load.auto is not None and load.auto.max < processes:
+        raise ConfigError(f"--concurrency-max {load.auto.max} is below --client-processes {processes}")
     shares = []
     for p in range(processes):
         shares.append(
             dataclasses.replace(
                 load,
                 concurrency=None if load.concurrency is None else _share(load.concurrency, p, processes),
+                auto=None if load.auto is None else _auto_share(load.auto, p, processes),
                 max_concurrency=None if load.max_concurrency is None else _share(load.max_concurrency, p, processes),
                 request_rate=load.request_rate / processes,
                 num_prompts=None if load.num_prompts is None else _share(load.num_prompts, p, processes),
@@ -71,12 +80,21 @@ def split_load(load: LoadSpec, processes: int) -> list[LoadSpec]:
     return shares
 
 
-def merge_shards(load: LoadSpec, shards: Sequence[ShardResult]) -> LevelResult:
+def _auto_share(auto: AutoConcurrency, part: int, parts: int) -> AutoConcurrency:
+    """One process's bounds of concurrency auto: its share of min, max and start (at least 1 each)."""
+    high = _share(auto.max, part, parts)
+    low = min(max(1, _share(auto.min, part, parts)), high)
+    return dataclasses.replace(auto, min=low, max=high, start=max(1, _share(auto.start, part, parts)))
+
+
+def merge_shards(load: LoadSpec, shards: Sequence[ShardResult], shares: Sequence[LoadSpec] = ()) -> LevelResult:
     """Shift every shard's record times onto the earliest shard's clock and compute the duration."""
     start = min(s.start_wall for s in shards)
     records: list[RequestRecord] = []
+    traces: list[ControllerTrace] = []
     for shard in shards:
         shift = shard.start_wall - start
+        traces += (dataclasses.replace(trace, shift_s=trace.shift_s + shift) for trace in shard.traces)
         for r in shard.records:
             if shift:
                 r = dataclasses.replace(
@@ -85,7 +103,9 @@ def merge_shards(load: LoadSpec, shards: Sequence[ShardResult]) -> LevelResult:
             records.append(r)
     duration = max(s.start_wall - start + s.load.wall_s for s in shards)
     records.sort(key=lambda r: r.index)
-    return LevelResult(load, tuple(records), tuple(s.load for s in sorted(shards, key=lambda s: s.process)), duration)
+    traces.sort(key=lambda t: t.process)
+    clients = tuple(s.load for s in sorted(shards, key=lambda s: s.process))
+    return LevelResult(load, tuple(records), clients, duration, tuple(traces), tuple(shares) or (load,))
 
 
 def _child(
@@ -159,4 +179,5 @@ def run_level(server: ServerSpec, bodies: Sequence[dict[str, Any]], load: LoadSp
         with lean_gc():  # the collector's pauses would count as client lag
             shard = asyncio.run(run_shard(server, bodies, load))
         return merge_shards(load, [shard])
-    return merge_shards(load, _run_processes(server, bodies, split_load(load, processes)))
+    shares = split_load(load, processes)
+    return merge_shards(load, _run_processes(server, bodies, shares), shares)

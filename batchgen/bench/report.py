@@ -4,6 +4,8 @@ The result file uses the field names of vLLM's `bench serve` for every metric bo
 existing dashboards read it unchanged; batchgen's own figures (client lag, CPU, ITL per token, how
 tokens were counted) sit next to them under their own names, `endpoints` among them (each server's
 share of the level). A sweep writes one JSON object per line, as `vllm bench serve --append-result` does.
+A `--concurrency auto` level adds the saturation point it found (`concurrency_auto`, with every
+controller's timeline).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from batchgen._version import __version__
 from batchgen.bench.metrics import BenchSummary, Distribution, EndpointSummary
 from batchgen.bench.multiproc import LevelResult
 from batchgen.bench.runner import LoadSpec
+from batchgen.bench.saturation import ControllerTrace, EndpointSaturation, Saturation
 from batchgen.errors import ConfigError
 
 __all__ = ["Level", "RunInfo", "check_plot", "console_report", "level_label", "result_json", "write_plot",
@@ -50,13 +53,17 @@ class RunInfo:
 
 @dataclass(frozen=True, slots=True)
 class Level:
-    """One measured load level: its raw results and their summary."""
+    """One measured load level: its raw results, their summary, and with concurrency auto the
+    saturation point its controllers found."""
 
     result: LevelResult
     summary: BenchSummary
+    saturation: Saturation | None = None
 
 
 def level_label(load: LoadSpec) -> str:
+    if load.auto is not None:
+        return f"concurrency auto ({load.auto.min}..{load.auto.max})"
     if load.concurrency is not None:
         return f"concurrency {load.concurrency}"
     rate = "inf" if math.isinf(load.request_rate) else f"{load.request_rate:g}/s"
@@ -114,6 +121,8 @@ def console_report(level: Level, info: RunInfo) -> str:
     if len(s.endpoints) > 1:
         out.append(" Per endpoint (latencies in ms) ".center(_WIDTH, "-"))
         out += _endpoint_table(s.endpoints)
+    if level.saturation is not None:
+        out += _saturation_section(level.saturation)
     out.append(" Client ".center(_WIDTH, "-"))
     for name, dist in (("Send lag", s.send_lag), ("Client queue time", s.queue_time), ("Event-loop lag", s.loop_lag)):
         if dist is not None:
@@ -134,6 +143,105 @@ def console_report(level: Level, info: RunInfo) -> str:
         out.append("!! Use --client-processes N (or a faster machine) and compare.")
         out.append("!" * _WIDTH)
     return "\n".join(out)
+
+
+def _saturation_section(sat: Saturation) -> list[str]:
+    """Concurrency auto: the saturation point, then each controller's timeline in a few rows."""
+    out = [" Concurrency auto ".center(_WIDTH, "-")]
+
+    def row(name: str, value: object) -> None:
+        out.append(f"{name:<40} {value}")
+
+    share = f" (sum of {sat.processes} client processes)" if sat.processes > 1 else ""
+    row("Saturation point (settled limit):", f"{_fmt(sat.limit, '.0f')}{share}")
+    row("Requests in flight there:", _fmt(sat.in_flight, ".0f"))
+    row("Server running / waiting there:", f"{_fmt(sat.running, '.0f')} / {_fmt(sat.waiting, '.0f')}")
+    if len(sat.endpoints) == 1 and sat.endpoints[0].kv_usage is not None:
+        row("Server KV cache usage there:", f"{sat.endpoints[0].kv_usage:.0%}")
+    row("Output token throughput there (tok/s):", _fmt(sat.output_throughput))
+    row("Request throughput there (req/s):", _fmt(sat.request_throughput))
+    row("Server generation there (tok/s):", _fmt(sat.server_tokens_per_s, ".1f"))
+    settled = sum(e.settled_decisions for e in sat.endpoints)
+    decisions = sum(e.decisions for e in sat.endpoints)
+    window = "n/a" if sat.window_s is None else f"{sat.window_s[0]:.1f}-{sat.window_s[1]:.1f}"
+    row("Settled over (s):", f"{window} (the last {settled} of {decisions} decisions)")
+    if len(sat.endpoints) > 1:
+        width = max(len(e.url) for e in sat.endpoints) + 2
+        out.append(f"{'endpoint':<{width}}{'limit':>7}{'running':>9}{'waiting':>9}{'tok/s':>10}")
+        for e in sat.endpoints:
+            out.append(f"{e.url:<{width}}{_fmt(e.limit, '.0f'):>7}{_fmt(e.running, '.0f'):>9}"
+                       f"{_fmt(e.waiting, '.0f'):>9}{_fmt(e.output_throughput, '.1f'):>10}")  # fmt: skip
+    for endpoint in sat.endpoints:
+        for trace in endpoint.traces:
+            out += _timeline_rows(trace, endpoint, sat.processes)
+    out += [f"NOTE: {note}." for note in sat.notes]
+    return out
+
+
+def _timeline_rows(trace: ControllerTrace, endpoint: EndpointSaturation, processes: int, most: int = 10) -> list[str]:
+    """A few evenly spread decisions of one controller (the last included); * marks the settled ones."""
+    ticks = trace.ticks
+    if not ticks:
+        return []
+    step = max(1, math.ceil(len(ticks) / most))
+    chosen = list(ticks[::step])
+    if chosen[-1] is not ticks[-1]:
+        chosen.append(ticks[-1])
+    settled = {id(t) for t in trace.settled()}
+    who = f"{endpoint.url}, process {trace.process}" if processes > 1 else endpoint.url
+    lines = [f"Timeline at {who} ({len(ticks)} decisions, * settled):",
+             "     t s  limit  flight  run  wait    kv  decision"]  # fmt: skip
+
+    def number(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    for tick in chosen:
+        kv = "-" if tick.kv_usage is None else f"{tick.kv_usage:.0%}"
+        mark = "*" if id(tick) in settled else " "
+        lines.append(f"{mark}{trace.level_time(tick):7.1f}  {tick.limit:5d}  {tick.in_flight:6d}  "
+                     f"{number(tick.running):>3}  {number(tick.waiting):>4}  {kv:>4}  {tick.decision}")  # fmt: skip
+    return lines
+
+
+def _saturation_fields(sat: Saturation) -> dict[str, Any]:
+    """The result JSON's `concurrency_auto`: the saturation point, and each server's timelines."""
+    settings = sat.settings
+    return {
+        "min": settings.min,
+        "max": settings.max,
+        "start": settings.start,
+        "interval_s": settings.interval,
+        "client_processes": sat.processes,
+        "saturation_limit": sat.limit,
+        "in_flight": sat.in_flight,
+        "running": sat.running,
+        "waiting": sat.waiting,
+        "server_tokens_per_s": sat.server_tokens_per_s,
+        "output_throughput": sat.output_throughput,
+        "request_throughput": sat.request_throughput,
+        "window_s": None if sat.window_s is None else list(sat.window_s),
+        "notes": list(sat.notes),
+        "endpoints": [
+            {
+                "base_url": e.url,
+                "metrics": e.metrics,
+                "saturation_limit": e.limit,
+                "in_flight": e.in_flight,
+                "running": e.running,
+                "waiting": e.waiting,
+                "kv_usage": e.kv_usage,
+                "preemptions": e.preemptions,
+                "server_tokens_per_s": e.server_tokens_per_s,
+                "output_throughput": e.output_throughput,
+                "request_throughput": e.request_throughput,
+                "window_s": None if e.window_s is None else list(e.window_s),
+                "decisions": e.decisions,
+                "settled_decisions": e.settled_decisions,
+                "timelines": [trace.to_dict() for trace in e.traces],
+            }
+            for e in sat.endpoints
+        ],
+    }
 
 
 def _latencies(s: BenchSummary) -> dict[str, float | None]:
@@ -205,7 +313,11 @@ def _dist_fields(name: str, dist: Distribution | None) -> dict[str, float | None
 def result_json(level: Level, info: RunInfo) -> dict[str, Any]:
     """One level's result object: vLLM `bench serve` names first, then batchgen's extras."""
     s, load = level.summary, level.result.load
-    closed = load.concurrency is not None
+    closed = load.concurrency is not None or load.auto is not None
+    sat = level.saturation
+    # Concurrency auto: the limit it settled on is the level's concurrency for a dashboard of a sweep.
+    concurrency = load.concurrency if load.auto is None else (None if sat is None or sat.limit is None
+                                                               else round(sat.limit))  # fmt: skip
     result: dict[str, Any] = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
         "endpoint_type": "openai-chat",
@@ -217,7 +329,7 @@ def result_json(level: Level, info: RunInfo) -> dict[str, Any]:
         # A closed loop at concurrency N is vLLM's request rate inf with max concurrency N.
         "request_rate": "inf" if closed or math.isinf(load.request_rate) else load.request_rate,
         "burstiness": load.burstiness,
-        "max_concurrency": load.concurrency if closed else load.max_concurrency,
+        "max_concurrency": concurrency if closed else load.max_concurrency,
         "duration": s.duration_s,
         "completed": s.completed,
         "failed": s.failed,
@@ -240,7 +352,7 @@ def result_json(level: Level, info: RunInfo) -> dict[str, Any]:
     result.update({
         "batchgen_version": __version__,
         "load_mode": "closed_loop" if closed else "open_loop",
-        "concurrency": load.concurrency,
+        "concurrency": "auto" if load.auto is not None else load.concurrency,
         "duration_limit_s": load.duration_s,
         "warmup_requests": load.warmup,
         "dataset": info.dataset,
@@ -261,6 +373,8 @@ def result_json(level: Level, info: RunInfo) -> dict[str, Any]:
         "client_warnings": list(s.client_warnings),
         "endpoints": [_endpoint_fields(e) for e in s.endpoints],
     })  # fmt: skip
+    if sat is not None:
+        result["concurrency_auto"] = _saturation_fields(sat)
     return result
 
 
