@@ -114,7 +114,9 @@ class ClientPool:
         self._work = WorkEstimate()
         self._auto_settings = auto_settings
         self._controllers: list[asyncio.Task[None]] = []
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Requests waiting for a slot, in arrival order, each with its work: a freed slot is handed to
+        # the first (`_grant`), so a new request never takes it from one that waited.
+        self._waiters: deque[tuple[asyncio.Future[Endpoint | None], float]] = deque()
         self._probes: set[asyncio.Task[None]] = set()
         self._only: Endpoint | None = None
         self._closed = False
@@ -158,7 +160,7 @@ class ClientPool:
                 work = self._work
                 controller = ConcurrencyController(endpoint, self._auto_settings, request_tokens=work.request_tokens,
                                                    answer_tokens=lambda: work.mean_answer, on_event=self._event,
-                                                   on_raise=self._wake_all)  # fmt: skip
+                                                   on_raise=self._grant)  # fmt: skip
                 endpoint.controller = controller
                 self._controllers.append(loop.create_task(controller.run()))
 
@@ -170,7 +172,7 @@ class ClientPool:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
-        self._wake_all()
+        self._fail_waiters()
         for endpoint in self.endpoints:
             await endpoint.client.aclose()
 
@@ -209,11 +211,12 @@ class ClientPool:
         work = self._work.estimate(size, max_tokens) if self._estimating else 0.0
         attempt, avoid, delay = 1, None, 0.0
         while True:
-            endpoint = self._pick(work, avoid)
-            if endpoint is None:
-                endpoint = await self._take(work, avoid, delay)
-            endpoint.in_flight += 1
-            endpoint.outstanding += work
+            endpoint = self._pick(work, avoid) if not self._waiters else None  # none waits: take a free slot
+            if endpoint is not None:
+                endpoint.in_flight += 1
+                endpoint.outstanding += work
+            else:
+                endpoint = await self._take(work, avoid, delay)  # a slot reserved for it
             try:
                 try:
                     reply = await endpoint.client.attempt(payload, stream, read)
@@ -248,9 +251,12 @@ class ClientPool:
         work = self._work.estimate(len(payload), body.get("max_tokens"))
         attempt, avoid, delay = 1, None, 0.0
         while True:
-            endpoint = self._pick(work, avoid) or await self._take(work, avoid, delay)
-            endpoint.in_flight += 1
-            endpoint.outstanding += work
+            endpoint = self._pick(work, avoid) if not self._waiters else None
+            if endpoint is not None:
+                endpoint.in_flight += 1
+                endpoint.outstanding += work
+            else:
+                endpoint = await self._take(work, avoid, delay)
             try:
                 stream = await endpoint.client._open_stream_attempt(payload, attempt)
             except APIError as exc:
@@ -296,46 +302,55 @@ class ClientPool:
         return best
 
     async def _take(self, work: float, avoid: Endpoint | None, delay: float) -> Endpoint:
-        """A server for a request that found none with room: after a failure on `avoid`, wait the
-        backoff first; then wait until a server has room.
+        """A slot for a request that found none free (or found others waiting), reserved for it: after
+        a failure on `avoid`, wait the backoff first; then queue for the next freed slot.
 
         Raises:
             APIConnectionError: the pool is lost (every server is down), or closed.
         """
         if avoid is not None:
             await asyncio.sleep(delay)
-        while True:
-            if self.lost is not None or self._closed:
-                raise APIConnectionError(self.lost or "the client pool is closed")
-            endpoint = self._pick(work, None)
-            if endpoint is not None:
-                return endpoint
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._wake_one()  # it was woken for a slot it will not take: pass it on
-                raise
+        if self.lost is not None or self._closed:
+            raise APIConnectionError(self.lost or "the client pool is closed")
+        waiter: asyncio.Future[Endpoint | None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((waiter, work))
+        self._grant()
+        try:
+            endpoint = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and (granted := waiter.result()) is not None:
+                self._release(granted, work)  # a slot was handed to it: pass it on
+            raise
+        if endpoint is None:
+            raise APIConnectionError(self.lost or "the client pool is closed")
+        return endpoint
 
     def _release(self, endpoint: Endpoint, work: float) -> None:
         endpoint.in_flight -= 1
         endpoint.outstanding -= work
         if self._waiters:
-            self._wake_one()
+            self._grant()
 
-    def _wake_one(self) -> None:
+    def _grant(self) -> None:
+        """Hand free slots to the waiting requests, first come first served."""
         waiters = self._waiters
         while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+            waiter, work = waiters[0]
+            if waiter.done():  # cancelled while waiting
+                waiters.popleft()
+                continue
+            endpoint = self._pick(work, None)
+            if endpoint is None:
                 return
+            waiters.popleft()
+            endpoint.in_flight += 1
+            endpoint.outstanding += work
+            waiter.set_result(endpoint)
 
-    def _wake_all(self) -> None:
+    def _fail_waiters(self) -> None:
+        """Wake every waiting request to fail: the pool is lost or closed."""
         waiters, self._waiters = self._waiters, deque()
-        for waiter in waiters:
+        for waiter, _ in waiters:
             if not waiter.done():
                 waiter.set_result(None)
 
@@ -377,7 +392,7 @@ class ClientPool:
 
     def _readmitted(self, endpoint: Endpoint) -> None:
         self._event(f"endpoint {endpoint.url} re-admitted: its trial request succeeded; its limit ramps up from 1")
-        self._wake_all()
+        self._grant()
 
     async def _probe(self, endpoint: Endpoint) -> None:
         """Check an ejected server after a backoff, doubling, until it answers; then let one request try it."""
@@ -387,7 +402,7 @@ class ClientPool:
                 endpoint.probe_passed()
                 self.lost = None
                 self._event(f"endpoint {endpoint.url} answers its health check: sending it one trial request")
-                self._wake_all()
+                self._grant()
                 return
             endpoint.probe_failures += 1
             endpoint.probe_delay = min(endpoint.probe_delay * 2.0, self._probe_max_delay)
@@ -404,6 +419,6 @@ class ClientPool:
         servers = "the server" if len(endpoints) == 1 else f"all {len(endpoints)} servers"
         last = "; ".join(f"{e.url}: {e.last_failure}" for e in endpoints)
         self.lost = f"{servers} stopped answering (down for {down_for:.1f} s; last: {last})"
-        self._wake_all()
+        self._fail_waiters()
         if self.on_lost is not None:
             self.on_lost(self.lost)

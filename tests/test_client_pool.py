@@ -253,3 +253,20 @@ async def test_a_server_whose_health_passes_but_drops_every_request_is_given_up_
     assert all(isinstance(r, APIConnectionError) for r in results), results
     assert len(lost) == 1 and "the server stopped answering" in lost[0]
     assert endpoint.state is EndpointState.EJECTED and endpoint.ejections == 1 and endpoint.probe_failures >= 1
+
+
+async def test_a_freed_slot_goes_to_the_request_that_waited_first() -> None:
+    """Three workers, two slots: the third's first request must not wait while the other two, each
+    sending its next request at once, keep taking the slots they just freed."""
+    async with MockServer(MockConfig(latency_ms=5)) as server:
+        async with ClientPool([server.url], concurrency=2) as pool:
+
+            async def worker(name: str) -> None:
+                for n in range(6):
+                    await pool.request(_body(f"{name}-{n}"))
+
+            await asyncio.gather(worker("a"), worker("b"), worker("c"))
+    arrivals = [r["messages"][0]["content"] for r in server.state.requests]
+    assert "c-0" in arrivals[:3], arrivals
+    for n in range(4):  # every worker's n-th request comes before anyone's (n + 2)-th
+        assert max(arrivals.index(f"{w}-{n}") for w in "abc") < min(arrivals.index(f"{w}-{n + 2}") for w in "abc"), arrivals
