@@ -79,8 +79,10 @@ class WorkerPool:
         return True
 
     async def close(self) -> None:
-        """No more requests: each worker stops once the inbox is drained."""
+        """No more requests: each worker stops once the inbox is drained (at once after an abort)."""
         for _ in range(self.concurrency):
+            if self.control.aborted:  # no worker is left to make room in the inbox
+                return
             await self._inbox.put(_DONE)
 
     def stop(self) -> None:
@@ -94,6 +96,11 @@ class WorkerPool:
     def _cancel_workers(self) -> None:
         for task in self._tasks:
             task.cancel()
+        # Queued requests will never be sent (a rerun sends them): emptying the inbox lets a
+        # producer blocked on a full inbox (`submit`, `close`) go on and see the abort.
+        inbox = self._inbox
+        while not inbox.empty():
+            inbox.get_nowait()
 
     async def run(self) -> None:
         """Run the workers until `close()` has been called and every request is done (or `abort()`)."""

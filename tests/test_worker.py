@@ -318,6 +318,25 @@ async def test_abort_ends_the_run_even_when_a_request_turns_the_cancel_into_an_e
     assert [type(o.error) for o in record.outcomes] == [APITimeoutError]
 
 
+async def test_an_abort_while_close_waits_on_a_full_inbox_ends_close_too() -> None:
+    # Every row is queued and close() waits for room in the inbox; the abort cancels the workers,
+    # so nobody would make room: close() must end as well (it hung a Ctrl-C'd run forever).
+    send, record = GatedSend(), Recorder()
+    pool = WorkerPool(send, 2, on_outcome=record, queue_factor=2)
+    async with asyncio.timeout(GUARD_S):
+        run = asyncio.create_task(pool.run())
+        await _submit_all(pool, range(2), close=False)
+        await send.wait_entered(2)
+        await _submit_all(pool, range(2, 6), close=False)  # the inbox (2 x 2) is full
+        closing = asyncio.create_task(pool.close())
+        await asyncio.sleep(0)
+        assert not closing.done()  # waiting for room
+        pool.abort()
+        await closing
+        await run
+    assert sorted(send.sent) == [0, 1] and record.outcomes == []
+
+
 async def test_abort_of_an_idle_pool_ends_the_run() -> None:
     send, record = GatedSend(), Recorder()
     pool = WorkerPool(send, 2, on_outcome=record)
