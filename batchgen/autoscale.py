@@ -9,8 +9,10 @@ the one number dispatch reads), in this order of precedence:
 
 1. The server pushes back: 429 or 503 → ×0.5; timeouts → ×0.7 (Retry-After is honoured by the
    retries themselves).
-2. Preemptions rose → ×0.75, and the limit it was at becomes a ceiling not to grow back to for
-   `CEILING_S` (the KV cache was full there: growing back would preempt again).
+2. Preemptions rose → ×0.75 of what ran (the limit, or fewer running when the KV cache is what
+   filled), and that becomes a ceiling not to grow back to for `CEILING_S` (growing back would
+   preempt again). While more requests are in flight than the limit, a cut is still draining:
+   preemptions then hold instead of cutting again.
 3. The waiting queue is longer than it needs to be (more than 2·q + 2, q = max(2, 5% of running)
    plus the turnover: running / mean answer tokens, the requests that replace finished ones and
    wait up to one engine step to be admitted)
@@ -229,8 +231,12 @@ class ConcurrencyController:
         # 2. The KV cache overflowed.
         if preempted:
             self._slow_start = False
-            self._ceiling = (limit, now)
-            return limit * 0.75, f"{preempted:.0f} preemptions: x0.75"
+            if endpoint.in_flight > limit:  # the last cut has not drained yet: those preempt, not the limit
+                return limit, f"{preempted:.0f} preemptions: the last cut is still draining"
+            # What overflowed the KV cache is the batch that ran, which may be below the limit.
+            running = load.running if load is not None and load.running > 0 else limit
+            self._ceiling = (min(limit, running), now)
+            return 0.75 * min(limit, running), f"{preempted:.0f} preemptions at {running:.0f} running: x0.75"
         if self._ceiling is not None and now - self._ceiling[1] > CEILING_S:
             self._ceiling = None
         # The start from the KV size, once.

@@ -126,8 +126,11 @@ def test_preemptions_shrink_the_limit_and_it_does_not_grow_back_to_where_they_be
     controller.step(_load(1, running=100, preemptions=10), T0 + 1)  # nothing in flight yet: hold
     _full(endpoint)
     controller.step(_load(2, running=100, preemptions=13), T0 + 2)
-    assert endpoint.limit == 75 and "3 preemptions" in controller.last_decision
-    for second in range(3, 30):
+    assert endpoint.limit == 75 and "3 preemptions at 100 running" in controller.last_decision
+    endpoint.in_flight = 100  # the cut has not drained yet: more preemptions do not cut again
+    controller.step(_load(3, running=100, preemptions=15), T0 + 3)
+    assert endpoint.limit == 75 and "still draining" in controller.last_decision
+    for second in range(4, 30):
         _full(endpoint)
         controller.step(_load(second, running=endpoint.limit, preemptions=13), T0 + second)
     assert endpoint.limit <= 90  # 0.9 x the limit that preempted
@@ -173,6 +176,14 @@ def test_the_limit_stays_within_min_and_max() -> None:
         controller.step(None, T0 + second)
     assert endpoint.limit == 10
     assert [tick.limit for tick in controller.timeline][:2] == [40, 20]
+
+
+def test_when_the_kv_cache_shrinks_the_cut_is_from_what_ran_not_from_the_limit() -> None:
+    controller, endpoint = _controller(start=67)
+    controller.step(_load(1, running=64, preemptions=0), T0 + 1)
+    endpoint.in_flight = 60  # the server's KV cache halved: only 41 run, and they preempt
+    controller.step(_load(2, running=41, waiting=19, preemptions=39), T0 + 2)
+    assert endpoint.limit == pytest.approx(0.75 * 41) and "39 preemptions at 41 running" in controller.last_decision
 
 
 def test_bad_bounds_are_refused() -> None:
