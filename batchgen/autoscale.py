@@ -153,6 +153,7 @@ class ConcurrencyController:
         self._ttft_floor: float | None = None
         self._peak_running = 0.0  # the most the server has run lately (decays: its capacity may shrink)
         self._queued = False  # the last tick saw a long queue
+        self._draining = False  # a preemption cut was made; requests above it are still in flight
         self._previous_tokens_per_s: float | None = None
         self._started = time.monotonic()
         self._counts = _Counts.of(endpoint, self._started)
@@ -231,12 +232,15 @@ class ConcurrencyController:
         # 2. The KV cache overflowed.
         if preempted:
             self._slow_start = False
-            if endpoint.in_flight > limit:  # the last cut has not drained yet: those preempt, not the limit
+            if self._draining and endpoint.in_flight > math.ceil(limit):
+                # The last cut has not drained yet: the requests above it preempt, not the limit.
                 return limit, f"{preempted:.0f} preemptions: the last cut is still draining"
             # What overflowed the KV cache is the batch that ran, which may be below the limit.
             running = load.running if load is not None and load.running > 0 else limit
             self._ceiling = (min(limit, running), now)
+            self._draining = True
             return 0.75 * min(limit, running), f"{preempted:.0f} preemptions at {running:.0f} running: x0.75"
+        self._draining = False
         if self._ceiling is not None and now - self._ceiling[1] > CEILING_S:
             self._ceiling = None
         # The start from the KV size, once.

@@ -127,7 +127,7 @@ def test_preemptions_shrink_the_limit_and_it_does_not_grow_back_to_where_they_be
     _full(endpoint)
     controller.step(_load(2, running=100, preemptions=13), T0 + 2)
     assert endpoint.limit == 75 and "3 preemptions at 100 running" in controller.last_decision
-    endpoint.in_flight = 100  # the cut has not drained yet: more preemptions do not cut again
+    endpoint.in_flight = 100  # the cut (to 75) has not drained yet: more preemptions do not cut again
     controller.step(_load(3, running=100, preemptions=15), T0 + 3)
     assert endpoint.limit == 75 and "still draining" in controller.last_decision
     for second in range(4, 30):
