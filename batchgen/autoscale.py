@@ -232,14 +232,17 @@ class ConcurrencyController:
         # 2. The KV cache overflowed.
         if preempted:
             self._slow_start = False
-            if self._draining and endpoint.in_flight > math.ceil(limit):
-                # The last cut has not drained yet: the requests above it preempt, not the limit.
+            draining, self._draining = self._draining, endpoint.in_flight > math.ceil(limit)
+            if draining:
+                # The interval after a cut, or while more are in flight than the limit: the requests
+                # admitted before the cut preempt, not the limit.
                 return limit, f"{preempted:.0f} preemptions: the last cut is still draining"
-            # What overflowed the KV cache is the batch that ran, which may be below the limit.
-            running = load.running if load is not None and load.running > 0 else limit
-            self._ceiling = (min(limit, running), now)
+            # What overflowed the KV cache is the batch that ran, which may be below the limit: it is
+            # the ceiling, and the cut is from it.
+            running = min(limit, load.running) if load is not None and load.running > 0 else limit
+            self._ceiling = (running, now)
             self._draining = True
-            return 0.75 * min(limit, running), f"{preempted:.0f} preemptions at {running:.0f} running: x0.75"
+            return 0.75 * running, f"{preempted:.0f} preemptions at {running:.0f} running: x0.75"
         self._draining = False
         if self._ceiling is not None and now - self._ceiling[1] > CEILING_S:
             self._ceiling = None
