@@ -56,6 +56,7 @@ __all__ = ["ClientPool"]
 T = TypeVar("T")
 
 _MIN_PROBE_DELAY_S = 0.05  # a backoff_base of 0 must not make the probes spin
+_TRIALS_TO_GIVE_UP = 3  # failed trial requests in a row (health passing) that count a server as down
 
 
 class ClientPool:
@@ -376,7 +377,7 @@ class ClientPool:
             self.on_event(text)
 
     def _ejected(self, endpoint: Endpoint) -> None:
-        if endpoint.probe_failures:  # its trial request failed: still down, and maybe down for good
+        if endpoint.trial_failures:  # its trial request failed: still down, and maybe down for good
             endpoint.probe_delay = min(endpoint.probe_delay * 2.0, self._probe_max_delay)
             self._check_lost()
             self._event(f"endpoint {endpoint.url} ejected again: its trial request failed ({endpoint.last_failure}); "
@@ -411,7 +412,13 @@ class ClientPool:
     def _check_lost(self) -> None:
         """Give up when every server is ejected, has failed a probe, and has been down long enough."""
         endpoints = self.endpoints
-        if self.lost is not None or any(e.state is not EndpointState.EJECTED or not e.probe_failures for e in endpoints):
+        # Down means: its health check fails, or it passes but trial after trial fails (a server that
+        # answers /health and drops every request). One failed trial is not enough: a flaky server
+        # that answers most requests fails one now and then.
+        if self.lost is not None or any(
+            e.state is not EndpointState.EJECTED or not (e.probe_failures or e.trial_failures >= _TRIALS_TO_GIVE_UP)
+            for e in endpoints
+        ):
             return
         down_for = time.monotonic() - max(e.down_since for e in endpoints)
         if down_for < self._lost_after:

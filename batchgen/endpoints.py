@@ -112,7 +112,7 @@ class Endpoint:
     __slots__ = (
         "auto", "capacity", "client", "controller", "decreased_at", "down_since", "ejections", "errors",
         "failures_in_row", "in_flight", "last_failure", "limit", "outstanding", "output_tokens", "overloads",
-        "probe_delay", "probe_failures", "readmissions", "retried", "rows", "state", "threshold", "timeouts",
+        "probe_delay", "probe_failures", "readmissions", "retried", "rows", "state", "threshold", "timeouts", "trial_failures",
         "ttft_count", "ttft_sum", "url", "weight", "eject_after",
     )  # fmt: skip
 
@@ -142,7 +142,8 @@ class Endpoint:
         self.decreased_at = -math.inf
         self.down_since = 0.0
         self.probe_delay = 0.0
-        self.probe_failures = 0  # since the last ejection
+        self.probe_failures = 0  # health checks failed since the last ejection
+        self.trial_failures = 0  # trial requests failed since the last ejection (its health check passed)
         self.last_failure = ""
         # figures for the progress display and the summary
         self.rows = 0  # final answers (or final errors) it gave
@@ -167,6 +168,7 @@ class Endpoint:
         if self.state is EndpointState.PROBING:
             self.state = EndpointState.HEALTHY
             self.readmissions += 1
+            self.trial_failures = 0
             self.limit, self.threshold = 1.0, float(self.capacity)
             return True
         limit = self.limit
@@ -197,9 +199,12 @@ class Endpoint:
             return False
         self.failures_in_row += 1
         self.last_failure = str(error)
-        if self.state is EndpointState.PROBING:  # the trial failed: as a failed probe, still down since before
-            self.state = EndpointState.EJECTED
-            self.probe_failures = 1
+        if self.state is EndpointState.PROBING:
+            if last_standing and not _unreachable(error):
+                self.succeeded()  # the only server answers, if badly: its rows end as error rows
+                return False
+            self.state = EndpointState.EJECTED  # the trial failed: still down since before
+            self.trial_failures += 1
             return True
         if self.state is EndpointState.HEALTHY and self.failures_in_row >= self.eject_after:
             if last_standing and not _unreachable(error):
@@ -213,6 +218,7 @@ class Endpoint:
         self.ejections += 1
         self.down_since = now
         self.probe_failures = 0
+        self.trial_failures = 0
 
     def probe_passed(self) -> None:
         """Its health check passed: one trial request may go."""

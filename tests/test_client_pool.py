@@ -252,7 +252,7 @@ async def test_a_server_whose_health_passes_but_drops_every_request_is_given_up_
             endpoint = pool.endpoints[0]
     assert all(isinstance(r, APIConnectionError) for r in results), results
     assert len(lost) == 1 and "the server stopped answering" in lost[0]
-    assert endpoint.state is EndpointState.EJECTED and endpoint.ejections == 1 and endpoint.probe_failures >= 1
+    assert endpoint.state is EndpointState.EJECTED and endpoint.ejections == 1 and endpoint.trial_failures >= 3
 
 
 async def test_a_freed_slot_goes_to_the_request_that_waited_first() -> None:

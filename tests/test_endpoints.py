@@ -82,7 +82,7 @@ def test_readmission_is_a_probe_then_one_trial_then_a_limit_that_ramps_up_from_o
     endpoint.in_flight = 0
     # The trial fails: ejected again, counted as a failed probe, still down since the first ejection.
     assert endpoint.failed(REFUSED, 20.0)
-    assert (endpoint.state, endpoint.probe_failures, endpoint.down_since, endpoint.ejections) == (EndpointState.EJECTED, 1, 10.0, 1)
+    assert (endpoint.state, endpoint.trial_failures, endpoint.down_since, endpoint.ejections) == (EndpointState.EJECTED, 1, 10.0, 1)
     endpoint.probe_passed()
     assert endpoint.succeeded() and endpoint.state is EndpointState.HEALTHY and endpoint.readmissions == 1
     limits = [endpoint.limit]
@@ -90,6 +90,18 @@ def test_readmission_is_a_probe_then_one_trial_then_a_limit_that_ramps_up_from_o
         endpoint.succeeded()
         limits.append(endpoint.limit)
     assert limits == [1, 2, 3, 4, 4]
+
+
+def test_the_only_server_is_readmitted_when_its_trial_gets_an_answer_even_a_500() -> None:
+    endpoint = _endpoint(eject_after=1)
+    endpoint.failed(REFUSED, 0.0, last_standing=True)
+    endpoint.probe_passed()
+    assert not endpoint.failed(ServerError(500, "boom"), 1.0, last_standing=True)
+    assert endpoint.state is EndpointState.HEALTHY and endpoint.readmissions == 1
+    endpoint.failed(REFUSED, 2.0, last_standing=True)
+    endpoint.probe_passed()
+    assert endpoint.failed(REFUSED, 3.0, last_standing=True)  # unreachable: ejected again
+    assert endpoint.trial_failures == 1
 
 
 def test_a_4xx_answer_to_the_trial_readmits_the_server() -> None:
