@@ -16,7 +16,7 @@ no backoff), else after the backoff on any server; the retry budget stays per re
 tracked per server (`endpoints.Endpoint`): N connection failures, timeouts or 5xx in a row eject
 it; a probe (`GET /health`, else `/models`) after a backoff, then one trial request, re-admit it.
 While no server is healthy, requests wait, spending no retries. When every server has been down for
-as long as one request's retry budget would wait (and has failed a probe since), the pool is
+as long as one request's retry budget would wait (and has failed a health check, or 3 trials in a row, since), the pool is
 *lost*: waiting requests fail with `APIConnectionError` and `on_lost` is called (a run drains, and
 a rerun resumes).
 
@@ -410,7 +410,7 @@ class ClientPool:
             self._check_lost()
 
     def _check_lost(self) -> None:
-        """Give up when every server is ejected, has failed a probe, and has been down long enough."""
+        """Give up when every server is ejected, has failed a health check (or 3 trials), and has been down long enough."""
         endpoints = self.endpoints
         # Down means: its health check fails, or it passes but trial after trial fails (a server that
         # answers /health and drops every request). One failed trial is not enough: a flaky server
