@@ -43,7 +43,7 @@ import asyncio
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -53,7 +53,7 @@ from batchgen.server_metrics import ServerLoad, metrics_url, parse_metrics
 if TYPE_CHECKING:
     from batchgen.endpoints import Endpoint
 
-__all__ = ["AutoConcurrency", "ConcurrencyController", "Tick"]
+__all__ = ["AutoConcurrency", "ConcurrencyController", "Tick", "spread"]
 
 CEILING_S = 60.0  # how long a limit that preempted stays a ceiling (the server's capacity may change)
 _FULL = 0.9  # in flight / limit at or above which our slots count as full
@@ -100,6 +100,16 @@ class Tick:
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+
+def spread(ticks: Sequence[Tick], most: int) -> list[Tick]:
+    """At most about `most` evenly spread ticks of a timeline, the last one always included (for tables)."""
+    if not ticks:
+        return []
+    chosen = list(ticks[:: max(1, math.ceil(len(ticks) / most))])
+    if chosen[-1] is not ticks[-1]:
+        chosen.append(ticks[-1])
+    return chosen
 
 
 @dataclass(slots=True)

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from batchgen.autoscale import spread
 from batchgen.errors import APIConnectionError, APIError, APITimeoutError, ConfigError, RateLimitError, ServerError
 
 if TYPE_CHECKING:
@@ -260,12 +261,9 @@ class EndpointFigures:
     def timeline_lines(self, most: int = 12) -> list[str]:
         """Concurrency auto's timeline as a small table (at most `most` evenly spread rows, the last included)."""
         ticks = self.timeline
-        if not ticks:
+        chosen = spread(ticks, most)
+        if not chosen:
             return []
-        step = max(1, math.ceil(len(ticks) / most))
-        chosen = list(ticks[::step])
-        if chosen[-1] is not ticks[-1]:
-            chosen.append(ticks[-1])
 
         def number(value: float | None, form: str = ".0f") -> str:
             return "-" if value is None else format(value, form)

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchgen._version import __version__
+from batchgen.autoscale import spread
 from batchgen.bench.metrics import BenchSummary, Distribution, EndpointSummary
 from batchgen.bench.multiproc import LevelResult
 from batchgen.bench.runner import LoadSpec
@@ -181,12 +182,9 @@ def _saturation_section(sat: Saturation) -> list[str]:
 def _timeline_rows(trace: ControllerTrace, endpoint: EndpointSaturation, processes: int, most: int = 10) -> list[str]:
     """A few evenly spread decisions of one controller (the last included); * marks the settled ones."""
     ticks = trace.ticks
-    if not ticks:
+    chosen = spread(ticks, most)
+    if not chosen:
         return []
-    step = max(1, math.ceil(len(ticks) / most))
-    chosen = list(ticks[::step])
-    if chosen[-1] is not ticks[-1]:
-        chosen.append(ticks[-1])
     settled = {id(t) for t in trace.settled()}
     who = f"{endpoint.url}, process {trace.process}" if processes > 1 else endpoint.url
     lines = [f"Timeline at {who} ({len(ticks)} decisions, * settled):",
