@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import math
 import os
@@ -133,6 +132,7 @@ _TICK = re.compile(r"^\s+(-?[\d.]+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\
 # instead of ~12 (a display cap); nothing else changes. If the code moved, the run is plain.
 _FULL_TIMELINE = """\
 import sys
+from _provenance import source_hash  # noqa: E402 (benchmarks/, next to this script)
 try:
     from batchgen.endpoints import EndpointFigures
     if len(EndpointFigures.timeline_lines.__defaults__ or ()) == 1:
@@ -279,15 +279,6 @@ def _child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     return env
-
-
-def _source_hash() -> str:
-    """sha256 over batchgen's .py files: which code the numbers belong to (others edit it meanwhile)."""
-    digest = hashlib.sha256()
-    for path in sorted((REPO / "batchgen").rglob("*.py")):
-        digest.update(str(path.relative_to(REPO)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 # -- the mock server --------------------------------------------------------------------------------
@@ -872,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the mock too, as Ctrl-C does
     started_at = dt.datetime.now()
-    source_at_start = _source_hash()
+    source_at_start = source_hash()
     work = Path(tempfile.mkdtemp(prefix="bench-autoscale-"))
     kv = args.kv_tokens
     half_slots = SLOTS // 2 if args.halve in ("slots", "both") else SLOTS
@@ -1026,7 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
             "started": started_at.isoformat(timespec="seconds"),
             "finished": dt.datetime.now().isoformat(timespec="seconds"),
             "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "loadavg_at_end": os.getloadavg()},
-            "batchgen_source_sha256_16": {"start": source_at_start, "end": _source_hash()},
+            "batchgen_source_sha256_16": {"start": source_at_start, "end": source_hash()},
             "settings": {"slots": SLOTS, "kv_tokens": kv, "step_ms": STEP_MS, "step_ms_per_request": STEP_MS_PER_REQUEST,
                          "prompt_words": WORDS, "max_tokens": MAX_TOKENS, "sweep": args.sweep, "seconds": args.seconds,
                          "repeats": args.repeats, "change_at": args.change_at, "halving_seconds": args.halving_seconds,

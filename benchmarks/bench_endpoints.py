@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import math
 import os
@@ -51,6 +50,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _provenance import source_hash  # noqa: E402 (benchmarks/, next to this script)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -319,15 +319,6 @@ def print_summary(summary: dict[str, Any], repeats: int) -> None:
         print(f"  {name:<44} {t['value']:>6.3f} (target {t['target']}): {'PASS' if t['met'] else 'FAIL'}")
 
 
-def _source_hash() -> str:
-    """sha256 over batchgen's .py files: which code the numbers belong to (others edit it meanwhile)."""
-    digest = hashlib.sha256()
-    for path in sorted((REPO / "batchgen").rglob("*.py")):
-        digest.update(str(path.relative_to(REPO)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 # -- main ------------------------------------------------------------------------------------------
 
 
@@ -352,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill stops the mock servers too, as Ctrl-C does
     started_at = dt.datetime.now()
-    source_at_start = _source_hash()
+    source_at_start = source_hash()
     work = Path(tempfile.mkdtemp(prefix="bench-endpoints-"))
     runs: list[Run] = []
     latencies = {"fast1": FAST_MS, "fast2": FAST_MS, "fast3": FAST_MS, "slow": SLOW_MS}
@@ -388,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             "started": started_at.isoformat(timespec="seconds"),
             "finished": dt.datetime.now().isoformat(timespec="seconds"),
             "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "loadavg_at_end": os.getloadavg()},
-            "batchgen_source_sha256_16": {"start": source_at_start, "end": _source_hash()},
+            "batchgen_source_sha256_16": {"start": source_at_start, "end": source_hash()},
             "settings": {"seconds": args.seconds, "repeats": args.repeats, "concurrency": args.concurrency,
                          "latency_ms": latencies, "max_tokens": MAX_TOKENS},  # fmt: skip
             "summary": summary,

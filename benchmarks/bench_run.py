@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
@@ -50,6 +49,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from _provenance import source_hash  # noqa: E402 (benchmarks/, next to this script)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -361,15 +361,6 @@ def print_summary(summary: dict[str, Any]) -> None:
 # -- provenance ------------------------------------------------------------------------------------
 
 
-def _source_hash() -> str:
-    """sha256 over batchgen's .py files: which code the numbers belong to (others edit it meanwhile)."""
-    digest = hashlib.sha256()
-    for path in sorted((REPO / "batchgen").rglob("*.py")):
-        digest.update(str(path.relative_to(REPO)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def _versions(python: str) -> dict[str, str]:
     code = (
         "import importlib.metadata as m, sys, json;"
@@ -450,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     except NginxNotInstalledError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    source_at_start = _source_hash()
+    source_at_start = source_hash()
     _compile_bytecode(args.python)
     print(f"batchgen source {source_at_start}; work dir {work}; {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}")
     with stub:
@@ -484,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             "finished": dt.datetime.now().isoformat(timespec="seconds"),
             "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "loadavg_at_end": os.getloadavg()},
             "versions": _versions(args.python),
-            "batchgen_source_sha256_16": {"start": source_at_start, "end": _source_hash()},
+            "batchgen_source_sha256_16": {"start": source_at_start, "end": source_hash()},
             "settings": {
                 "rows": args.rows, "shape": args.shape, "concurrency": args.concurrency, "repeats": args.repeats,
                 "max_tokens": args.max_tokens, "nginx_workers": args.nginx_workers, "tools": args.tools,

@@ -1,0 +1,17 @@
+"""Which batchgen code a benchmark's figures belong to (shared by the benchmark scripts)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def source_hash() -> str:
+    """sha256 over batchgen's .py files: which code the numbers belong to (others edit it meanwhile)."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "batchgen").rglob("*.py")):
+        digest.update(str(path.relative_to(REPO)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
