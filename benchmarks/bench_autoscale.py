@@ -86,6 +86,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from _provenance import source_hash  # benchmarks/, next to this script
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -116,9 +117,8 @@ REFERENCE_S = 10.0  # the last 10 s of the halving run: the new capacity's stead
 ROLLING_S = 2.0  # the mean over which recovery is judged
 SCRAPE_S = 0.5
 # Rows batchgen's pool can hold besides those done: --concurrency-max (512) workers + an inbox of twice
-# that. The halving run is stopped with SIGTERM while its feeder still has rows: an abort after the
-# feeder has fed every row hangs (`pipeline._produce` waits in `pool.close()` on a full inbox that
-# the cancelled workers no longer empty), so its input holds at least this many rows more.
+# that. The halving run is stopped with SIGTERM while its feeder still has rows, so its input holds
+# at least this many rows more (an abort after the feeder fed every row used to hang; fixed since).
 POOL_ROWS = 3 * 512
 TERM_GRACE_S = 15.0  # after SIGTERM, batchgen must exit within this (else SIGKILL and a problem)
 
@@ -132,7 +132,6 @@ _TICK = re.compile(r"^\s+(-?[\d.]+)\s+(\d+)\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\
 # instead of ~12 (a display cap); nothing else changes. If the code moved, the run is plain.
 _FULL_TIMELINE = """\
 import sys
-from _provenance import source_hash  # noqa: E402 (benchmarks/, next to this script)
 try:
     from batchgen.endpoints import EndpointFigures
     if len(EndpointFigures.timeline_lines.__defaults__ or ()) == 1:

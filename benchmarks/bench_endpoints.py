@@ -50,7 +50,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from _provenance import source_hash  # noqa: E402 (benchmarks/, next to this script)
+from _provenance import source_hash  # benchmarks/, next to this script
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

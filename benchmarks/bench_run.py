@@ -49,7 +49,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from _provenance import source_hash  # noqa: E402 (benchmarks/, next to this script)
+from _provenance import source_hash  # benchmarks/, next to this script
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
