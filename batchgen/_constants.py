@@ -21,6 +21,10 @@ DEFAULT_FLUSH_SECONDS = 2.0
 DEFAULT_JOURNAL_SECONDS = 0.1
 DEFAULT_FLUSH_ROWS = 2_000  # a part per 2000 rows at most: fewer pending records in memory (benchmarks/README.md)
 
+ENGINES = ("local", "ray")  # `--engine`: this process, or actors on a Ray cluster (the `ray` extra)
+DEFAULT_RAY_BLOCK_ROWS = 1_000  # rows per part file of the Ray engine: what a crash can cost per chunk in flight
+DEFAULT_RAY_ACTOR_CPUS = 0.25  # an actor mostly waits on the network; 1 CPU each starved the reader on 2 cores
+
 MOCK_URL = "mock"  # a base_url that starts the built-in mock server for the duration of the job
 # The input formats and the class that reads each (`module:Class`, imported when used): adding a
 # format is a reader module in batchgen/io/ and one line here.

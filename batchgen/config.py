@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 
 from batchgen import _constants as C
@@ -24,6 +24,9 @@ from batchgen.endpoints import DEFAULT_EJECT_AFTER, EndpointSpec
 from batchgen.errors import ConfigError
 from batchgen.headers import check_headers, parse_header_lines
 from batchgen.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from batchgen.rows import RowMapper
 
 __all__ = ["RunConfig", "load_config", "read_yaml"]
 
@@ -79,13 +82,22 @@ class RunConfig:
     flush_seconds: float = C.DEFAULT_FLUSH_SECONDS
     flush_rows: int = C.DEFAULT_FLUSH_ROWS
     journal_seconds: float = C.DEFAULT_JOURNAL_SECONDS
+    engine: str = "local"  # or "ray": the same job on a Ray cluster (batchgen.ray_engine)
+    ray_address: str | None = None  # None: a local Ray, started for the job
+    ray_actors: int | None = None  # None: one per CPU of the cluster
+    ray_block_rows: int = C.DEFAULT_RAY_BLOCK_ROWS  # rows per output part file: the unit of resume
+    ray_actor_cpus: float = C.DEFAULT_RAY_ACTOR_CPUS  # what each actor reserves (it mostly waits on the network)
 
     def __post_init__(self) -> None:
         if not self.input:
             raise ConfigError("input is required (--input PATH)")
         if not self.output:
             raise ConfigError("output is required (--output PATH ending in .parquet or .jsonl)")
-        if not self.output.endswith((".parquet", ".jsonl")):
+        if self.engine not in C.ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(C.ENGINES)}, got {self.engine!r}")
+        if self.engine == "ray":
+            self._check_ray()
+        elif not self.output.endswith((".parquet", ".jsonl")):
             raise ConfigError(f"output must end in .parquet or .jsonl, got {self.output!r}")
         if self.input_format is not None and self.input_format not in C.INPUT_FORMATS:
             raise ConfigError(f"input_format must be one of {', '.join(C.INPUT_FORMATS)}, got {self.input_format!r}")
@@ -115,6 +127,20 @@ class RunConfig:
         if self.overwrite and self.retry_failed:
             raise ConfigError("overwrite and retry_failed cannot be used together")
 
+    def _check_ray(self) -> None:
+        if self.output.endswith((".jsonl", ".ndjson")):
+            raise ConfigError(f"the Ray engine writes a directory of Parquet files; give a directory as output, not {self.output!r}")
+        refused = {"concurrency auto": self.concurrency == "auto", "retry_failed": self.retry_failed}
+        for name, given in refused.items():
+            if given:
+                raise ConfigError(f"{name} is not supported by the Ray engine yet; run it with the local engine")
+        if self.ray_actors is not None and self.ray_actors < 1:
+            raise ConfigError(f"ray_actors must be >= 1, got {self.ray_actors}")
+        if self.ray_block_rows < 1:
+            raise ConfigError(f"ray_block_rows must be >= 1, got {self.ray_block_rows}")
+        if not math.isfinite(self.ray_actor_cpus) or self.ray_actor_cpus <= 0:
+            raise ConfigError(f"ray_actor_cpus must be a positive number of CPUs, got {self.ray_actor_cpus}")
+
     def endpoint_specs(self) -> list[EndpointSpec]:
         """The run's servers: `endpoints`, else one per `base_url`."""
         if self.endpoints:
@@ -143,6 +169,22 @@ class RunConfig:
         fields = {k: v for k, v in base.items() if v is not None}
         fields.update(self.extra)
         return fields
+
+    def row_mapper(self, columns: list[str], fmt: str) -> RowMapper:
+        """The request builder for an input with these columns; its model is set once the servers are asked."""
+        from batchgen.rows import RowMapper  # validation and parsing: only a run needs them
+
+        return RowMapper(
+            columns,
+            fmt=fmt,
+            model="",
+            defaults=self.defaults(),
+            messages_column=self.messages_column,
+            prompt_column=self.prompt_column,
+            system_prompt=self.system_prompt,
+            id_column=self.id_column,
+            stream=self.stream,
+        )
 
     def retry_policy(self) -> RetryPolicy:
         """The retry settings as one object: a new `RetryPolicy` field only needs its twin here."""

@@ -18,7 +18,15 @@ from batchgen.progress import RunStats
 from batchgen.records import ResultRecord, RowProblem, RowRequest, SourceRow, problem_record
 from batchgen.rows import RowMapper
 
-__all__ = ["Feeder"]
+__all__ = ["Feeder", "row_item"]
+
+
+def row_item(mapper: RowMapper, row: SourceRow) -> RowRequest | RowProblem:
+    """What an input row becomes: a request, or a problem (unreadable, or invalid as a request)."""
+    if row.error is not None or row.values is None:
+        row_id = mapper.row_id(row.index, row.values) if row.values else None
+        return RowProblem(row.index, row_id, row.error or f"{row.where}: unreadable", "invalid_input")
+    return mapper.map(row.index, row.where, row.values)
 
 
 class Feeder:
@@ -84,12 +92,7 @@ class Feeder:
                 if state == SUCCEEDED or (state == FAILED and not retry_failed):
                     self._stats.skipped += 1
                     continue
-                item: RowRequest | RowProblem
-                if row.error is not None or row.values is None:
-                    row_id = mapper.row_id(index, row.values) if row.values else None
-                    item = RowProblem(index, row_id, row.error or f"{row.where}: unreadable", "invalid_input")
-                else:
-                    item = mapper.map(index, row.where, row.values)
+                item = row_item(mapper, row)
                 if isinstance(item, RowProblem):
                     if (room := self._emit(problem_record(item))) is not None:
                         await room

@@ -39,7 +39,7 @@ from batchgen.io.merge import MergeResult, finalize
 from batchgen.io.files import output_lock
 from batchgen.io.parts import Checkpoint, PartWriter, scan_checkpoint
 from batchgen.io.readers import InputSource, open_input
-from batchgen.io.schema import output_schema, state_schema
+from batchgen.io.schema import OutputLayout, state_schema
 from batchgen.progress import Progress, RunStats
 from batchgen.records import Outcome, outcome_record, read_answer
 from batchgen.rows import RowMapper
@@ -72,36 +72,9 @@ def state_dir_for(output: str) -> Path:
     return Path(output + ".batchgen")
 
 
-@dataclass(frozen=True, slots=True)
-class _Layout:
-    """The output's columns: which come from the input (joined at the merge) and which from results."""
-
-    schema: pa.Schema  # the whole output
-    passthrough_names: list[str]  # input column names carried over
-    output_names: list[str]  # the same columns as named in the output (clashes renamed)
-    passthrough_schema: pa.Schema
-    results_schema: pa.Schema
-
-    @classmethod
-    def of(cls, source: InputSource, mapper: RowMapper) -> _Layout:
-        passthrough = source.passthrough_schema
-        if mapper.id_column == "id" and "id" in passthrough.names:
-            passthrough = passthrough.remove(passthrough.get_field_index("id"))
-        schema, renames = output_schema(passthrough)
-        output_names = [renames.get(n, n) for n in passthrough.names]
-        kept = set(output_names)
-        return cls(
-            schema,
-            passthrough.names,
-            output_names,
-            pa.schema([f for f in schema if f.name in kept]),
-            pa.schema([f for f in schema if f.name not in kept]),
-        )
-
-
 async def _execute(cfg: RunConfig, servers: ClientPool, source: InputSource, mapper: RowMapper, log: TextIO) -> RunResult:
     """Run every row not yet done, then merge; the stages end in order: feeder, pool, watch, sink."""
-    layout = _Layout.of(source, mapper)
+    layout = OutputLayout.of(source.passthrough_schema, mapper.id_column)
     output, state_dir = Path(cfg.output), state_dir_for(cfg.output)
     previous = output if output.exists() else None
     total = source.total_rows()
@@ -225,7 +198,7 @@ def _signals_abort(control: RunControl) -> Iterator[None]:
 
 
 def _finalize(
-    layout: _Layout, source: InputSource, checkpoint: Checkpoint, output: Path, previous: Path | None,
+    layout: OutputLayout, source: InputSource, checkpoint: Checkpoint, output: Path, previous: Path | None,
     expected_rows: int | None,
 ) -> MergeResult:  # fmt: skip
     passthrough = None
@@ -254,6 +227,11 @@ def _use_jemalloc() -> None:
 
 async def run_async(cfg: RunConfig, *, log: TextIO | None = None) -> RunResult:
     """Run a job to completion (or interruption) and return its result; see `run`."""
+    if cfg.engine == "ray":  # Ray's driver API blocks: it runs beside this loop
+        from batchgen.ray_engine import run_on_ray
+
+        result: RunResult = await asyncio.to_thread(run_on_ray, cfg, log=log or sys.stderr)
+        return result
     with lean_gc():
         return await _run_async(cfg, log=log or sys.stderr)
 
@@ -266,17 +244,7 @@ async def _run_async(cfg: RunConfig, *, log: TextIO) -> RunResult:
 
 async def _locked_run(cfg: RunConfig, *, log: TextIO) -> RunResult:
     source = open_input(cfg.input, cfg.input_format)
-    mapper = RowMapper(
-        source.columns,
-        fmt=source.format,
-        model="",  # set after discovery: the column checks must come before any request
-        defaults=cfg.defaults(),
-        messages_column=cfg.messages_column,
-        prompt_column=cfg.prompt_column,
-        system_prompt=cfg.system_prompt,
-        id_column=cfg.id_column,
-        stream=cfg.stream,
-    )
+    mapper = cfg.row_mapper(source.columns, source.format)  # the model is set after discovery
     if cfg.overwrite:
         shutil.rmtree(state_dir_for(cfg.output), ignore_errors=True)
         Path(cfg.output).unlink(missing_ok=True)
@@ -315,7 +283,15 @@ async def _locked_run(cfg: RunConfig, *, log: TextIO) -> RunResult:
 def run(cfg: RunConfig, *, log: TextIO | None = None) -> RunResult:
     """Run a `batchgen run` job from Python and return its `RunResult` (exit code, stats, message).
 
+    With `cfg.engine == "ray"` the job runs on Ray (`batchgen.ray_engine`): same rows, same
+    columns plus `input_index`, written as a directory of Parquet files.
+
     Raises:
         ConfigError / InputError: before anything is sent.
     """
+    if cfg.engine == "ray":
+        from batchgen.ray_engine import run_on_ray
+
+        result: RunResult = run_on_ray(cfg, log=log or sys.stderr)
+        return result
     return asyncio.run(run_async(cfg, log=log))

@@ -22,9 +22,9 @@ import pyarrow as pa
 
 from batchgen.errors import OutputError
 from batchgen.io.journal import JournalSegment
-from batchgen.io.parts import PartWriter
+from batchgen.io.parts import PartWriter, storable_table
 from batchgen.progress import Progress, RunStats
-from batchgen.records import ResultRecord, unstorable_record
+from batchgen.records import ResultRecord
 
 __all__ = ["ResultSink"]
 
@@ -169,19 +169,4 @@ class ResultSink:
 
 def _append(writer: PartWriter, segment: JournalSegment, records: list[ResultRecord], durable: bool) -> None:
     """Records → one table of the part schema → the segment; a record that cannot be stored becomes an error row."""
-    try:
-        table = writer.to_table(records)
-    except OutputError:
-        fixed = [_storable(writer.schema, record) for record in records]
-        if all(a is b for a, b in zip(fixed, records, strict=True)):
-            raise  # not a bad value: a bug in the record itself, which must not pass silently
-        table = writer.to_table(fixed)
-    segment.append(table, durable=durable)
-
-
-def _storable(schema: pa.Schema, record: ResultRecord) -> ResultRecord:
-    try:
-        pa.Table.from_pylist([record], schema=schema)
-    except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
-        return unstorable_record(record, str(exc))
-    return record
+    segment.append(storable_table(writer.schema, records), durable=durable)

@@ -78,6 +78,11 @@ class WorkerPool:
         inbox.put_nowait(request)
         return True
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a worker."""
+        return self._inbox.qsize()
+
     async def close(self) -> None:
         """No more requests: each worker stops once the inbox is drained (at once after an abort)."""
         for _ in range(self.concurrency):

@@ -29,7 +29,17 @@ import pyarrow as pa
 from batchgen.errors import InputError
 from batchgen.io.readers import DEFAULT_BATCH_SIZE, InputSource, SourceRow, check_batch_args
 
-__all__ = ["INFER_ROWS", "JsonlSource", "OpenAIBatchSource", "count_lines", "infer_passthrough"]
+__all__ = [
+    "DECODERS",
+    "INFER_ROWS",
+    "BatchLineDecoder",
+    "JsonlSource",
+    "LineDecoder",
+    "OpenAIBatchSource",
+    "count_lines",
+    "infer_passthrough",
+    "split_lines",
+]
 
 INFER_ROWS = 1024  # fixed, not the batch size, so the output schema never depends on a tuning knob
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -118,6 +128,149 @@ def _decode_line(raw: bytes, where: str) -> tuple[Any, str | None]:
         return None, f"{where}: {problem}"
 
 
+class LineDecoder:
+    """Turns one raw JSONL line into a `SourceRow` against known passthrough columns.
+
+    Kept apart from the file so a line read anywhere (this module's streaming source, or a byte
+    range of the file read by the Ray engine's blocks) decodes the same way and says the same
+    things about its problems.
+
+    Args:
+        passthrough_schema: the columns carried into the output (empty while they are being inferred).
+        json_columns: the columns stored as JSON text.
+    """
+
+    def __init__(self, passthrough_schema: pa.Schema, json_columns: frozenset[str]) -> None:
+        self.passthrough_schema = passthrough_schema
+        self.json_columns = json_columns
+        # JSON-text columns take any value, so only the others need the per-batch fit check.
+        self._checked = [f for f in passthrough_schema if f.name not in json_columns]
+
+    def decode(self, index: int, where: str, raw: bytes) -> SourceRow:
+        obj, error = _decode_line(raw, where)
+        if error is not None:
+            return SourceRow(index, where, None, error)
+        if not isinstance(obj, dict):
+            return SourceRow(index, where, None, f"{where}: expected a JSON object, got {_kind(obj)}")
+        values, error = self.validate(obj, where)
+        return SourceRow(index, where, values, error)
+
+    def validate(self, obj: dict[str, Any], where: str) -> tuple[dict[str, Any] | None, str | None]:
+        """Format-specific checks of a decoded object: `(values, error)`."""
+        return obj, None
+
+    def check_types(self, batch: list[SourceRow]) -> list[SourceRow]:
+        """Turn rows whose passthrough values do not fit the inferred types into error rows."""
+        good = [(row.index, row.values) for row in batch if row.error is None and row.values is not None]
+        errors: dict[int, str] = {}
+        for field in self._checked:
+            # One conversion per column per batch; only a failing batch is checked value by value.
+            if _fits([values.get(field.name) for index, values in good if index not in errors], field.type):
+                continue
+            for index, values in good:
+                value = values.get(field.name)
+                if index not in errors and value is not None and not _fits([value], field.type):
+                    errors[index] = (
+                        f"column {field.name!r}: value of type {_kind(value)} does not fit "
+                        f"the column type {field.type} inferred from the first rows"
+                    )
+        if not errors:
+            return batch
+        return [
+            dataclasses.replace(row, error=f"{row.where}: {errors[row.index]}") if row.index in errors else row
+            for row in batch
+        ]
+
+    def passthrough_values(self, row: SourceRow) -> dict[str, Any]:
+        """Passthrough values as stored: JSON text for JSON-text columns, None for a value that does not fit."""
+        values = row.values or {}
+        out: dict[str, Any] = {}
+        for field in self.passthrough_schema:
+            value = values.get(field.name)
+            if value is not None and field.name in self.json_columns:
+                value = orjson.dumps(value).decode()
+            elif value is not None and row.error is not None and not _fits([value], field.type):
+                value = None  # the mismatch this error row reports; the rest of the row is still kept
+            out[field.name] = value
+        return out
+
+    def infer(self, rows: Iterator[tuple[int, str, bytes]], path: str) -> tuple[list[str], pa.Schema, frozenset[str]]:
+        """`(columns, passthrough schema, JSON-text columns)` from the first `INFER_ROWS` good rows of `rows`.
+
+        Raises:
+            InputError: `rows` is empty, or no line decodes to a JSON object.
+        """
+        good: list[dict[str, Any]] = []
+        first: SourceRow | None = None
+        for index, where, raw in rows:
+            row = self.decode(index, where, raw)
+            first = first or row
+            if row.error is None and row.values is not None:
+                good.append(row.values)
+                if len(good) >= INFER_ROWS:
+                    break
+        if first is None:
+            raise InputError(f"{path} is empty: no data rows")
+        if not good:
+            raise InputError(f"{path}: no line decodes to a JSON object; the first one fails: {first.error}")
+        return infer_passthrough(good)
+
+    def for_schema(self, passthrough_schema: pa.Schema, json_columns: frozenset[str]) -> LineDecoder:
+        """A decoder of the same format for these passthrough columns."""
+        return type(self)(passthrough_schema, json_columns)
+
+
+class BatchLineDecoder(LineDecoder):
+    """OpenAI Batch API lines: `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}`.
+
+    `values` is `{"custom_id": ..., "body": {...}}`; the only passthrough column is `custom_id`.
+    A line with a usable `custom_id` but another bad field keeps its values, so its error
+    record can carry the id.
+    """
+
+    def validate(self, obj: dict[str, Any], where: str) -> tuple[dict[str, Any] | None, str | None]:
+        custom_id = obj.get("custom_id", _MISSING)
+        if custom_id is _MISSING:
+            return None, f"{where}: missing field 'custom_id'"
+        if not isinstance(custom_id, str) or not custom_id:
+            return None, f"{where}: field 'custom_id' must be a non-empty string, got {_kind(custom_id)}"
+        body = obj.get("body", _MISSING)
+        values = {"custom_id": custom_id, "body": None if body is _MISSING else body}
+        for name, ok, wanted in (
+            ("method", obj.get("method", _MISSING) == "POST", '"POST"'),
+            ("url", isinstance(url := obj.get("url"), str) and url in _BATCH_URLS, '"/v1/chat/completions"'),
+            ("body", isinstance(body, dict), "a JSON object"),
+        ):
+            if not ok:
+                got = obj.get(name, _MISSING)
+                shown = "nothing (missing)" if got is _MISSING else orjson.dumps(got).decode()[:80]
+                return values, f"{where}: field {name!r} must be {wanted}, got {shown}"
+        return values, None
+
+    def infer(self, rows: Iterator[tuple[int, str, bytes]], path: str) -> tuple[list[str], pa.Schema, frozenset[str]]:
+        if next(rows, None) is None:
+            raise InputError(f"{path} is empty: no data rows")
+        return ["custom_id", "body"], pa.schema([pa.field("custom_id", pa.string())]), frozenset()
+
+
+DECODERS: dict[str, type[LineDecoder]] = {"jsonl": LineDecoder, "openai-batch": BatchLineDecoder}
+
+
+def split_lines(raw_lines: Iterator[bytes], first_line: int = 1) -> Iterator[tuple[int, str, bytes]]:
+    """`(row index from 0, "line N", line)` for the non-blank lines; `first_line` is the file line of the first.
+
+    A byte-order mark is dropped from the file's first line only.
+    """
+    index = 0
+    for line_no, raw in enumerate(raw_lines, start=first_line):
+        if line_no == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM) :]
+        if raw.isspace() or not raw:
+            continue
+        yield index, f"line {line_no}", raw
+        index += 1
+
+
 class JsonlSource(InputSource):
     """JSON Lines input, one object per line; `.gz` files (detected by their magic bytes) are decompressed.
 
@@ -140,9 +293,9 @@ class JsonlSource(InputSource):
             raise InputError(f"{path}: is a directory; JSONL input must be one file")
         with open(target, "rb") as file:
             self._gzip = file.read(2) == _GZIP_MAGIC
-        self.columns, self.passthrough_schema, self.json_columns = self._infer()
-        # JSON-text columns take any value, so only the others need the per-batch fit check.
-        self._checked = [f for f in self.passthrough_schema if f.name not in self.json_columns]
+        blank = DECODERS[self.format](pa.schema([]), frozenset())
+        self.columns, self.passthrough_schema, self.json_columns = blank.infer(self._raw_rows(), path)
+        self.decoder = blank.for_schema(self.passthrough_schema, self.json_columns)
 
     def total_rows(self) -> int | None:
         """Lines counted without decoding (see `count_lines`); None for gzip files, which would need a full decompress."""
@@ -151,16 +304,17 @@ class JsonlSource(InputSource):
     def iter_batches(self, batch_size: int = DEFAULT_BATCH_SIZE, start: int = 0) -> Iterator[list[SourceRow]]:
         """Yield rows from `start` on; lines before `start` are counted, not decoded."""
         check_batch_args(batch_size, start)
+        decoder = self.decoder
         batch: list[SourceRow] = []
         for index, where, raw in self._raw_rows():
             if index < start:
                 continue
-            batch.append(self._decode_row(index, where, raw))
+            batch.append(decoder.decode(index, where, raw))
             if len(batch) >= batch_size:
-                yield self._check_types(batch)
+                yield decoder.check_types(batch)
                 batch = []
         if batch:
-            yield self._check_types(batch)
+            yield decoder.check_types(batch)
 
     def read_ids(self, column: str) -> Iterator[tuple[int, Any]]:
         """Yield `(index, value)` for every line that decodes to an object (None where the key is absent)."""
@@ -177,48 +331,13 @@ class JsonlSource(InputSource):
         return f"row {index}"
 
     def passthrough_values(self, row: SourceRow) -> dict[str, Any]:
-        """Passthrough values as stored: JSON text for JSON-text columns, None for a value that does not fit."""
-        values = row.values or {}
-        out: dict[str, Any] = {}
-        for field in self.passthrough_schema:
-            value = values.get(field.name)
-            if value is not None and field.name in self.json_columns:
-                value = orjson.dumps(value).decode()
-            elif value is not None and row.error is not None and not _fits([value], field.type):
-                value = None  # the mismatch this error row reports; the rest of the row is still kept
-            out[field.name] = value
-        return out
-
-    def _infer(self) -> tuple[list[str], pa.Schema, frozenset[str]]:
-        good: list[dict[str, Any]] = []
-        any_rows = False
-        for index, where, raw in self._raw_rows():
-            any_rows = True
-            row = self._decode_row(index, where, raw)
-            if row.error is None and row.values is not None:
-                good.append(row.values)
-                if len(good) >= INFER_ROWS:
-                    break
-        if not any_rows:
-            raise InputError(f"{self.path} is empty: no data rows")
-        if not good:
-            first = next(self._raw_rows())
-            problem = self._decode_row(*first).error
-            raise InputError(f"{self.path}: no line decodes to a JSON object; the first one fails: {problem}")
-        return infer_passthrough(good)
+        return self.decoder.passthrough_values(row)
 
     def _raw_rows(self) -> Iterator[tuple[int, str, bytes]]:
         """Yield `(index, "line N", raw line)` for the non-blank lines, streaming."""
-        index = 0
         try:
             with self._open() as file:
-                for line_no, raw in enumerate(file, start=1):
-                    if line_no == 1 and raw.startswith(_BOM):
-                        raw = raw[len(_BOM) :]
-                    if raw.isspace() or not raw:
-                        continue
-                    yield index, f"line {line_no}", raw
-                    index += 1
+                yield from split_lines(iter(file))
         except (OSError, EOFError, zlib.error) as exc:
             # gzip.BadGzipFile is an OSError; EOFError is a gzip stream cut short.
             raise InputError(f"{self.path}: cannot read the file ({exc})") from exc
@@ -228,72 +347,8 @@ class JsonlSource(InputSource):
             return gzip.open(self.path, "rb")  # type: ignore[return-value]  # a GzipFile reads bytes
         return open(self.path, "rb")
 
-    def _decode_row(self, index: int, where: str, raw: bytes) -> SourceRow:
-        obj, error = _decode_line(raw, where)
-        if error is not None:
-            return SourceRow(index, where, None, error)
-        if not isinstance(obj, dict):
-            return SourceRow(index, where, None, f"{where}: expected a JSON object, got {_kind(obj)}")
-        values, error = self._validate(obj, where)
-        return SourceRow(index, where, values, error)
-
-    def _validate(self, obj: dict[str, Any], where: str) -> tuple[dict[str, Any] | None, str | None]:
-        """Format-specific checks of a decoded object: `(values, error)`."""
-        return obj, None
-
-    def _check_types(self, batch: list[SourceRow]) -> list[SourceRow]:
-        """Turn rows whose passthrough values do not fit the inferred types into error rows."""
-        good = [(row.index, row.values) for row in batch if row.error is None and row.values is not None]
-        errors: dict[int, str] = {}
-        for field in self._checked:
-            # One conversion per column per batch; only a failing batch is checked value by value.
-            if _fits([values.get(field.name) for index, values in good if index not in errors], field.type):
-                continue
-            for index, values in good:
-                value = values.get(field.name)
-                if index not in errors and value is not None and not _fits([value], field.type):
-                    errors[index] = (
-                        f"column {field.name!r}: value of type {_kind(value)} does not fit "
-                        f"the column type {field.type} inferred from the first rows"
-                    )
-        if not errors:
-            return batch
-        return [
-            dataclasses.replace(row, error=f"{row.where}: {errors[row.index]}") if row.index in errors else row
-            for row in batch
-        ]
-
 
 class OpenAIBatchSource(JsonlSource):
-    """OpenAI Batch API input: lines `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}`.
-
-    `values` is `{"custom_id": ..., "body": {...}}`; the only passthrough column is `custom_id`.
-    A line with a usable `custom_id` but another bad field keeps its values, so its error
-    record can carry the id.
-    """
+    """OpenAI Batch API input (see `BatchLineDecoder`); the only passthrough column is `custom_id`."""
 
     format = "openai-batch"
-
-    def _infer(self) -> tuple[list[str], pa.Schema, frozenset[str]]:
-        if next(self._raw_rows(), None) is None:
-            raise InputError(f"{self.path} is empty: no data rows")
-        return ["custom_id", "body"], pa.schema([pa.field("custom_id", pa.string())]), frozenset()
-
-    def _validate(self, obj: dict[str, Any], where: str) -> tuple[dict[str, Any] | None, str | None]:
-        custom_id = obj.get("custom_id", _MISSING)
-        if custom_id is _MISSING:
-            return None, f"{where}: missing field 'custom_id'"
-        if not isinstance(custom_id, str) or not custom_id:
-            return None, f"{where}: field 'custom_id' must be a non-empty string, got {_kind(custom_id)}"
-        body = obj.get("body", _MISSING)
-        values = {"custom_id": custom_id, "body": None if body is _MISSING else body}
-        for name, ok, wanted in (
-            ("method", obj.get("method", _MISSING) == "POST", '"POST"'),
-            ("url", isinstance(url := obj.get("url"), str) and url in _BATCH_URLS, '"/v1/chat/completions"'),
-            ("body", isinstance(body, dict), "a JSON object"),
-        ):
-            if not ok:
-                got = obj.get(name, _MISSING)
-                shown = "nothing (missing)" if got is _MISSING else orjson.dumps(got).decode()[:80]
-                return values, f"{where}: field {name!r} must be {wanted}, got {shown}"
-        return values, None

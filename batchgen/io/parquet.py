@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from batchgen.errors import InputError
 from batchgen.io.readers import DEFAULT_BATCH_SIZE, READ_BUFFER_BYTES, InputSource, SourceRow, check_batch_args
 
-__all__ = ["ParquetSource", "list_parquet_files"]
+__all__ = ["ParquetSource", "common_schema", "list_parquet_files"]
 
 
 def list_parquet_files(path: str) -> list[Path]:
@@ -48,6 +48,28 @@ def list_parquet_files(path: str) -> list[Path]:
     if not target.exists():
         raise InputError(f"{path}: input file not found")
     return [target]
+
+
+def common_schema(schemas: list[tuple[str, pa.Schema]]) -> pa.Schema:
+    """The one schema of an input's files, given as `(file name, Arrow schema)`; all fields nullable.
+
+    Compared by name and type only: writers disagree on "required" vs "optional" for the same
+    data. Passthrough fields are all nullable, so output rows the pipeline fills itself may hold
+    nulls. The pandas metadata describes a DataFrame index we never rebuild: it is dropped.
+
+    Raises:
+        InputError: two files' schemas differ.
+    """
+    (first, schema), *others = schemas
+    schema = _nullable(schema)
+    for file, arrow_schema in others:
+        other = _nullable(arrow_schema)
+        if not other.equals(schema):
+            raise InputError(
+                f"{file} has a different schema from {first}: "
+                f"[{_describe(other)}] vs [{_describe(schema)}]; all files of one input must match"
+            )
+    return schema
 
 
 def _read_footer(path: Path) -> tuple[pa.Schema, pq.FileMetaData]:
@@ -79,17 +101,7 @@ class ParquetSource(InputSource):
         self.format = "parquet"
         self.files = list_parquet_files(path)
         schemas, footers = zip(*(_read_footer(f) for f in self.files), strict=True)
-        # Compared by name and type only: writers disagree on "required" vs "optional" for the same data.
-        # Passthrough fields are all nullable, so output rows the pipeline fills itself may hold nulls.
-        # The pandas metadata describes a DataFrame index we never rebuild: it is dropped.
-        schema = _nullable(schemas[0])
-        for file, arrow_schema in zip(self.files[1:], schemas[1:], strict=True):
-            other = _nullable(arrow_schema)
-            if not other.equals(schema):
-                raise InputError(
-                    f"{file} has a different schema from {self.files[0]}: "
-                    f"[{_describe(other)}] vs [{_describe(schema)}]; all files of one input must match"
-                )
+        schema = common_schema([(str(f), schema) for f, schema in zip(self.files, schemas, strict=True)])
         self.passthrough_schema = schema
         self.columns = list(schema.names)
         # Rows per row group per file, so `start` can skip whole row groups without reading them.

@@ -30,7 +30,7 @@ from batchgen.io.files import atomic_file, fsync_dir
 from batchgen.io.journal import JournalSegment, list_segments, read_segment, segment_path
 from batchgen.io.readers import READ_BUFFER_BYTES
 from batchgen.io.schema import INDEX_COLUMN
-from batchgen.records import ERROR_COLUMN
+from batchgen.records import ERROR_COLUMN, ResultRecord, unstorable_record
 
 __all__ = [
     "DICTIONARY_PAGE_BYTES",
@@ -134,28 +134,8 @@ class PartWriter:
         return self.write_table(self.to_table(records))
 
     def to_table(self, records: Sequence[Mapping[str, Any]]) -> pa.Table:
-        """`records` as a table of the part schema; keys missing from a record are null.
-
-        Raises:
-            OutputError: a record without an integer `_index` or with a key not in the schema, or a
-                value that does not convert (naming the column).
-        """
-        for record in records:
-            if not isinstance(record.get(INDEX_COLUMN), int):
-                raise OutputError(f"a result record has no integer {INDEX_COLUMN!r}: {sorted(record)}")
-            if not self._names.issuperset(record):
-                unknown = sorted(set(record) - self._names)
-                raise OutputError(f"row {record[INDEX_COLUMN]}: columns not in the output schema: {unknown}")
-        try:
-            return pa.Table.from_pylist(records, schema=self.schema)
-        except _ARROW_ERRORS as exc:
-            # Arrow's message names the value, not the column: find the column ourselves.
-            for field in self.schema:
-                try:
-                    pa.array([r.get(field.name) for r in records], type=field.type)
-                except _ARROW_ERRORS as column_exc:
-                    raise OutputError(f"column {field.name!r} ({field.type}): {column_exc}") from exc
-            raise OutputError(f"cannot convert result records: {exc}") from exc
+        """`records` as a table of the part schema (see `records_table`)."""
+        return records_table(self.schema, records)
 
     def write_table(self, table: pa.Table) -> Path:
         """Write `table` (part schema) as the next part file, atomically, sorted by `_index`."""
@@ -176,6 +156,51 @@ class PartWriter:
         path = self.write_table(pa.concat_tables(segment.tables))
         segment.remove()
         return path
+
+
+def records_table(schema: pa.Schema, records: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """`records` as a table of `schema` (a part schema, with `_index`); keys missing from a record are null.
+
+    Raises:
+        OutputError: a record without an integer `_index` or with a key not in the schema, or a
+            value that does not convert (naming the column).
+    """
+    names = frozenset(schema.names)
+    for record in records:
+        if not isinstance(record.get(INDEX_COLUMN), int):
+            raise OutputError(f"a result record has no integer {INDEX_COLUMN!r}: {sorted(record)}")
+        if not names.issuperset(record):
+            unknown = sorted(set(record) - names)
+            raise OutputError(f"row {record[INDEX_COLUMN]}: columns not in the output schema: {unknown}")
+    try:
+        return pa.Table.from_pylist(records, schema=schema)
+    except _ARROW_ERRORS as exc:
+        # Arrow's message names the value, not the column: find the column ourselves.
+        for field in schema:
+            try:
+                pa.array([r.get(field.name) for r in records], type=field.type)
+            except _ARROW_ERRORS as column_exc:
+                raise OutputError(f"column {field.name!r} ({field.type}): {column_exc}") from exc
+        raise OutputError(f"cannot convert result records: {exc}") from exc
+
+
+def storable_table(schema: pa.Schema, records: Sequence[ResultRecord]) -> pa.Table:
+    """As `records_table`, but an answer Arrow cannot store becomes an error row (the row is kept)."""
+    try:
+        return records_table(schema, records)
+    except OutputError:
+        fixed = [_storable(schema, record) for record in records]
+        if all(a is b for a, b in zip(fixed, records, strict=True)):
+            raise  # not a bad value: a bug in the record itself, which must not pass silently
+        return records_table(schema, fixed)
+
+
+def _storable(schema: pa.Schema, record: ResultRecord) -> ResultRecord:
+    try:
+        pa.Table.from_pylist([record], schema=schema)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+        return unstorable_record(record, str(exc))
+    return record
 
 
 def part_name(generation: int, seq: int) -> str:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from dataclasses import dataclass
+
 from batchgen.errors import InputError, OutputError
 from batchgen.records import INDEX_COLUMN
 
-__all__ = ["INDEX_COLUMN", "RESULT_COLUMNS", "RESULT_FIELDS", "output_schema", "state_schema"]
+__all__ = ["INDEX_COLUMN", "RESULT_COLUMNS", "RESULT_FIELDS", "OutputLayout", "output_schema", "state_schema"]
 
 
 _TOOL_CALL = pa.struct(
@@ -85,7 +87,7 @@ RESULT_COLUMNS: tuple[str, ...] = tuple(field.name for field in RESULT_FIELDS)
 _RESERVED = frozenset({"id", INDEX_COLUMN, *RESULT_COLUMNS})
 
 
-def output_schema(passthrough: pa.Schema) -> tuple[pa.Schema, dict[str, str]]:
+def output_schema(passthrough: pa.Schema, *, reserved: tuple[str, ...] = ()) -> tuple[pa.Schema, dict[str, str]]:
     """The final output schema: `id`, then the passthrough input columns, then `RESULT_COLUMNS`.
 
     Clash rule: an input column whose name is taken by an output column (`id`, a result column,
@@ -113,12 +115,13 @@ def output_schema(passthrough: pa.Schema) -> tuple[pa.Schema, dict[str, str]]:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise InputError(f"the input has more than one column named {', '.join(map(repr, duplicates))}")
-    taken = set(_RESERVED) | set(names)
+    taken_names = _RESERVED | set(reserved)
+    taken = set(taken_names) | set(names)
     renames: dict[str, str] = {}
     fields = [pa.field("id", pa.string())]
     for field in passthrough:
         name = field.name
-        if name in _RESERVED:
+        if name in taken_names:
             name = f"input_{name}"
             while name in taken:
                 name = f"input_{name}"
@@ -138,3 +141,33 @@ def state_schema(output: pa.Schema) -> pa.Schema:
     if INDEX_COLUMN in output.names:
         raise OutputError(f"the output schema already has a {INDEX_COLUMN!r} column")
     return output.insert(0, pa.field(INDEX_COLUMN, pa.int64(), nullable=False))
+
+
+@dataclass(frozen=True, slots=True)
+class OutputLayout:
+    """The output's columns: which come from the input (joined to the results) and which from results."""
+
+    schema: pa.Schema  # the whole output
+    passthrough_names: list[str]  # input column names carried over
+    output_names: list[str]  # the same columns as named in the output (clashes renamed)
+    passthrough_schema: pa.Schema
+    results_schema: pa.Schema
+
+    @classmethod
+    def of(cls, passthrough: pa.Schema, id_column: str | None, *, reserved: tuple[str, ...] = ()) -> OutputLayout:
+        """The layout for an input's passthrough columns; an input `id` that is the row id is not repeated.
+
+        `reserved`: more output column names an input column must not take (renamed like a clash).
+        """
+        if id_column == "id" and "id" in passthrough.names:
+            passthrough = passthrough.remove(passthrough.get_field_index("id"))
+        schema, renames = output_schema(passthrough, reserved=reserved)
+        output_names = [renames.get(n, n) for n in passthrough.names]
+        kept = set(output_names)
+        return cls(
+            schema,
+            passthrough.names,
+            output_names,
+            pa.schema([f for f in schema if f.name in kept]),
+            pa.schema([f for f in schema if f.name not in kept]),
+        )

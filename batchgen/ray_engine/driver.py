@@ -1,0 +1,290 @@
+"""`run_on_ray(cfg)`: a `batchgen run` job on Ray Data, with the output and resume rules of `output.py`.
+
+    driver: plan blocks (io/blocks.py) ─▶ skip chunks already written ─▶ ask every server for the model
+        ─▶ ray.data.from_items(blocks).map_batches(ChunkRunner, ActorPoolStrategy) ─▶ one summary per chunk
+                                                    │
+               actors: read their block, send through their own ClientPool, write a part per chunk
+                                                    │
+        ProgressBoard (a Ray actor) ◀── counters every 0.5 s ── the driver's progress line reads it
+
+Why our own part files and not Ray Data's checkpointing: a part per chunk of input positions
+resumes without re-reading the input or holding every finished id in memory, needs no id column
+(most prompt files have none), and errors still name the JSONL line; Ray Data only schedules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import re
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import pyarrow.compute as pc
+
+from batchgen._constants import ExitCode
+from batchgen.client_pool import ClientPool
+from batchgen.config import RunConfig
+from batchgen.endpoints import EndpointSpec, public_url
+from batchgen import errors
+from batchgen.errors import BatchgenError, ConfigError, InputError, ServerUnusableError
+from batchgen.idcheck import find_duplicate_id
+from batchgen.io.blocks import Block, InputShape, chunk_starts, open_shape
+from batchgen.io.files import output_lock
+from batchgen.io.schema import OutputLayout
+from batchgen.io.storage import is_uri
+from batchgen.progress import Progress, RunStats
+from batchgen.ray_engine.actor import CALLS_PER_ACTOR, ChunkRunner, Job, Secret
+from batchgen.ray_engine.board import ProgressBoard
+from batchgen.ray_engine.output import INPUT_INDEX, OutputDir, PartInfo
+from batchgen.servers import check_endpoints, serving_all
+
+__all__ = ["RAY_INSTALL_HINT", "run_on_ray"]
+
+RAY_INSTALL_HINT = "the Ray engine needs Ray Data: pip install 'batchgen[ray]'"
+POLL_EVERY_S = 0.5
+_RAISED = re.compile(r"batchgen\.errors\.(\w+): (.*)")
+RESUME_HINT = "; rerun the same command to resume"
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise ConfigError(RAY_INSTALL_HINT) from exc
+    return ray
+
+
+@dataclasses.dataclass(slots=True)
+class _Work:
+    """What this run must do: the blocks with chunks to write, and the rows of the job."""
+
+    tasks: list[dict[str, Any]]
+    wanted: int  # rows in the job (up to --limit)
+    skipped: int  # of them, rows already in the output
+
+
+def _plan_work(blocks: list[Block], done: dict[int, PartInfo], chunk_rows: int, limit: int | None) -> _Work:
+    tasks: list[dict[str, Any]] = []
+    wanted = skipped = 0
+    for block in blocks:
+        if limit is not None and block.start >= limit:
+            break
+        end = block.start + block.rows if limit is None else min(block.start + block.rows, limit)
+        skip, todo = [], 0
+        for start in chunk_starts(block, chunk_rows):
+            if start >= end:
+                break
+            rows = min(start + chunk_rows, end) - start
+            wanted += rows
+            # A part from a run with a smaller --limit holds fewer rows: that chunk is done again.
+            if start in done and done[start].rows >= rows:
+                skip.append(start)
+                skipped += rows
+            else:
+                todo += 1
+        if todo:
+            tasks.append({**dataclasses.asdict(block), "row_groups": list(block.row_groups), "skip": skip})
+    return _Work(tasks, wanted, skipped)
+
+
+def _manifest(shape: InputShape, chunk_rows: int, id_column: str | None) -> dict[str, Any]:
+    """What the parts depend on: the same input, cut the same way, with the same ids."""
+    return {
+        "input": shape.input,
+        "format": shape.format,
+        "files": [[f.text, size] for f, size in zip(shape.files, shape.sizes, strict=True)],
+        "ray_block_rows": chunk_rows,
+        "id_column": id_column,
+    }
+
+
+def run_on_ray(cfg: RunConfig, *, log: TextIO) -> Any:
+    """Run `cfg` on Ray (a local one, or the cluster at `cfg.ray_address`); returns a `RunResult`.
+
+    Raises:
+        ConfigError: Ray is not installed (nothing sent), or a bad setting.
+        InputError / OutputError: before anything is sent, or when the input changed mid-run.
+    """
+    from batchgen.pipeline import RunResult  # the one result type of every engine
+
+    ray = _import_ray()
+    shape = open_shape(cfg.input, cfg.input_format)
+    mapper = cfg.row_mapper(shape.columns, shape.format)
+    layout = OutputLayout.of(shape.passthrough_schema, mapper.id_column, reserved=(INPUT_INDEX,))
+    output = OutputDir(cfg.output)
+    lock = output_lock(Path(cfg.output)) if not is_uri(cfg.output) else contextlib.nullcontext()
+    with lock:
+        if cfg.overwrite:
+            output.clear()
+        blocks, ids = shape.plan(cfg.ray_block_rows, id_column=mapper.id_column)
+        if not blocks:
+            raise InputError(f"{shape.input} is empty: no data rows")
+        if ids is not None and (duplicate := find_duplicate_id(ids)) is not None:
+            value, first, second = duplicate
+            raise InputError(f"duplicate id {value!r} in column {mapper.id_column!r}: input rows {first} and {second}")
+        output.prepare(_manifest(shape, cfg.ray_block_rows, mapper.id_column))
+        work = _plan_work(blocks, output.done(), cfg.ray_block_rows, cfg.limit)
+        stats = RunStats(skipped=work.skipped)
+        if not work.tasks:
+            return _finished(RunResult, output, stats, work, nothing_to_do=True)
+        api_key = cfg.resolve_api_key()
+        with serving_all(cfg.endpoint_specs()) as specs:
+            try:
+                model, kept = asyncio.run(_ask_servers(cfg, specs, api_key, log))
+            except ServerUnusableError as exc:
+                return RunResult(ExitCode.FATAL, stats, output.text, str(exc))
+            job = Job(cfg, shape, layout, output, tuple(kept), model, Secret(api_key) if api_key else None, actors=1,
+                      limit=cfg.limit)  # fmt: skip
+            return _execute(ray, job, work, stats, log, RunResult)
+
+
+async def _ask_servers(cfg: RunConfig, specs: list[EndpointSpec], api_key: str | None,
+                       log: TextIO) -> tuple[str, list[EndpointSpec]]:  # fmt: skip
+    """The model, checked on every server as a local run does; the servers left (`--skip-bad-endpoints`)."""
+    async with ClientPool(specs, api_key, concurrency=1, timeout=cfg.timeout, headers=cfg.headers) as servers:
+        model = await check_endpoints(servers, cfg.model, skip_bad=cfg.skip_bad_endpoints,
+                                      warn=lambda text: print(f"batchgen: warning: {text}", file=log))  # fmt: skip
+        kept = {e.url for e in servers.endpoints}
+    return model, [spec for spec in specs if public_url(spec.url) in kept]
+
+
+def _execute(ray: Any, job: Job, work: _Work, stats: RunStats, log: TextIO, result_type: Any) -> Any:
+    cfg = job.cfg
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False)  # fmt: skip
+    _quiet_ray_data(ray)
+    try:
+        cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
+        actors = min(cfg.ray_actors or max(1, cluster_cpus), len(work.tasks))
+        board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+        job = dataclasses.replace(job, actors=actors, board=board)
+        dataset = ray.data.from_items(work.tasks, override_num_blocks=len(work.tasks)).map_batches(
+            ChunkRunner,
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=CALLS_PER_ACTOR,
+                                               max_concurrent_calls_per_actor=CALLS_PER_ACTOR),
+            num_cpus=cfg.ray_actor_cpus,
+            fn_constructor_kwargs={"job": job},
+        )  # fmt: skip
+        print(f"batchgen: Ray engine: {work.wanted - work.skipped} rows to send in {len(work.tasks)} blocks "
+              f"over {actors} actors{f', {work.skipped} rows already done' if work.skipped else ''}", file=log)  # fmt: skip
+        progress = Progress(stats, work.wanted - work.skipped, enabled=cfg.progress, stream=log)
+        written = dict.fromkeys(("rows", "errors", "input_tokens", "output_tokens"), 0)  # exact, from the chunks
+        lost: str | None = None
+        try:
+            with _polling(ray, board, stats, progress), _sigterm_interrupts():
+                for summary in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    for name, total in written.items():
+                        written[name] = total + (pc.sum(summary.column(name)).as_py() or 0)
+                    stopped = pc.drop_null(summary.column("stopped"))
+                    if len(stopped):  # leaving the loop ends the dataset: the other actors stop too
+                        lost = str(stopped[0])
+                        break
+        except KeyboardInterrupt:
+            return result_type(ExitCode.INTERRUPTED, stats, job.output.text,
+                               f"interrupted: {stats.done} rows sent{RESUME_HINT}")  # fmt: skip
+        except Exception as exc:
+            ours = _our_error(exc)
+            if ours is not None:
+                raise ours from exc
+            raise
+        finally:
+            progress.close()
+        stats.ok, stats.failed = written["rows"] - written["errors"], written["errors"]
+        stats.input_tokens, stats.output_tokens = written["input_tokens"], written["output_tokens"]
+        if lost is not None:
+            return result_type(ExitCode.FATAL, stats, job.output.text, f"{lost}; {stats.done} rows saved{RESUME_HINT}")
+        return _finished(result_type, job.output, stats, work)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _finished(result_type: Any, output: OutputDir, stats: RunStats, work: _Work, *, nothing_to_do: bool = False) -> Any:
+    parts = output.done()
+    rows = sum(p.rows for p in parts.values())
+    errors = sum(p.errors for p in parts.values())
+    code = ExitCode.ROW_ERRORS if errors else ExitCode.OK
+    if nothing_to_do:
+        message = f"nothing to do: every row is already in {output.text} ({errors} error rows)"
+    else:
+        message = f"{output.text} holds {rows} rows ({errors} error rows) in {len(parts)} part files"
+    return result_type(code, stats, output.text, message)
+
+
+@contextlib.contextmanager
+def _polling(ray: Any, board: Any, stats: RunStats, progress: Progress) -> Iterator[None]:
+    """Feed the progress display from the board on a thread, while the main thread drives Ray Data."""
+    stop = threading.Event()
+
+    def poll() -> None:
+        while True:
+            finished = stop.wait(POLL_EVERY_S)
+            with contextlib.suppress(Exception):  # the display must never fail the job
+                snapshot = ray.get(board.snapshot.remote(), timeout=10)
+                stats.ok, stats.failed = snapshot["ok"], snapshot["failed"]
+                stats.input_tokens, stats.output_tokens = snapshot["input_tokens"], snapshot["output_tokens"]
+                stats.errors.clear()
+                stats.errors.update(snapshot["errors"])
+                stats.retries = snapshot["retries"]
+                for note in snapshot["notes"]:
+                    progress.note(note)
+                progress.refresh(snapshot["retries"], snapshot["in_flight"])
+            if finished:
+                return
+
+    thread = threading.Thread(target=poll, name="batchgen-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM stops the driver as Ctrl-C does (written parts stay; a rerun resumes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _quiet_ray_data(ray: Any) -> None:
+    """Our progress line instead of Ray Data's bars and per-dataset log lines."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    for name in ("print_on_execution_start", "enable_operator_progress_bars"):
+        if hasattr(context, name):
+            setattr(context, name, False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _our_error(exc: BaseException) -> BatchgenError | None:
+    """The batchgen error an actor raised (an unreadable input, an unwritable part), rebuilt from the
+    traceback text Ray wraps it in: the exception object itself does not cross the process boundary."""
+    found = _RAISED.findall(str(exc))
+    if not found:
+        return None
+    name, message = found[-1]
+    kind = getattr(errors, name, None)
+    return kind(message) if isinstance(kind, type) and issubclass(kind, BatchgenError) else None

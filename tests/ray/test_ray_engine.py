@@ -1,0 +1,260 @@
+"""`batchgen run --engine ray` on a local Ray: the same output as a local run, and the same guarantees.
+
+Every test sends to the project's mock in a thread of this process, which the actors reach on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchgen.config import load_config
+from batchgen.errors import OutputError
+from batchgen.pipeline import EXIT_OK, EXIT_ROW_ERRORS, RunResult, run
+from batchgen.testing.mock_server import MockConfig, mock_server_thread
+
+from ..conftest import prompt_of
+
+# Ray Data warns about its own settings' deprecations when the DataContext is first built.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
+
+TOOLS = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+VARYING = {"latency_s", "ttft_s"}  # timing; everything else must match a local run exactly
+FAST_RETRIES = {"backoff_base": 0.01, "backoff_max": 0.02}
+
+
+def _mixed_rows(n: int) -> list[bytes]:
+    """JSONL lines: overrides, multi-turn, tool calls, reasoning, and rows that cannot be sent."""
+    lines = []
+    for i in range(n):
+        row: dict[str, Any] = {"id": f"r{i}", "messages": [{"role": "user", "content": f"question number {i}"}]}
+        if i % 3 == 0:
+            row["temperature"] = round(0.1 * (i % 7), 1)
+        if i % 5 == 0:
+            row["max_tokens"] = 2 + i % 4
+        if i % 97 == 3:
+            row["tools"], row["tool_choice"] = TOOLS, "required"
+        if i % 89 == 5:
+            row["chat_template_kwargs"] = {"enable_thinking": True}
+        if i % 61 == 7:
+            row["messages"] = [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"hi {i}"},
+                               {"role": "assistant", "content": "hello"}, {"role": "user", "content": f"again {i}"}]
+        if i == 1500:
+            row["temperature"] = "hot"  # a value the column's type cannot hold
+        if i == 1700:
+            row["messages"] = [{"role": "wizard", "content": "x"}]  # an invalid request
+        lines.append(orjson.dumps(row))
+    lines[1234] = b'{"id": "r1234", "messages": ['  # not JSON
+    lines.insert(10, b"")  # a blank line: not a row, but counted in "line N"
+    return lines
+
+
+def _config(tmp_path: Path, source: Path, output: str, url: str, **options: Any) -> Any:
+    settings = {"input": str(source), "output": str(tmp_path / output), "base_url": url, "progress": False,
+                "flush_seconds": 0.05, **FAST_RETRIES, **options}
+    return load_config(settings)
+
+
+def _ray_output(path: Path) -> pl.DataFrame:
+    """The README's one-liner: the part files back in input order."""
+    return pl.read_parquet(path / "*.parquet").sort("input_index")
+
+
+def test_the_ray_engine_writes_what_a_local_run_writes(tmp_path: Path, ray_address: str) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"\n".join(_mixed_rows(2000)) + b"\n")
+    with mock_server_thread() as server:
+        local = run(_config(tmp_path, source, "local.parquet", server.url, concurrency=16), log=io.StringIO())
+        sent_locally = len(server.state.requests)
+        log = io.StringIO()
+        remote = run(_config(tmp_path, source, "ray-out", server.url, concurrency=16, engine="ray", ray_actors=2,
+                             ray_block_rows=150), log=log)  # fmt: skip
+    assert local.exit_code == remote.exit_code == EXIT_ROW_ERRORS, (local.message, remote.message)
+    assert len(server.state.requests) == 2 * sent_locally  # every good row sent once by each engine
+    expected = pl.read_parquet(tmp_path / "local.parquet")
+    got = _ray_output(tmp_path / "ray-out")
+    # The same schema (Arrow types included), plus the input position.
+    local_schema = pq.read_schema(tmp_path / "local.parquet")
+    ray_schema = pq.read_schema(next((tmp_path / "ray-out").glob("part-*.parquet")))
+    assert ray_schema.names == [*local_schema.names, "input_index"]
+    assert ray_schema.remove(ray_schema.get_field_index("input_index")).equals(local_schema, check_metadata=False)
+    assert got["input_index"].to_list() == list(range(2000))
+    assert got.height == expected.height == 2000
+    compared = [c for c in expected.columns if c not in VARYING]
+    assert got.select(compared).to_dicts() == expected.select(compared).to_dicts()
+    by_id = {row["id"]: row for row in got.to_dicts()}
+    assert by_id["r3"]["finish_reason"] == "tool_calls" and by_id["r3"]["tool_calls"][0]["function"]["name"] == "lookup"
+    assert "column 'temperature'" in by_id["r1500"]["error"] and "role" in by_id["r1700"]["error"]
+    assert "line 1236" in got.row(1234, named=True)["error"]  # the blank line counts; the id was unreadable
+    assert remote.stats.ok == 1997 and remote.stats.failed == 3
+    assert "2000 rows (3 error rows)" in remote.message
+
+
+def test_a_spent_retry_budget_gives_error_rows_and_never_a_failed_ray_job(tmp_path: Path, ray_address: str) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps({"prompt": f"p{i}"}) + b"\n" for i in range(300)))
+    with mock_server_thread() as server:
+        result = run(_config(tmp_path, source, "out", server.url, engine="ray", ray_actors=2, ray_block_rows=50,
+                             max_retries=1, headers={"x-mock-faults": "500,503,500"}), log=io.StringIO())  # fmt: skip
+    assert result.exit_code == EXIT_ROW_ERRORS, result.message
+    out = _ray_output(tmp_path / "out")
+    assert out.height == 300 and out["input_index"].to_list() == list(range(300))
+    assert set(out["status_code"].to_list()) == {503} and set(out["attempts"].to_list()) == {2}
+    assert len(server.state.requests) == 600  # two attempts per row, no more
+
+
+def test_a_finished_job_sends_nothing_again_and_a_changed_plan_is_refused(tmp_path: Path, ray_address: str) -> None:
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(120)]}), source, row_group_size=40)
+    with mock_server_thread() as server:
+        first = run(_config(tmp_path, source, "out", server.url, engine="ray", ray_block_rows=25), log=io.StringIO())
+        sent = len(server.state.requests)
+        again = run(_config(tmp_path, source, "out", server.url, engine="ray", ray_block_rows=25), log=io.StringIO())
+        with pytest.raises(OutputError, match="differs in: ray_block_rows"):
+            run(_config(tmp_path, source, "out", server.url, engine="ray", ray_block_rows=30), log=io.StringIO())
+        over = run(_config(tmp_path, source, "out", server.url, engine="ray", ray_block_rows=30, overwrite=True),
+                   log=io.StringIO())  # fmt: skip
+    assert first.exit_code == again.exit_code == over.exit_code == EXIT_OK
+    assert sent == 120 and len(server.state.requests) == 240  # the rerun sent nothing, the overwrite all
+    assert again.message.startswith("nothing to do") and again.stats.skipped == 120
+    assert _ray_output(tmp_path / "out")["input_index"].to_list() == list(range(120))
+
+
+def test_limit_then_the_rest(tmp_path: Path, ray_address: str) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps({"prompt": f"p{i}"}) + b"\n" for i in range(100)))
+    with mock_server_thread() as server:
+        part = run(_config(tmp_path, source, "out", server.url, engine="ray", ray_block_rows=30, limit=45),
+                   log=io.StringIO())  # fmt: skip
+        assert _ray_output(tmp_path / "out")["input_index"].to_list() == list(range(45))
+        rest = run(_config(tmp_path, source, "out", server.url, engine="ray", ray_block_rows=30), log=io.StringIO())
+    assert part.exit_code == rest.exit_code == EXIT_OK
+    assert _ray_output(tmp_path / "out")["input_index"].to_list() == list(range(100))
+    # The rerun sent the 55 rows not done, and again only the chunk the limit had cut short (30..44).
+    assert len(server.state.requests) == 45 + 55 + 15
+
+
+def test_uris_for_input_and_output(tmp_path: Path, ray_address: str) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps({"prompt": f"p{i}"}) + b"\n" for i in range(40)))
+    with mock_server_thread() as server:
+        settings = {"input": f"file://{source}", "output": f"file://{tmp_path}/uri-out", "base_url": server.url,
+                    "engine": "ray", "ray_block_rows": 10, "progress": False}
+        result = run(load_config(settings), log=io.StringIO())
+    assert result.exit_code == EXIT_OK, result.message
+    assert _ray_output(tmp_path / "uri-out")["content"].to_list() == [f"echo: p{i}" for i in range(40)]
+
+
+def _driver(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as sink:
+        return subprocess.Popen([sys.executable, "-m", "batchgen", "run", *args], stdout=sink, stderr=subprocess.STDOUT)
+
+
+def _wait_for(condition: Any, what: str, deadline_s: float = 60.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_kill_the_driver_then_rerun_every_row_once_and_nothing_written_sent_again(tmp_path: Path, ray_address: str) -> None:
+    rows = 3000
+    source = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": [f"prompt {i}" for i in range(rows)]}),
+                   source, row_group_size=500)  # fmt: skip
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text("backoff_base: 0.01\nbackoff_max: 0.02\n")
+    common = [str(job), "--engine", "ray", "--ray-address", ray_address, "--input", str(source), "--output", str(out),
+              "--concurrency", "16", "--ray-actors", "2", "--ray-block-rows", "100", "--no-progress"]  # fmt: skip
+    log = tmp_path / "driver.log"
+    with mock_server_thread(MockConfig(latency_ms=25)) as first_server:
+        driver = _driver([*common, "--base-url", first_server.url], log)
+        try:
+            _wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 5 or driver.poll() is not None, "5 parts")
+            assert driver.poll() is None, log.read_text()
+            os.kill(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=30)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        written = set(pl.read_parquet(out / "*.parquet")["id"].to_list())
+        assert 500 <= len(written) < rows
+    # The rerun sends to a server of its own: what the killed job's actors still send cannot count.
+    with mock_server_thread() as second_server:
+        rerun = _driver([*common, "--base-url", second_server.url], log)
+        assert rerun.wait(timeout=120) == 0, log.read_text()
+        resent = {prompt_of(body) for body in second_server.state.requests}
+    result = pl.read_parquet(out / "*.parquet").sort("input_index")
+    assert result["id"].to_list() == [f"r{i}" for i in range(rows)]  # every row, once, in input order
+    assert result["error"].null_count() == rows
+    assert not resent & {f"prompt {i[1:]}" for i in written}  # nothing already written was sent again
+    assert len(resent) == len(second_server.state.requests)  # and nothing twice
+    assert "rows already done" in log.read_text()
+
+
+def test_the_progress_board_and_summary_count_every_row(tmp_path: Path, ray_address: str) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps({"prompt": f"p{i}"}) + b"\n" for i in range(400)))
+    log = io.StringIO()
+    with mock_server_thread(MockConfig(latency_ms=5)) as server:
+        result: RunResult = run(_config(tmp_path, source, "out", server.url, engine="ray", ray_block_rows=50),
+                                log=log)  # fmt: skip
+    assert result.exit_code == EXIT_OK
+    usage = _ray_output(tmp_path / "out")["usage"]
+    assert result.stats.ok == 400 and result.stats.failed == 0
+    assert result.stats.output_tokens == usage.struct.field("completion_tokens").sum() > 0
+    assert result.stats.input_tokens == usage.struct.field("prompt_tokens").sum() > 0
+    assert "400 rows to send in 8 blocks" in log.getvalue()
+
+
+@pytest.mark.slow
+def test_when_every_server_is_gone_the_job_stops_unwritten_and_a_rerun_finishes_it(tmp_path: Path, ray_address: str) -> None:
+    import threading
+
+    rows = 2000
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps({"prompt": f"p{i}"}) + b"\n" for i in range(rows)))
+    results: list[RunResult | BaseException] = []
+    server = mock_server_thread(MockConfig(latency_ms=20))
+    url = server.__enter__().url
+    cfg = _config(tmp_path, source, "out", url, engine="ray", ray_actors=2, ray_block_rows=50, concurrency=8)
+
+    def drive() -> None:
+        try:
+            results.append(run(cfg, log=io.StringIO()))
+        except BaseException as exc:  # shown by the assertion below
+            results.append(exc)
+
+    job = threading.Thread(target=drive)
+    job.start()
+    try:
+        _wait_for(lambda: len(list((tmp_path / "out").glob("part-*.parquet"))) >= 4, "4 parts")
+    finally:
+        server.__exit__(None, None, None)  # the only server goes away mid-run
+    job.join(timeout=90)
+    (stopped,) = results
+    assert isinstance(stopped, RunResult), repr(stopped)
+    assert stopped.exit_code == 3 and "stopped answering" in stopped.message, stopped.message
+    kept = pl.read_parquet(tmp_path / "out" / "*.parquet")
+    assert kept["error"].null_count() == kept.height < rows  # no row was written as a connection error
+    with mock_server_thread() as again:
+        finished = run(_config(tmp_path, source, "out", again.url, engine="ray", ray_block_rows=50), log=io.StringIO())
+    assert finished.exit_code == EXIT_OK, finished.message
+    out = _ray_output(tmp_path / "out")
+    assert out["content"].to_list() == [f"echo: p{i}" for i in range(rows)]
+    assert len(again.state.requests) == rows - kept.height
