@@ -46,7 +46,7 @@ def generate(data: Any, **options: Any) -> pl.DataFrame:  # polars is imported h
         data: a polars DataFrame, a pyarrow Table or a list of dicts, with a `messages` or a
             `prompt` column (and optional per-row override columns, as for `batchgen run`).
         **options: any `batchgen run` setting: `base_url`, `model`, `max_tokens`, `temperature`,
-            `concurrency`, `stream`, ... (`input` and `output` are managed here).
+            `concurrency`, `stream`, `engine="ray"`, ... (`input` and `output` are managed here).
 
     Returns:
         A polars DataFrame with one row per input row: `id`, the input columns, `content`,
@@ -82,4 +82,6 @@ def generate(data: Any, **options: Any) -> pl.DataFrame:  # polars is imported h
                                      exit_code=result.exit_code)  # fmt: skip
         import polars as pl
 
+        if cfg.engine == "ray":  # a directory of parts: the same frame as a local run's file
+            return pl.read_parquet(Path(cfg.output) / "*.parquet").sort("input_index").drop("input_index")
         return pl.read_parquet(cfg.output)

@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ from batchgen.headers import check_headers, parse_header_lines
 from batchgen.retry import RetryPolicy
 
 if TYPE_CHECKING:
+    from batchgen.client_pool import ClientPool
     from batchgen.rows import RowMapper
 
 __all__ = ["RunConfig", "load_config", "read_yaml"]
@@ -184,6 +185,25 @@ class RunConfig:
             system_prompt=self.system_prompt,
             id_column=self.id_column,
             stream=self.stream,
+        )
+
+    def client_pool(self, specs: Sequence[EndpointSpec], api_key: str | None, *, concurrency: int | AutoConcurrency,
+                    on_event: Callable[[str], None] | None = None) -> ClientPool:  # fmt: skip
+        """The run's servers as one client, with this job's timeouts, retries, headers and health rules."""
+        from batchgen.client_pool import ClientPool  # aiohttp: only a run needs it
+
+        return ClientPool(
+            specs,
+            api_key,
+            concurrency=concurrency,
+            eject_after=self.eject_after,
+            on_event=on_event,
+            timeout=self.timeout,
+            read_timeout=self.read_timeout,
+            retry=self.retry_policy(),
+            max_response_bytes=self.max_response_bytes,
+            headers=self.headers,
+            request_id_header=self.request_id_header,
         )
 
     def retry_policy(self) -> RetryPolicy:

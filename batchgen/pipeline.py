@@ -258,19 +258,9 @@ async def _locked_run(cfg: RunConfig, *, log: TextIO) -> RunResult:
             )
     api_key = cfg.resolve_api_key()
     with serving_all(cfg.endpoint_specs()) as specs:
-        servers = ClientPool(
-            specs,
-            api_key,
-            concurrency=cfg.pool_concurrency(),
-            eject_after=cfg.eject_after,
-            on_event=lambda text: print(f"batchgen: {text}", file=log),  # the progress display's, once it runs
-            timeout=cfg.timeout,
-            read_timeout=cfg.read_timeout,
-            retry=cfg.retry_policy(),
-            max_response_bytes=cfg.max_response_bytes,
-            headers=cfg.headers,
-            request_id_header=cfg.request_id_header,
-        )
+        # The progress display takes over `on_event` once it runs.
+        servers = cfg.client_pool(specs, api_key, concurrency=cfg.pool_concurrency(),
+                                  on_event=lambda text: print(f"batchgen: {text}", file=log))  # fmt: skip
         async with servers:
             try:
                 mapper.model = await check_endpoints(servers, cfg.model, skip_bad=cfg.skip_bad_endpoints,

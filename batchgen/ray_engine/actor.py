@@ -159,19 +159,8 @@ class ChunkRunner:
             total = int(cfg.concurrency)
             specs = [dataclasses.replace(spec, concurrency=share(int(spec.concurrency or total), self._rank, job.actors))
                      for spec in job.specs]  # fmt: skip
-            servers = ClientPool(
-                specs,
-                job.api_key.value if job.api_key is not None else None,
-                concurrency=share(total, self._rank, job.actors),
-                eject_after=cfg.eject_after,
-                on_event=self._note,
-                timeout=cfg.timeout,
-                read_timeout=cfg.read_timeout,
-                retry=cfg.retry_policy(),
-                max_response_bytes=cfg.max_response_bytes,
-                headers=cfg.headers,
-                request_id_header=cfg.request_id_header,
-            )
+            api_key = job.api_key.value if job.api_key is not None else None
+            servers = cfg.client_pool(specs, api_key, concurrency=share(total, self._rank, job.actors), on_event=self._note)
             servers.on_lost = lambda message: self._control.drain(StopCause.LOST_SERVER, message)
             self._control.on_drain(self._wake_all)
             servers.start()

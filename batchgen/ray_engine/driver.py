@@ -28,7 +28,6 @@ from typing import Any, TextIO
 import pyarrow.compute as pc
 
 from batchgen._constants import ExitCode
-from batchgen.client_pool import ClientPool
 from batchgen.config import RunConfig
 from batchgen.endpoints import EndpointSpec, public_url
 from batchgen import errors
@@ -148,7 +147,7 @@ def run_on_ray(cfg: RunConfig, *, log: TextIO) -> Any:
 async def _ask_servers(cfg: RunConfig, specs: list[EndpointSpec], api_key: str | None,
                        log: TextIO) -> tuple[str, list[EndpointSpec]]:  # fmt: skip
     """The model, checked on every server as a local run does; the servers left (`--skip-bad-endpoints`)."""
-    async with ClientPool(specs, api_key, concurrency=1, timeout=cfg.timeout, headers=cfg.headers) as servers:
+    async with cfg.client_pool(specs, api_key, concurrency=1) as servers:
         model = await check_endpoints(servers, cfg.model, skip_bad=cfg.skip_bad_endpoints,
                                       warn=lambda text: print(f"batchgen: warning: {text}", file=log))  # fmt: skip
         kept = {e.url for e in servers.endpoints}
@@ -159,7 +158,7 @@ def _execute(ray: Any, job: Job, work: _Work, stats: RunStats, log: TextIO, resu
     cfg = job.cfg
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.WARNING,
+        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.ERROR,
                  log_to_driver=False)  # fmt: skip
     _quiet_ray_data(ray)
     try:
@@ -276,7 +275,7 @@ def _quiet_ray_data(ray: Any) -> None:
     for name in ("print_on_execution_start", "enable_operator_progress_bars"):
         if hasattr(context, name):
             setattr(context, name, False)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def _our_error(exc: BaseException) -> BatchgenError | None:

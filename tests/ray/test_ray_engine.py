@@ -258,3 +258,34 @@ def test_when_every_server_is_gone_the_job_stops_unwritten_and_a_rerun_finishes_
     out = _ray_output(tmp_path / "out")
     assert out["content"].to_list() == [f"echo: p{i}" for i in range(rows)]
     assert len(again.state.requests) == rows - kept.height
+
+
+def test_generate_on_ray_returns_the_frame_a_local_run_returns(ray_address: str) -> None:
+    from batchgen import generate
+
+    data = pl.DataFrame({"prompt": [f"item {i}" for i in range(60)], "tag": list(range(60))})
+    with mock_server_thread() as server:
+        local = generate(data, base_url=server.url)
+        remote = generate(data, base_url=server.url, engine="ray", ray_block_rows=7)
+    assert remote.columns == local.columns
+    assert remote.drop(["latency_s"]).equals(local.drop(["latency_s"]))
+
+
+def test_the_api_key_reaches_the_server_and_nothing_else(tmp_path: Path, ray_address: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import ray
+
+    key = "sk-ray-secret-4f1d9c0e2b7a"
+    monkeypatch.setenv("BATCHGEN_API_KEY", key)  # the driver's; the actors get it from the driver, not their env
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps({"prompt": f"p{i}"}) + b"\n" for i in range(50)))
+    log = io.StringIO()
+    with mock_server_thread(MockConfig(api_key=key)) as server:
+        result = run(_config(tmp_path, source, "out", server.url, engine="ray", ray_block_rows=20), log=log)
+    assert result.exit_code == EXIT_OK, result.message
+    places = [p for p in tmp_path.rglob("*") if p.is_file()]
+    session_logs = Path(ray._private.worker._global_node.get_session_dir_path())  # every Ray process's logs
+    places += [p for p in (session_logs / "logs").rglob("*") if p.is_file()]
+    assert len(places) > 10
+    assert not [p for p in places if key.encode() in p.read_bytes()]
+    assert key not in log.getvalue() and key not in result.message

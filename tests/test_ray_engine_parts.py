@@ -1,0 +1,63 @@
+"""The Ray engine's pure parts, without Ray: which chunks a run still owes, how concurrency is
+split over actors, and how an actor's batchgen error is told apart from Ray's wrapping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from batchgen.errors import InputError, OutputError
+from batchgen.io.blocks import Block
+from batchgen.ray_engine.actor import Secret, share
+from batchgen.ray_engine.driver import _our_error, _plan_work
+from batchgen.ray_engine.output import OutputDir, PartInfo
+
+
+def test_a_run_owes_the_chunks_without_a_whole_part() -> None:
+    blocks = [Block(0, 0, 25), Block(0, 25, 25), Block(0, 50, 7)]  # chunks of 10: 0 10 20 | 25 35 45 | 50
+    done = {0: PartInfo(10, 0), 10: PartInfo(10, 2), 25: PartInfo(10, 0), 35: PartInfo(10, 0), 45: PartInfo(5, 0)}
+    work = _plan_work(blocks, done, 10, None)
+    assert [(t["start"], t["skip"]) for t in work.tasks] == [(0, [0, 10]), (50, [])]
+    assert work.wanted == 57 and work.skipped == 10 + 10 + 10 + 10 + 5
+
+
+def test_a_limit_cuts_the_plan_and_a_short_part_is_done_again_without_it() -> None:
+    blocks = [Block(0, 0, 20), Block(0, 20, 20)]
+    limited = _plan_work(blocks, {}, 10, 15)
+    assert [(t["start"], t["skip"]) for t in limited.tasks] == [(0, [])] and limited.wanted == 15
+    after = _plan_work(blocks, {0: PartInfo(10, 0), 10: PartInfo(5, 0)}, 10, None)  # the limited run's parts
+    assert [(t["start"], t["skip"]) for t in after.tasks] == [(0, [0]), (20, [])] and after.skipped == 10
+
+
+@pytest.mark.parametrize(("total", "parts"), [(64, 2), (64, 3), (5, 8), (1, 1), (100, 7)])
+def test_concurrency_splits_evenly_and_every_actor_gets_one(total: int, parts: int) -> None:
+    shares = [share(total, rank, parts) for rank in range(parts)]
+    assert max(shares) - min(shares) <= 1 and min(shares) >= 1
+    assert sum(shares) == max(total, parts)
+
+
+def test_an_actors_batchgen_error_is_rebuilt_from_rays_text() -> None:
+    wrapped = RuntimeError("RayTaskError(UserCodeException): ...\n  File x\nbatchgen.errors.InputError: in.jsonl: holds other rows")
+    error = _our_error(wrapped)
+    assert isinstance(error, InputError) and str(error) == "in.jsonl: holds other rows"
+    assert _our_error(RuntimeError("ValueError: nothing of ours")) is None
+
+
+def test_the_key_never_shows_in_a_repr() -> None:
+    assert "sk-" not in repr(Secret("sk-123"))
+
+
+def test_an_output_directory_is_checked_against_its_plan(tmp_path: Path) -> None:
+    out = OutputDir(str(tmp_path / "out"))
+    out.prepare({"input": "a", "ray_block_rows": 10})
+    out.write(0, pa.table({"error": pa.array(["x", None, None], pa.string())}))
+    assert out.done() == {0: PartInfo(3, 1)}
+    with pytest.raises(OutputError, match="differs in: input"):
+        OutputDir(str(tmp_path / "out")).prepare({"input": "b", "ray_block_rows": 10})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not empty and holds no batchgen job"):
+        OutputDir(str(tmp_path / "other")).prepare({"input": "a"})
+    assert not list((tmp_path / "out").glob("_batchgen/tmp/*"))  # nothing half-written is left behind
