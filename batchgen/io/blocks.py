@@ -34,6 +34,7 @@ from batchgen.records import SourceRow
 
 __all__ = ["GROUP_SPLITS", "Block", "Chunk", "InputShape", "chunk_starts", "open_shape", "read_chunks"]
 
+_ID_BATCH = 65_536
 GROUP_SPLITS = 16  # blocks a large Parquet row group is split into, at most (see _split_group)
 _SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".ndjson.gz": "jsonl"}
 
@@ -151,6 +152,7 @@ class InputShape:
         blocks: list[Block] = []
         ids: list[Any] = []
         id_rows: list[int] = []
+        id_tables: list[pa.Table] = []  # ids as Arrow, a batch at a time: a Python list per row would hold GBs
         index = 0
         for number, file in enumerate(self.files):
             line_no, rows, begin, first_line = 0, 0, 0, 1
@@ -171,6 +173,9 @@ class InputShape:
                     if isinstance(obj, dict):
                         ids.append(obj.get(id_column))
                         id_rows.append(index)
+                        if len(ids) == _ID_BATCH:
+                            id_tables.append(_id_table(id_rows, ids))
+                            ids, id_rows = [], []
                 rows += 1
                 index += 1
                 if rows == chunk_rows:
@@ -180,8 +185,13 @@ class InputShape:
                 blocks.append(Block(number, index - rows, rows, begin, self.sizes[number], first_line))
         if id_column is None:
             return blocks, None
-        texts = [value if isinstance(value, str) or value is None else str(value) for value in ids]
-        return blocks, pa.table({"row": pa.array(id_rows, pa.int64()), "id": pa.array(texts, pa.string())})
+        return blocks, pa.concat_tables([*id_tables, _id_table(id_rows, ids)])
+
+
+def _id_table(rows: list[int], ids: list[Any]) -> pa.Table:
+    """Ids as `idcheck.find_duplicate_id` takes them: `row` (input index) and `id` as text."""
+    texts = [value if isinstance(value, str) or value is None else str(value) for value in ids]
+    return pa.table({"row": pa.array(rows, pa.int64()), "id": pa.array(texts, pa.string())})
 
 
 def _split_group(file: int, group: int, start: int, size: int, chunk_rows: int) -> list[Block]:

@@ -289,3 +289,21 @@ def test_the_api_key_reaches_the_server_and_nothing_else(tmp_path: Path, ray_add
     assert len(places) > 10
     assert not [p for p in places if key.encode() in p.read_bytes()]
     assert key not in log.getvalue() and key not in result.message
+
+
+def test_an_openai_batch_file_on_ray_answers_as_locally(tmp_path: Path, ray_address: str) -> None:
+    source = tmp_path / "batch.jsonl"
+    lines = [{"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "mock-model", "messages": [{"role": "user", "content": f"batch {i}"}], "max_tokens": 3 + i % 3}}
+             for i in range(30)]  # fmt: skip
+    lines[7]["url"] = "/v1/embeddings"  # not a chat completion: an error row that keeps its custom_id
+    source.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    with mock_server_thread() as server:
+        local = run(_config(tmp_path, source, "local.parquet", server.url, input_format="openai-batch"), log=io.StringIO())
+        remote = run(_config(tmp_path, source, "out", server.url, input_format="openai-batch", engine="ray",
+                             ray_block_rows=4), log=io.StringIO())  # fmt: skip
+    assert local.exit_code == remote.exit_code == EXIT_ROW_ERRORS
+    expected = pl.read_parquet(tmp_path / "local.parquet").drop(sorted(VARYING))
+    got = _ray_output(tmp_path / "out").drop([*sorted(VARYING), "input_index"])
+    assert got.equals(expected)
+    assert got["id"].to_list() == [f"req-{i}" for i in range(30)] and "url" in got.row(7, named=True)["error"]
