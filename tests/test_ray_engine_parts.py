@@ -61,3 +61,46 @@ def test_an_output_directory_is_checked_against_its_plan(tmp_path: Path) -> None
     with pytest.raises(OutputError, match="not empty and holds no batchgen job"):
         OutputDir(str(tmp_path / "other")).prepare({"input": "a"})
     assert not list((tmp_path / "out").glob("_batchgen/tmp/*"))  # nothing half-written is left behind
+
+
+async def test_an_actor_retrying_a_block_sends_only_the_chunks_not_yet_written(tmp_path: Path) -> None:
+    """ChunkRunner is a plain class: here it runs in this process against an in-process mock,
+    as Ray runs it in an actor. A block given again (Ray retries it when its actor died) skips the
+    chunks whose parts exist, so their rows are not sent twice."""
+    import orjson
+    import polars as pl
+
+    from batchgen.config import load_config
+    from batchgen.io.blocks import open_shape
+    from batchgen.io.schema import OutputLayout
+    from batchgen.ray_engine.actor import SUMMARY_SCHEMA, ChunkRunner, Job
+    from batchgen.ray_engine.output import INPUT_INDEX
+    from batchgen.endpoints import EndpointSpec
+    from batchgen.testing.mock_server import MockServer
+
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps({"prompt": f"p{i}"}) + b"\n" for i in range(30)))
+    shape = open_shape(str(source))
+    (block,), _ = shape.plan(30)  # one block of 30 rows: 3 chunks of 10
+    async with MockServer() as server:
+        cfg = load_config({"input": str(source), "output": str(tmp_path / "out"), "engine": "ray", "ray_block_rows": 10,
+                           "concurrency": 4, "base_url": server.url})  # fmt: skip
+        output = OutputDir(cfg.output)
+        output.prepare({"input": str(source)})
+        layout = OutputLayout.of(shape.passthrough_schema, None, reserved=(INPUT_INDEX,))
+        job = Job(cfg, shape, layout, output, (EndpointSpec(url=server.url),), "mock-model", None, actors=1)
+        task = {"file": 0, "start": 0, "rows": 30, "begin": block.begin, "end": block.end,
+                "first_line": block.first_line, "row_groups": [], "skip": []}  # fmt: skip
+        runner = ChunkRunner(job)
+        first = await runner(pa.Table.from_pylist([task]))
+        await runner.aclose()
+        assert first.schema == SUMMARY_SCHEMA and first.column("rows").to_pylist() == [10, 10, 10]
+        (tmp_path / "out" / "part-000000000010.parquet").unlink()  # as if the actor died before writing it
+        server.state.reset()
+        runner = ChunkRunner(job)
+        again = await runner(pa.Table.from_pylist([task]))
+        await runner.aclose()
+    assert again.column("start").to_pylist() == [10]
+    assert sorted(body["messages"][0]["content"] for body in server.state.requests) == [f"p{i}" for i in range(10, 20)]
+    out = pl.read_parquet(tmp_path / "out" / "*.parquet").sort(INPUT_INDEX)
+    assert out["content"].to_list() == [f"echo: p{i}" for i in range(30)]

@@ -32,7 +32,7 @@ from batchgen.io.parquet import common_schema
 from batchgen.io.storage import Location, shown
 from batchgen.records import SourceRow
 
-__all__ = ["GROUP_SPLITS", "Block", "Chunk", "InputShape", "chunk_starts", "open_shape", "read_chunks"]
+__all__ = ["GROUP_SPLITS", "Block", "Chunk", "InputShape", "chunk_sizes", "chunk_starts", "open_shape", "read_chunks"]
 
 _ID_BATCH = 65_536
 GROUP_SPLITS = 16  # blocks a large Parquet row group is split into, at most (see _split_group)
@@ -74,6 +74,12 @@ class Chunk:
 def chunk_starts(block: Block, chunk_rows: int) -> list[int]:
     """The input index of each chunk of `block`."""
     return list(range(block.start, block.start + block.rows, chunk_rows))
+
+
+def chunk_sizes(block: Block, chunk_rows: int, limit: int | None = None) -> list[tuple[int, int]]:
+    """`(start, rows)` of each chunk of `block` with rows below `limit` (the last one cut short by it)."""
+    end = block.start + block.rows if limit is None else min(block.start + block.rows, limit)
+    return [(start, min(start + chunk_rows, end) - start) for start in chunk_starts(block, chunk_rows) if start < end]
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +316,7 @@ def _parquet_chunks(shape: InputShape, file: Location, block: Block, chunk_rows:
 
 
 def _jsonl_chunks(shape: InputShape, file: Location, block: Block, chunk_rows: int, skip: frozenset[int]) -> Iterator[Chunk]:
-    if block.start in skip:
+    if all(start in skip for start in chunk_starts(block, chunk_rows)):
         return
     decoder: LineDecoder = DECODERS[shape.format](shape.passthrough_schema, shape.json_columns)
     data = file.read_range(block.begin, block.end)
@@ -319,12 +325,13 @@ def _jsonl_chunks(shape: InputShape, file: Location, block: Block, chunk_rows: i
     lines = [line + b"\n" for line in whole]
     if last:
         lines.append(last)  # the file's last line, without a newline of its own
-    rows = [
-        decoder.decode(block.start + index, where, raw)
-        for index, where, raw in split_lines(iter(lines), block.first_line)
-    ]
-    if len(rows) != block.rows:
+    raw = list(split_lines(iter(lines), block.first_line))
+    if len(raw) != block.rows:
         raise InputError(f"{file.text}: holds other rows than when the job was planned; was it changed?")
-    rows = decoder.check_types(rows)
-    table = pa.Table.from_pylist([decoder.passthrough_values(row) for row in rows], schema=shape.passthrough_schema)
-    yield Chunk(block.start, rows, table)
+    for offset in range(0, block.rows, chunk_rows):
+        start = block.start + offset
+        if start in skip:
+            continue
+        rows = decoder.check_types([decoder.decode(start + i, where, line) for i, where, line in raw[offset : offset + chunk_rows]])
+        table = pa.Table.from_pylist([decoder.passthrough_values(row) for row in rows], schema=shape.passthrough_schema)
+        yield Chunk(start, rows, table)

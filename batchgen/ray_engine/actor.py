@@ -28,7 +28,7 @@ from batchgen.config import RunConfig
 from batchgen.control import RunControl, StopCause
 from batchgen.endpoints import EndpointSpec
 from batchgen.feed import row_item
-from batchgen.io.blocks import Block, Chunk, InputShape, read_chunks
+from batchgen.io.blocks import Block, Chunk, InputShape, chunk_sizes, read_chunks
 from batchgen.io.parts import storable_table
 from batchgen.io.schema import INDEX_COLUMN, OutputLayout, state_schema
 from batchgen.progress import RunStats
@@ -139,13 +139,29 @@ class ChunkRunner:
         for task in batch.to_pylist():
             skip = frozenset(task.pop("skip") or ())
             task["row_groups"] = tuple(task["row_groups"] or ())
+            block = Block(**task)
+            # Ray retries a block whose actor died: the chunks that actor wrote are not sent again.
+            skip |= await asyncio.to_thread(self._written, block, skip)
             try:
-                summaries.extend(await self._run_block(Block(**task), skip))
+                summaries.extend(await self._run_block(block, skip))
             except _ServersLost as lost:
                 # An answer, not an exception: Ray would wrap it, and the driver must tell it apart.
                 summaries.append({"stopped": str(lost)})
                 break
         return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
+
+    async def aclose(self) -> None:
+        """Stop the workers and close the connections (Ray ends an actor with its process; tests call this)."""
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        if self._servers is not None:
+            await self._servers.aclose()
+
+    def _written(self, block: Block, skip: frozenset[int]) -> frozenset[int]:
+        sizes = chunk_sizes(block, self.job.cfg.ray_block_rows, self.job.limit)
+        return frozenset(start for start, rows in sizes if start not in skip and self.job.output.written(start, rows))
 
     async def _start(self) -> None:
         if self._starting is None:

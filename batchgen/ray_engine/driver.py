@@ -33,14 +33,14 @@ from batchgen.endpoints import EndpointSpec, public_url
 from batchgen import errors
 from batchgen.errors import BatchgenError, ConfigError, InputError, ServerUnusableError
 from batchgen.idcheck import find_duplicate_id
-from batchgen.io.blocks import Block, InputShape, chunk_starts, open_shape
+from batchgen.io.blocks import Block, InputShape, chunk_sizes, open_shape
 from batchgen.io.files import output_lock
 from batchgen.io.schema import OutputLayout
 from batchgen.io.storage import is_uri
 from batchgen.progress import Progress, RunStats
 from batchgen.ray_engine.actor import CALLS_PER_ACTOR, ChunkRunner, Job, Secret
 from batchgen.ray_engine.board import ProgressBoard
-from batchgen.ray_engine.output import INPUT_INDEX, OutputDir, PartInfo
+from batchgen.ray_engine.output import INPUT_INDEX, OutputDir, PartInfo, holds_chunk
 from batchgen.servers import check_endpoints, serving_all
 
 __all__ = ["RAY_INSTALL_HINT", "run_on_ray"]
@@ -75,15 +75,10 @@ def _plan_work(blocks: list[Block], done: dict[int, PartInfo], chunk_rows: int, 
     for block in blocks:
         if limit is not None and block.start >= limit:
             break
-        end = block.start + block.rows if limit is None else min(block.start + block.rows, limit)
         skip, todo = [], 0
-        for start in chunk_starts(block, chunk_rows):
-            if start >= end:
-                break
-            rows = min(start + chunk_rows, end) - start
+        for start, rows in chunk_sizes(block, chunk_rows, limit):
             wanted += rows
-            # A part from a run with a smaller --limit holds fewer rows: that chunk is done again.
-            if start in done and done[start].rows >= rows:
+            if holds_chunk(done.get(start), rows):
                 skip.append(start)
                 skipped += rows
             else:

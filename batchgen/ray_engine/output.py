@@ -28,7 +28,7 @@ from batchgen.io.parts import DICTIONARY_PAGE_BYTES
 from batchgen.io.storage import Location
 from batchgen.records import ERROR_COLUMN
 
-__all__ = ["INPUT_INDEX", "OutputDir", "PartInfo"]
+__all__ = ["INPUT_INDEX", "OutputDir", "PartInfo", "holds_chunk"]
 
 INPUT_INDEX = "input_index"  # each row's position in the input: `sort("input_index")` gives input order
 _PART = re.compile(r"part-(\d{12})\.parquet")
@@ -97,20 +97,34 @@ class OutputDir:
         found: dict[int, PartInfo] = {}
         for part in self.root.files(".parquet"):
             match = _PART.fullmatch(part.path.rsplit("/", 1)[-1])
-            if match is None:
-                continue
-            with part.open_read() as file:
-                try:
-                    meta = pq.read_metadata(file)
-                except (OSError, pa.ArrowException) as exc:
-                    raise OutputError(f"{part.text}: not a readable part file ({exc}); remove it to redo its rows") from exc
-            found[int(match.group(1))] = PartInfo(meta.num_rows, _non_null_count(meta, ERROR_COLUMN))
+            if match is not None:
+                found[int(match.group(1))] = _part_info(part)
         return found
+
+    def written(self, start: int, rows: int) -> bool:
+        """Whether the chunk of `rows` rows starting at `start` already has its part (an actor retrying a block asks)."""
+        part = self.part(start)
+        return part.exists() and holds_chunk(_part_info(part), rows)
 
     def write(self, start: int, table: pa.Table) -> None:
         """The part of the chunk starting at input row `start`, whole or not at all."""
         with self.part(start).writing(self._scratch) as file:
             pq.write_table(table, file, write_statistics=True, dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES)
+
+
+def holds_chunk(part: PartInfo | None, rows: int) -> bool:
+    """A part holds its chunk when it has all of the chunk's rows: one from a run with a smaller
+    `--limit` holds fewer, and the chunk is done again (its new part replaces the short one)."""
+    return part is not None and part.rows >= rows
+
+
+def _part_info(part: Location) -> PartInfo:
+    with part.open_read() as file:
+        try:
+            meta = pq.read_metadata(file)
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputError(f"{part.text}: not a readable part file ({exc}); remove it to redo its rows") from exc
+    return PartInfo(meta.num_rows, _non_null_count(meta, ERROR_COLUMN))
 
 
 def _non_null_count(meta: pq.FileMetaData, column: str) -> int:
