@@ -230,8 +230,7 @@ async def run_async(cfg: RunConfig, *, log: TextIO | None = None) -> RunResult:
     if cfg.engine == "ray":  # Ray's driver API blocks: it runs beside this loop
         from batchgen.ray_engine import run_on_ray
 
-        result: RunResult = await asyncio.to_thread(run_on_ray, cfg, log=log or sys.stderr)
-        return result
+        return await asyncio.to_thread(run_on_ray, cfg, log=log or sys.stderr)
     with lean_gc():
         return await _run_async(cfg, log=log or sys.stderr)
 
@@ -282,6 +281,5 @@ def run(cfg: RunConfig, *, log: TextIO | None = None) -> RunResult:
     if cfg.engine == "ray":
         from batchgen.ray_engine import run_on_ray
 
-        result: RunResult = run_on_ray(cfg, log=log or sys.stderr)
-        return result
+        return run_on_ray(cfg, log=log or sys.stderr)
     return asyncio.run(run_async(cfg, log=log))

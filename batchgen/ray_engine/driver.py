@@ -37,6 +37,7 @@ from batchgen.io.blocks import Block, InputShape, chunk_sizes, open_shape
 from batchgen.io.files import output_lock
 from batchgen.io.schema import OutputLayout
 from batchgen.io.storage import is_uri
+from batchgen.pipeline import RESUME_HINT, RunResult  # the one result of every engine
 from batchgen.progress import Progress, RunStats
 from batchgen.ray_engine.actor import CALLS_PER_ACTOR, ChunkRunner, Job, Secret
 from batchgen.ray_engine.board import ProgressBoard
@@ -48,7 +49,6 @@ __all__ = ["RAY_INSTALL_HINT", "run_on_ray"]
 RAY_INSTALL_HINT = "the Ray engine needs Ray Data: pip install 'batchgen[ray]'"
 POLL_EVERY_S = 0.5
 _RAISED = re.compile(r"batchgen\.errors\.(\w+): (.*)")
-RESUME_HINT = "; rerun the same command to resume"
 
 
 def _import_ray() -> Any:
@@ -99,15 +99,13 @@ def _manifest(shape: InputShape, chunk_rows: int, id_column: str | None) -> dict
     }
 
 
-def run_on_ray(cfg: RunConfig, *, log: TextIO) -> Any:
-    """Run `cfg` on Ray (a local one, or the cluster at `cfg.ray_address`); returns a `RunResult`.
+def run_on_ray(cfg: RunConfig, *, log: TextIO) -> RunResult:
+    """Run `cfg` on Ray (a local one, or the cluster at `cfg.ray_address`).
 
     Raises:
         ConfigError: Ray is not installed (nothing sent), or a bad setting.
         InputError / OutputError: before anything is sent, or when the input changed mid-run.
     """
-    from batchgen.pipeline import RunResult  # the one result type of every engine
-
     ray = _import_ray()
     shape = open_shape(cfg.input, cfg.input_format)
     mapper = cfg.row_mapper(shape.columns, shape.format)
@@ -127,7 +125,7 @@ def run_on_ray(cfg: RunConfig, *, log: TextIO) -> Any:
         work = _plan_work(blocks, output.done(), cfg.ray_block_rows, cfg.limit)
         stats = RunStats(skipped=work.skipped)
         if not work.tasks:
-            return _finished(RunResult, output, stats, work, nothing_to_do=True)
+            return _finished(output, stats, nothing_to_do=True)
         api_key = cfg.resolve_api_key()
         with serving_all(cfg.endpoint_specs()) as specs:
             try:
@@ -136,7 +134,7 @@ def run_on_ray(cfg: RunConfig, *, log: TextIO) -> Any:
                 return RunResult(ExitCode.FATAL, stats, output.text, str(exc))
             job = Job(cfg, shape, layout, output, tuple(kept), model, Secret(api_key) if api_key else None, actors=1,
                       limit=cfg.limit)  # fmt: skip
-            return _execute(ray, job, work, stats, log, RunResult)
+            return _execute(ray, job, work, stats, log)
 
 
 async def _ask_servers(cfg: RunConfig, specs: list[EndpointSpec], api_key: str | None,
@@ -149,12 +147,16 @@ async def _ask_servers(cfg: RunConfig, specs: list[EndpointSpec], api_key: str |
     return model, [spec for spec in specs if public_url(spec.url) in kept]
 
 
-def _execute(ray: Any, job: Job, work: _Work, stats: RunStats, log: TextIO, result_type: Any) -> Any:
+def _execute(ray: Any, job: Job, work: _Work, stats: RunStats, log: TextIO) -> RunResult:
     cfg = job.cfg
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.ERROR,
-                 log_to_driver=False)  # fmt: skip
+        try:
+            ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.ERROR,
+                     log_to_driver=False)  # fmt: skip
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "a local Ray"
+            return RunResult(ExitCode.FATAL, stats, job.output.text, f"cannot start or reach {where}: {exc}")
     _quiet_ray_data(ray)
     try:
         cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -185,8 +187,8 @@ def _execute(ray: Any, job: Job, work: _Work, stats: RunStats, log: TextIO, resu
                         lost = str(stopped[0])
                         break
         except KeyboardInterrupt:
-            return result_type(ExitCode.INTERRUPTED, stats, job.output.text,
-                               f"interrupted: {stats.done} rows sent{RESUME_HINT}")  # fmt: skip
+            saved = written["rows"]
+            return RunResult(ExitCode.INTERRUPTED, stats, job.output.text, f"interrupted: {saved} rows saved{RESUME_HINT}")
         except Exception as exc:
             ours = _our_error(exc)
             if ours is not None:
@@ -197,14 +199,14 @@ def _execute(ray: Any, job: Job, work: _Work, stats: RunStats, log: TextIO, resu
         stats.ok, stats.failed = written["rows"] - written["errors"], written["errors"]
         stats.input_tokens, stats.output_tokens = written["input_tokens"], written["output_tokens"]
         if lost is not None:
-            return result_type(ExitCode.FATAL, stats, job.output.text, f"{lost}; {stats.done} rows saved{RESUME_HINT}")
-        return _finished(result_type, job.output, stats, work)
+            return RunResult(ExitCode.FATAL, stats, job.output.text, f"{lost}; {stats.done} rows saved{RESUME_HINT}")
+        return _finished(job.output, stats)
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _finished(result_type: Any, output: OutputDir, stats: RunStats, work: _Work, *, nothing_to_do: bool = False) -> Any:
+def _finished(output: OutputDir, stats: RunStats, *, nothing_to_do: bool = False) -> RunResult:
     parts = output.done()
     rows = sum(p.rows for p in parts.values())
     errors = sum(p.errors for p in parts.values())
@@ -213,7 +215,7 @@ def _finished(result_type: Any, output: OutputDir, stats: RunStats, work: _Work,
         message = f"nothing to do: every row is already in {output.text} ({errors} error rows)"
     else:
         message = f"{output.text} holds {rows} rows ({errors} error rows) in {len(parts)} part files"
-    return result_type(code, stats, output.text, message)
+    return RunResult(code, stats, output.text, message)
 
 
 @contextlib.contextmanager
