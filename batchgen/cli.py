@@ -101,7 +101,8 @@ def _add_run_parser(commands: Any, *, full: bool) -> None:
     sampling.add_argument("--extra", type=json_object, metavar="JSON", help='extra body fields, e.g. \'{"min_p": 0.05}\'')
     engine = parser.add_argument_group("engine (see README, Running on a Ray cluster)")
     engine.add_argument("--engine", choices=C.ENGINES, help="local (default): this process; ray: actors on a Ray cluster")
-    engine.add_argument("--ray-address", metavar="ADDRESS", help="a running cluster (ray start --head); default: a local Ray")
+    engine.add_argument("--ray-address", metavar="ADDRESS", help="a running cluster (ray start --head); default: $RAY_ADDRESS, or a cluster "
+                        "`ray start` began on this machine, else a local Ray for the job")
     engine.add_argument("--ray-actors", type=int, metavar="N", help="actors sending requests (default: one per CPU of the cluster)")
     engine.add_argument("--ray-block-rows", type=int, metavar="N",
                         help=f"rows per output part file, the unit of resume (default {C.DEFAULT_RAY_BLOCK_ROWS})")

@@ -84,7 +84,7 @@ class RunConfig:
     flush_rows: int = C.DEFAULT_FLUSH_ROWS
     journal_seconds: float = C.DEFAULT_JOURNAL_SECONDS
     engine: str = "local"  # or "ray": the same job on a Ray cluster (batchgen.ray_engine)
-    ray_address: str | None = None  # None: a local Ray, started for the job
+    ray_address: str | None = None  # None: Ray's own default ($RAY_ADDRESS, a `ray start` cluster here, else a new local one)
     ray_actors: int | None = None  # None: one per CPU of the cluster
     ray_block_rows: int = C.DEFAULT_RAY_BLOCK_ROWS  # rows per output part file: the unit of resume
     ray_actor_cpus: float = C.DEFAULT_RAY_ACTOR_CPUS  # what each actor reserves (it mostly waits on the network)

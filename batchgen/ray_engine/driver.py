@@ -21,6 +21,7 @@ import logging
 import re
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -48,6 +49,11 @@ __all__ = ["RAY_INSTALL_HINT", "run_on_ray"]
 
 RAY_INSTALL_HINT = "the Ray engine needs Ray Data: pip install 'batchgen[ray]'"
 POLL_EVERY_S = 0.5
+# `ray start` in Ray 2.60 turns token authentication on; a client only sends the token when asked to.
+_AUTH_HINT = (
+    "; if the cluster uses token authentication (as `ray start` of Ray 2.60 does by default), run with "
+    "RAY_AUTH_MODE=token and the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN"
+)
 _RAISED = re.compile(r"batchgen\.errors\.(\w+): (.*)")
 
 
@@ -155,8 +161,9 @@ def _execute(ray: Any, job: Job, work: _Work, stats: RunStats, log: TextIO) -> R
             ray.init(address=cfg.ray_address, include_dashboard=False, logging_level=logging.ERROR,
                      log_to_driver=False)  # fmt: skip
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "a local Ray"
-            return RunResult(ExitCode.FATAL, stats, job.output.text, f"cannot start or reach {where}: {exc}")
+            where = f"the Ray cluster at {cfg.ray_address}" if cfg.ray_address else "a Ray cluster"
+            return RunResult(ExitCode.FATAL, stats, job.output.text, f"cannot start or reach {where}: {exc}{_AUTH_HINT}")
+    ready_after = time.perf_counter() - stats.started
     _quiet_ray_data(ray)
     try:
         cluster_cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -173,7 +180,9 @@ def _execute(ray: Any, job: Job, work: _Work, stats: RunStats, log: TextIO) -> R
             fn_constructor_kwargs={"job": job},
         )  # fmt: skip
         print(f"batchgen: Ray engine: {work.wanted - work.skipped} rows to send in {len(work.tasks)} blocks "
-              f"over {actors} actors{f', {work.skipped} rows already done' if work.skipped else ''}", file=log)  # fmt: skip
+              f"over {actors} actors{f', {work.skipped} rows already done' if work.skipped else ''} "
+              f"(Ray ready after {ready_after:.1f} s)", file=log)  # fmt: skip
+        stats.started = time.perf_counter()  # rows/s from here: the sending, not Ray's start-up
         progress = Progress(stats, work.wanted - work.skipped, enabled=cfg.progress, stream=log)
         written = dict.fromkeys(("rows", "errors", "input_tokens", "output_tokens"), 0)  # exact, from the chunks
         lost: str | None = None
