@@ -25,6 +25,7 @@ SKIP_MODULES = {"batchgen.__main__"}  # importing it runs the CLI
 INTERNAL = {
     "batchgen.rows._ColumnError": "caught in rows.py and turned into that row's error record",
     "batchgen.testing.mock_replies.RequestRejected": "the mock server's; it answers an HTTP error with it",
+    "batchgen.ray_engine.actor._ServersLost": "caught in the same actor and answered as a 'stopped' summary row",
 }
 
 

@@ -1,4 +1,4 @@
-"""A local Ray for tests/ray: `ray.init(num_cpus=2)` once per session, stopped at the end.
+"""A local Ray for tests/ray: `ray.init(num_cpus=2)` once for this folder, stopped after it.
 
 Without the `ray` extra every test here is skipped with the install command; with
 `BATCHGEN_REQUIRE_RAY=1` (as `.ci/run` sets it) they fail instead, so CI cannot go green without
@@ -19,9 +19,10 @@ import pytest
 INSTALL_HINT = "install the Ray extra: .venv/bin/pip install -e '.[dev,ray]'"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_address() -> Iterator[str]:
-    """The address of the session's local Ray cluster (2 CPUs)."""
+    """The address of a local Ray cluster (2 CPUs) for tests/ray, stopped after them: its connection's
+    threads and fds must not linger into tests that count them (tests/reliability)."""
     if importlib.util.find_spec("ray") is None:
         if os.environ.get("BATCHGEN_REQUIRE_RAY") == "1":
             pytest.fail(f"BATCHGEN_REQUIRE_RAY=1 but Ray is not installed; {INSTALL_HINT}")

@@ -307,3 +307,28 @@ def test_an_openai_batch_file_on_ray_answers_as_locally(tmp_path: Path, ray_addr
     got = _ray_output(tmp_path / "out").drop([*sorted(VARYING), "input_index"])
     assert got.equals(expected)
     assert got["id"].to_list() == [f"req-{i}" for i in range(30)] and "url" in got.row(7, named=True)["error"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_driver_cleanly_and_the_rerun_finishes(tmp_path: Path, ray_address: str) -> None:
+    rows = 2000
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps({"prompt": f"p{i}"}) + b"\n" for i in range(rows)))
+    out = tmp_path / "out"
+    common = ["--engine", "ray", "--ray-address", ray_address, "--input", str(source), "--output", str(out),
+              "--concurrency", "8", "--ray-block-rows", "100", "--no-progress"]  # fmt: skip
+    log = tmp_path / "driver.log"
+    with mock_server_thread(MockConfig(latency_ms=25)) as server:
+        driver = _driver([*common, "--base-url", server.url], log)
+        try:
+            _wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 2 or driver.poll() is not None, "2 parts")
+            driver.send_signal(signal.SIGTERM)
+            assert driver.wait(timeout=60) == 130, log.read_text()
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        assert "interrupted:" in log.read_text() and "rerun the same command to resume" in log.read_text()
+        rerun = _driver([*common, "--base-url", server.url], log)
+        assert rerun.wait(timeout=120) == 0, log.read_text()
+    result = _ray_output(out)
+    assert result["content"].to_list() == [f"echo: p{i}" for i in range(rows)]
