@@ -25,6 +25,10 @@ ENGINES = ("local", "ray")  # `--engine`: this process, or actors on a Ray clust
 DEFAULT_RAY_BLOCK_ROWS = 1_000  # rows per part file of the Ray engine: what a crash can cost per chunk in flight
 DEFAULT_RAY_ACTOR_CPUS = 0.25  # an actor mostly waits on the network; 1 CPU each starved the reader on 2 cores
 
+OUTPUT_FORMATS = ("parquet", "jsonl", "openai-batch")  # openai-batch: the lines OpenAI's Batch API and `vllm run-batch` write
+LENGTH_CHECKS = ("off", "estimate", "exact")  # before sending, against the server's max_model_len
+DEFAULT_MIN_ROWS_FOR_ERROR_RATE = 100
+
 MOCK_URL = "mock"  # a base_url that starts the built-in mock server for the duration of the job
 # The input formats and the class that reads each (`module:Class`, imported when used): adding a
 # format is a reader module in batchgen/io/ and one line here.
@@ -43,6 +47,7 @@ class ExitCode(enum.IntEnum):
     ROW_ERRORS = 1
     CONFIG = 2
     FATAL = 3
+    STOPPED = 4
     INTERRUPTED = 130
 
 
@@ -51,5 +56,6 @@ EXIT_CODE_MEANINGS = {
     ExitCode.ROW_ERRORS: "completed with some error rows",
     ExitCode.CONFIG: "config or input error (nothing sent), or the output could not be written (finished rows stay on disk)",
     ExitCode.FATAL: "a server could not be used, or every server stopped answering mid-run (rerun to resume)",
+    ExitCode.STOPPED: "stopped by a limit: --max-error-rate, --max-duration or --max-cost (rerun to resume)",
     ExitCode.INTERRUPTED: "interrupted by Ctrl-C or SIGTERM (rerun to resume)",
 }

@@ -56,9 +56,12 @@ def _add_run_parser(commands: Any, *, full: bool) -> None:
     )
     parser.add_argument("config", nargs="?", help="YAML job config (optional)")
     io = parser.add_argument_group("input and output")
-    io.add_argument("--input", metavar="PATH", help=".parquet, .jsonl, .jsonl.gz, a directory or a glob of Parquet files")
+    io.add_argument("-i", "--input", metavar="PATH", help=".parquet, .jsonl, .jsonl.gz, a directory or a glob of Parquet files")
     io.add_argument("--input-format", choices=C.INPUT_FORMATS, help="default: from the suffix")
-    io.add_argument("--output", metavar="PATH", help=".parquet or .jsonl")
+    io.add_argument("-o", "--output", metavar="PATH", help=".parquet or .jsonl")
+    io.add_argument("--output-format", choices=C.OUTPUT_FORMATS,
+                    help="default: from the suffix; a .jsonl output of an openai-batch input is openai-batch "
+                         "(OpenAI's and vllm run-batch's output lines)")  # fmt: skip
     io.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
     io.add_argument("--overwrite", action="store_true", help="discard earlier results and start over")
     io.add_argument("--retry-failed", action="store_true", help="re-send only the rows that ended as errors")
@@ -99,6 +102,22 @@ def _add_run_parser(commands: Any, *, full: bool) -> None:
     sampling.add_argument("--stop", action="append", metavar="TEXT", help="repeatable")
     sampling.add_argument("--seed", type=int)
     sampling.add_argument("--extra", type=json_object, metavar="JSON", help='extra body fields, e.g. \'{"min_p": 0.05}\'')
+    controls = parser.add_argument_group("run controls (see README, Run controls)")
+    controls.add_argument("--max-requests-per-minute", type=float, metavar="N", help="a client-side quota (hosted APIs)")
+    controls.add_argument("--max-tokens-per-minute", type=float, metavar="N",
+                          help="a client-side quota: prompt + max_tokens, corrected by the usage that comes back")
+    controls.add_argument("--check-length", choices=C.LENGTH_CHECKS,
+                          help="rows that cannot fit the server's max_model_len become error rows unsent (default "
+                               "estimate; exact asks the server's /tokenize)")  # fmt: skip
+    controls.add_argument("--max-error-rate", type=float, metavar="R", help="stop when this fraction of rows failed")
+    controls.add_argument("--min-rows-for-error-rate", type=int, metavar="N",
+                          help=f"rows done before --max-error-rate applies (default {C.DEFAULT_MIN_ROWS_FOR_ERROR_RATE})")
+    controls.add_argument("--max-duration", type=float, metavar="SECONDS", help="stop cleanly then; a rerun resumes")
+    controls.add_argument("--max-cost", type=float, metavar="AMOUNT", help="stop when the spent cost reaches it")
+    controls.add_argument("--price-input", type=float, metavar="PRICE", help="per million input tokens")
+    controls.add_argument("--price-output", type=float, metavar="PRICE", help="per million output tokens")
+    controls.add_argument("--dry-run", action="store_true",
+                          help="print rows, estimated tokens, cost and time; send nothing")
     engine = parser.add_argument_group("engine (see README, Running on a Ray cluster)")
     engine.add_argument("--engine", choices=C.ENGINES, help="local (default): this process; ray: actors on a Ray cluster")
     engine.add_argument("--ray-address", metavar="ADDRESS", help="a running cluster (ray start --head); default: $RAY_ADDRESS, or a cluster "

@@ -83,6 +83,18 @@ class RunConfig:
     flush_seconds: float = C.DEFAULT_FLUSH_SECONDS
     flush_rows: int = C.DEFAULT_FLUSH_ROWS
     journal_seconds: float = C.DEFAULT_JOURNAL_SECONDS
+    output_format: str | None = None  # None: from the suffix (.jsonl with an openai-batch input: openai-batch)
+    max_requests_per_minute: float | None = None  # client-side quotas, for hosted APIs
+    max_tokens_per_minute: float | None = None
+    check_length: str = "estimate"  # rows that cannot fit the server's max_model_len become error rows unsent
+    max_error_rate: float | None = None  # stop when this fraction of rows failed (after min_rows_for_error_rate)
+    min_rows_for_error_rate: int = C.DEFAULT_MIN_ROWS_FOR_ERROR_RATE
+    max_duration: float | None = None  # seconds; stop cleanly then (a rerun resumes)
+    max_cost: float | None = None  # stop when the spent cost reaches it (needs prices)
+    price_input: float | None = None  # per million input tokens
+    price_output: float | None = None  # per million output tokens
+    prices: dict[str, dict[str, float]] = field(default_factory=dict)  # per model: {input: .., output: ..}
+    dry_run: bool = False  # print rows, estimated tokens, cost and time; send nothing
     engine: str = "local"  # or "ray": the same job on a Ray cluster (batchgen.ray_engine)
     ray_address: str | None = None  # None: Ray's own default ($RAY_ADDRESS, a `ray start` cluster here, else a new local one)
     ray_actors: int | None = None  # None: one per CPU of the cluster
@@ -100,6 +112,7 @@ class RunConfig:
             self._check_ray()
         elif not self.output.endswith((".parquet", ".jsonl")):
             raise ConfigError(f"output must end in .parquet or .jsonl, got {self.output!r}")
+        self._check_run_controls()
         if self.input_format is not None and self.input_format not in C.INPUT_FORMATS:
             raise ConfigError(f"input_format must be one of {', '.join(C.INPUT_FORMATS)}, got {self.input_format!r}")
         if self.endpoints and self.base_url != C.DEFAULT_BASE_URL:
@@ -127,6 +140,44 @@ class RunConfig:
             raise ConfigError(f"extra must be a mapping of request fields, got {self.extra!r}")
         if self.overwrite and self.retry_failed:
             raise ConfigError("overwrite and retry_failed cannot be used together")
+
+    def _check_run_controls(self) -> None:
+        if self.output_format is not None and self.output_format not in C.OUTPUT_FORMATS:
+            raise ConfigError(f"output_format must be one of {', '.join(C.OUTPUT_FORMATS)}, got {self.output_format!r}")
+        if self.output_format in ("jsonl", "openai-batch") and not self.output.endswith(".jsonl"):
+            raise ConfigError(f"output_format {self.output_format} writes JSON lines: the output must end in .jsonl")
+        if self.output_format == "parquet" and not self.output.endswith(".parquet"):
+            raise ConfigError("output_format parquet needs an output ending in .parquet")
+        if self.check_length not in C.LENGTH_CHECKS:
+            raise ConfigError(f"check_length must be one of {', '.join(C.LENGTH_CHECKS)}, got {self.check_length!r}")
+        for name in ("max_requests_per_minute", "max_tokens_per_minute", "max_duration", "max_cost"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value <= 0):
+                raise ConfigError(f"{name} must be a positive number, got {value}")
+        for name in ("price_input", "price_output"):
+            value = getattr(self, name)
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise ConfigError(f"{name} must be >= 0 (per million tokens), got {value}")
+        if self.max_error_rate is not None and not 0 <= self.max_error_rate < 1:
+            raise ConfigError(f"max_error_rate must be a fraction in [0, 1), got {self.max_error_rate}")
+        if self.min_rows_for_error_rate < 1:
+            raise ConfigError(f"min_rows_for_error_rate must be >= 1, got {self.min_rows_for_error_rate}")
+        for model, price in self.prices.items():
+            if not isinstance(price, dict) or set(price) - {"input", "output"} or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in price.values()
+            ):
+                raise ConfigError(f"prices[{model!r}] must be {{input: N, output: N}} per million tokens, got {price!r}")
+        if self.max_cost is not None and not (self.price_input is not None or self.price_output is not None or self.prices):
+            raise ConfigError("max_cost needs prices: --price-input / --price-output, or prices per model in YAML")
+        if self.engine == "ray":
+            given = [name for name in ("max_requests_per_minute", "max_tokens_per_minute", "max_error_rate", "max_duration",
+                                       "max_cost") if getattr(self, name) is not None]  # fmt: skip
+            if self.dry_run:
+                given.append("dry_run")
+            if self.output_format == "openai-batch":
+                given.append("output_format openai-batch")
+            if given:
+                raise ConfigError(f"{', '.join(given)}: not supported by the Ray engine yet; run with the local engine")
 
     def _check_ray(self) -> None:
         if self.output.endswith((".jsonl", ".ndjson")):
