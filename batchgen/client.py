@@ -212,6 +212,8 @@ class Client:
         self.max_connections = max_connections
         self.max_response_bytes = max_response_bytes
         self._chat_url = self.base_url + "/chat/completions"
+        # Sees every answer's headers (a pool's rate limiter reads the x-ratelimit-* ones); None: no cost.
+        self.on_headers: Callable[[Mapping[str, str]], None] | None = None
         self._headers = {"Content-Type": "application/json"}
         key = resolve_api_key(api_key)
         if key:
@@ -331,6 +333,29 @@ class Client:
         except (*AIOHTTP_ERRORS, OSError, APIError):
             return None
 
+    async def tokenize(self, body: dict[str, Any]) -> int:
+        """The prompt tokens of a chat body as the server counts them (vLLM's `POST /tokenize` at its
+        root, with the chat template applied), with this client's retries.
+
+        Raises:
+            APIError: the server has no /tokenize (404), or it failed after the retries.
+        """
+        url = self.base_url.removesuffix("/v1") + "/tokenize"
+        payload = orjson.dumps(body)
+
+        async def attempt(number: int) -> int:
+            with map_aiohttp_errors():
+                async with self.session.post(url, data=payload, allow_redirects=False, timeout=self._timeout) as response:
+                    if response.status != 200:
+                        await self._raise_for_status(response)
+                    data = orjson.loads(await read_body(response, self.max_response_bytes))
+            count = data.get("count") if isinstance(data, dict) else None
+            if type(count) is not int:
+                raise IncompleteResponseError("POST /tokenize did not return a token count")
+            return count
+
+        return await self._with_retries(attempt)
+
     async def check_health(self) -> bool:
         """Whether the server answers: `GET /health` at its root (vLLM, llama.cpp), else `GET /models`
         (servers without a health route, e.g. llama-cpp-python). Never raises for a failure."""
@@ -418,6 +443,8 @@ class Client:
                 self._chat_url, data=self._body(payload), allow_redirects=False,
                 headers=attempt_headers(self.request_id_header),
             ) as response:  # fmt: skip
+                if self.on_headers is not None:
+                    self.on_headers(response.headers)
                 if response.status != 200:
                     await self._raise_for_status(response)
                 data = await read_body(response, self.max_response_bytes)
@@ -449,6 +476,8 @@ class Client:
             )  # fmt: skip
         except AIOHTTP_ERRORS as exc:
             raise translate_error(exc) from exc
+        if self.on_headers is not None:
+            self.on_headers(response.headers)
         if response.status != 200:
             try:
                 await self._raise_for_status(response)

@@ -49,6 +49,7 @@ from batchgen.retry import RetryPolicy, backoff_delay, should_retry
 from batchgen.stream import Stream
 from batchgen.types import ChatCompletionResponse, Reply
 from batchgen.validation import validate_request
+from batchgen.ratelimit import RateLimiter
 from batchgen.workload import WorkEstimate, usage_tokens
 
 __all__ = ["ClientPool"]
@@ -69,6 +70,8 @@ class ClientPool:
         eject_after: connection failures, timeouts or 5xx in a row that eject a server.
         on_event: called with a line of text when a server is ejected, probed or re-admitted.
         on_lost: called once with the reason when every server is down for good (see above).
+        requests_per_minute / tokens_per_minute: quotas kept across the servers (`RateLimiter`, which
+            also follows the servers' `x-ratelimit-*` headers when they send them).
         **client_options: passed to each server's `Client` (timeout, max_retries, retry, headers, ...).
 
     The pool counts, per server (`endpoints`), rows, errors, retries, tokens, ejections and
@@ -84,6 +87,8 @@ class ClientPool:
         eject_after: int = DEFAULT_EJECT_AFTER,
         on_event: Callable[[str], None] | None = None,
         on_lost: Callable[[str], None] | None = None,
+        requests_per_minute: float | None = None,
+        tokens_per_minute: float | None = None,
         **client_options: Any,
     ) -> None:
         specs = [EndpointSpec(url=e) if isinstance(e, str) else e for e in endpoints]
@@ -113,6 +118,10 @@ class ClientPool:
         self.on_event = on_event
         self.on_lost = on_lost
         self._work = WorkEstimate()
+        # One limiter for the pool: quotas are per key or account, not per server behind it.
+        self.limiter = RateLimiter(requests_per_minute, tokens_per_minute)
+        for endpoint in self.endpoints:
+            endpoint.client.on_headers = self.limiter.observe
         self._auto_settings = auto_settings
         self._controllers: list[asyncio.Task[None]] = []
         # Requests waiting for a slot, in arrival order, each with its work: a freed slot is handed to
@@ -211,7 +220,10 @@ class ClientPool:
         # With one fixed server there is nothing to choose: no estimate to make or learn (2% of a run's CPU).
         work = self._work.estimate(size, max_tokens) if self._estimating else 0.0
         attempt, avoid, delay = 1, None, 0.0
+        limiter = self.limiter
         while True:
+            if not limiter.idle:  # every attempt counts against a quota
+                await limiter.acquire(self._work.admission(size, max_tokens) if limiter.counts_tokens else 0.0)
             endpoint = self._pick(work, avoid) if not self._waiters else None  # none waits: take a free slot
             if endpoint is not None:
                 endpoint.in_flight += 1
@@ -235,7 +247,7 @@ class ClientPool:
             prompt, completion = usage_tokens(reply.value)
             if completion is not None:
                 endpoint.output_tokens += completion
-            if work:
+            if work or limiter.counts_tokens:  # the token estimate learns when something reads it
                 self._work.learn(size, max_tokens, prompt, completion)
             endpoint.rows += 1
             reply.attempts, reply.endpoint = attempt, endpoint.url
@@ -251,7 +263,10 @@ class ClientPool:
         payload = orjson.dumps(body)
         work = self._work.estimate(len(payload), body.get("max_tokens"))
         attempt, avoid, delay = 1, None, 0.0
+        limiter = self.limiter
         while True:
+            if not limiter.idle:
+                await limiter.acquire(self._work.admission(len(payload), body.get("max_tokens")) if limiter.counts_tokens else 0.0)
             endpoint = self._pick(work, avoid) if not self._waiters else None
             if endpoint is not None:
                 endpoint.in_flight += 1

@@ -255,6 +255,8 @@ class RunConfig:
             max_response_bytes=self.max_response_bytes,
             headers=self.headers,
             request_id_header=self.request_id_header,
+            requests_per_minute=self.max_requests_per_minute,
+            tokens_per_minute=self.max_tokens_per_minute,
         )
 
     def retry_policy(self) -> RetryPolicy:

@@ -16,6 +16,7 @@ from batchgen.io.parts import FAILED, SUCCEEDED
 from batchgen.io.readers import InputSource
 from batchgen.progress import RunStats
 from batchgen.records import ResultRecord, RowProblem, RowRequest, SourceRow, problem_record
+from batchgen.lengthcheck import LengthCheck
 from batchgen.rows import RowMapper
 
 __all__ = ["Feeder", "row_item"]
@@ -42,6 +43,8 @@ class Feeder:
         stats: counts the rows skipped as already done.
         limit: feed only rows with an index below this.
         retry_failed: send again the rows that ended as errors.
+        length_check: refuses rows that cannot fit the server's context (their problem records go
+            to the sink); exact counts are asked per input batch, before its rows are fed.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class Feeder:
         stats: RunStats,
         limit: int | None = None,
         retry_failed: bool = False,
+        length_check: LengthCheck | None = None,
     ) -> None:
         self._source = source
         self._mapper = mapper
@@ -66,6 +70,7 @@ class Feeder:
         self._stats = stats
         self._limit = limit
         self._retry_failed = retry_failed
+        self._length_check = length_check
 
     async def _batches(self) -> AsyncIterator[list[SourceRow]]:
         """Input batches, decoded off the loop; the next one is read while this one is fed."""
@@ -82,19 +87,27 @@ class Feeder:
     async def run(self) -> None:
         """Feed every row; raises `InputError` if the input becomes unreadable part-way (fatal)."""
         limit, retry_failed, status = self._limit, self._retry_failed, self._status
-        mapper, submit, try_submit = self._mapper, self._submit, self._try_submit
+        mapper, submit, try_submit, check = self._mapper, self._submit, self._try_submit, self._length_check
         async for batch in self._batches():
+            todo = []
             for row in batch:
                 index = row.index
                 if limit is not None and index >= limit:
-                    return
+                    break
                 state = status[index] if index < len(status) else 0
                 if state == SUCCEEDED or (state == FAILED and not retry_failed):
                     self._stats.skipped += 1
                     continue
-                item = row_item(mapper, row)
+                todo.append(row_item(mapper, row))
+            if check is not None:
+                await check.prepare(item for item in todo if isinstance(item, RowRequest))
+            for item in todo:
+                if check is not None and isinstance(item, RowRequest):
+                    item = check.problem(item) or item
                 if isinstance(item, RowProblem):
                     if (room := self._emit(problem_record(item))) is not None:
                         await room
                 elif not try_submit(item):
                     await submit(item)
+            if limit is not None and len(batch) and batch[-1].index >= limit:
+                return

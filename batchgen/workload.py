@@ -55,6 +55,13 @@ class WorkEstimate:
             return prompt + self.answer_share * float(max_tokens)
         return prompt + self.answer_tokens
 
+    def admission(self, body_bytes: int, max_tokens: Any) -> float:
+        """The tokens a provider's quota counts for a request when it is admitted: the prompt (as
+        estimated) plus `max_tokens`, the most it may generate (without one, the answers' mean)."""
+        prompt = max(body_bytes - _BODY_OVERHEAD, 1) * self.tokens_per_byte
+        bounded = type(max_tokens) is int and max_tokens > 0
+        return prompt + (float(max_tokens) if bounded else self.answer_tokens)
+
     def request_tokens(self) -> float | None:
         """The mean KV tokens one request may hold (prompt + max_tokens) over the requests estimated so
         far, or None before the first one: how many fit in a server's KV cache at their longest."""
