@@ -25,14 +25,17 @@ import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from batchgen.errors import APIError
 from batchgen.records import RowProblem, RowRequest
 
-__all__ = ["CACHE_SIZE", "MAX_BYTES_PER_TOKEN", "LengthCheck", "context_length_of", "prompt_text_bytes"]
+if TYPE_CHECKING:
+    from batchgen.client_pool import ClientPool
+
+__all__ = ["CACHE_SIZE", "MAX_BYTES_PER_TOKEN", "LengthCheck", "context_length_of", "length_check_for", "prompt_text_bytes"]
 
 # No tokenizer in use packs more than this many bytes of text per token on average over a prompt.
 MAX_BYTES_PER_TOKEN = 32
@@ -145,3 +148,30 @@ class LengthCheck:
         self._counts[key] = count
         if len(self._counts) > CACHE_SIZE:
             self._counts.popitem(last=False)
+
+
+async def length_check_for(mode: str, servers: ClientPool, model: str, warn: Callable[[str], None]) -> LengthCheck | None:
+    """The run's check: None when `mode` is "off" or no server states its context. With several
+    servers the smallest context counts (a row goes to whichever has room). "exact" needs the first
+    server's `/tokenize`; without it the estimate is used, with a warning."""
+    if mode == "off":
+        return None
+    contexts = []
+    for endpoint in servers.endpoints:
+        try:
+            contexts.append(context_length_of(await endpoint.client.list_models(), model))
+        except APIError:
+            contexts.append(None)
+    known = [c for c in contexts if c is not None]
+    if not known:
+        return None
+    if mode == "exact":
+        client = servers.endpoints[0].client
+        try:
+            await client.tokenize({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+        except APIError as exc:
+            warn(f"--check-length exact: {client.base_url} cannot count tokens (POST /tokenize: {exc}); "
+                 "using the estimate")  # fmt: skip
+        else:
+            return LengthCheck(min(known), tokenize=client.tokenize, model=model)
+    return LengthCheck(min(known))

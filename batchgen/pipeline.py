@@ -40,6 +40,7 @@ from batchgen.io.files import output_lock
 from batchgen.io.parts import Checkpoint, PartWriter, scan_checkpoint
 from batchgen.io.readers import InputSource, open_input
 from batchgen.io.schema import OutputLayout, state_schema
+from batchgen.lengthcheck import LengthCheck, length_check_for
 from batchgen.progress import Progress, RunStats
 from batchgen.records import Outcome, outcome_record, read_answer
 from batchgen.rows import RowMapper
@@ -72,7 +73,8 @@ def state_dir_for(output: str) -> Path:
     return Path(output + ".batchgen")
 
 
-async def _execute(cfg: RunConfig, servers: ClientPool, source: InputSource, mapper: RowMapper, log: TextIO) -> RunResult:
+async def _execute(cfg: RunConfig, servers: ClientPool, source: InputSource, mapper: RowMapper, log: TextIO,
+                   length_check: LengthCheck | None = None) -> RunResult:  # fmt: skip
     """Run every row not yet done, then merge; the stages end in order: feeder, pool, watch, sink."""
     layout = OutputLayout.of(source.passthrough_schema, mapper.id_column)
     output, state_dir = Path(cfg.output), state_dir_for(cfg.output)
@@ -108,7 +110,7 @@ async def _execute(cfg: RunConfig, servers: ClientPool, source: InputSource, map
                       in_flight=lambda: servers.in_flight)  # fmt: skip
     feeder = Feeder(source, mapper, checkpoint.status, submit=pool.submit,
                     try_submit=pool.try_submit, emit=sink.emit, stats=stats,
-                    limit=cfg.limit, retry_failed=cfg.retry_failed)  # fmt: skip
+                    limit=cfg.limit, retry_failed=cfg.retry_failed, length_check=length_check)  # fmt: skip
 
     producer = asyncio.create_task(_produce(feeder, pool, control))
     write_task = asyncio.create_task(sink.run())
@@ -266,7 +268,9 @@ async def _locked_run(cfg: RunConfig, *, log: TextIO) -> RunResult:
                                                      warn=lambda text: print(f"batchgen: warning: {text}", file=log))  # fmt: skip
             except ServerUnusableError as exc:
                 return RunResult(EXIT_FATAL, RunStats(), cfg.output, str(exc))
-            return await _execute(cfg, servers, source, mapper, log)
+            length_check = await length_check_for(cfg.check_length, servers, mapper.model,
+                                                  warn=lambda text: print(f"batchgen: warning: {text}", file=log))  # fmt: skip
+            return await _execute(cfg, servers, source, mapper, log, length_check)
 
 
 def run(cfg: RunConfig, *, log: TextIO | None = None) -> RunResult:
