@@ -33,7 +33,8 @@ from batchgen.io.parts import storable_table
 from batchgen.io.schema import INDEX_COLUMN, OutputLayout, state_schema
 from batchgen.progress import RunStats
 from batchgen.ray_engine.output import INPUT_INDEX, OutputDir
-from batchgen.records import Outcome, ResultRecord, RowProblem, outcome_record, problem_record, read_answer
+from batchgen.lengthcheck import LengthCheck
+from batchgen.records import Outcome, ResultRecord, RowProblem, RowRequest, outcome_record, problem_record, read_answer
 from batchgen.watch import LostServerWatch
 from batchgen.worker import WorkerPool
 
@@ -77,6 +78,8 @@ class Job:
     api_key: Secret | None
     actors: int
     limit: int | None = None
+    context: int | None = None  # the servers' max_model_len, when the length check applies
+    exact_length: bool = False  # count prompts with the first server's /tokenize
     board: Any = None  # the driver's progress board (a Ray actor handle); None in tests without Ray
 
 
@@ -123,7 +126,8 @@ class ChunkRunner:
         self._pool: WorkerPool | None = None
         self._control = RunControl()
         self._watch = LostServerWatch(self._control)
-        self._waiting: dict[int, _Pending] = {}  # input index → the chunk it belongs to
+        self._waiting: dict[int, _Pending] = {}
+        self._length_check: LengthCheck | None = None  # input index → the chunk it belongs to
         self._rank = 0
         self._tasks: list[asyncio.Task[None]] = []
         cfg = job.cfg
@@ -183,6 +187,9 @@ class ChunkRunner:
             self._pool = WorkerPool(lambda request: servers.exchange(request.body, read_answer), servers.capacity,
                                     on_outcome=self._on_outcome, control=self._control)  # fmt: skip
             self._servers = servers
+            if job.context is not None:  # as the driver found it; the tokenizer is this actor's own client
+                tokenize = servers.endpoints[0].client.tokenize if job.exact_length else None
+                self._length_check = LengthCheck(job.context, tokenize=tokenize, model=job.model)
             self._tasks = [asyncio.create_task(self._pool.run()), asyncio.create_task(self._report_forever())]
 
     def _note(self, text: str) -> None:
@@ -230,9 +237,13 @@ class ChunkRunner:
                     keep = limit - chunk.start
                     chunk = Chunk(chunk.start, chunk.rows[:keep], chunk.passthrough.slice(0, keep))
                 pending = _Pending(chunk, len(chunk.rows))
-                for row in chunk.rows:
+                items = [row_item(self._mapper, row) for row in chunk.rows]
+                if self._length_check is not None:
+                    check = self._length_check
+                    await check.prepare(item for item in items if isinstance(item, RowRequest))
+                    items = [check.problem(item) or item if isinstance(item, RowRequest) else item for item in items]
+                for item in items:
                     self._check_lost()
-                    item = row_item(self._mapper, row)
                     if isinstance(item, RowProblem):
                         record = problem_record(item)
                         self.stats.add(record)

@@ -38,6 +38,7 @@ from batchgen.io.blocks import Block, InputShape, chunk_sizes, open_shape
 from batchgen.io.files import output_lock
 from batchgen.io.schema import OutputLayout
 from batchgen.io.storage import is_uri
+from batchgen.lengthcheck import LengthCheck, length_check_for
 from batchgen.pipeline import RESUME_HINT, RunResult  # the one result of every engine
 from batchgen.progress import Progress, RunStats
 from batchgen.ray_engine.actor import CALLS_PER_ACTOR, ChunkRunner, Job, Secret
@@ -135,22 +136,27 @@ def run_on_ray(cfg: RunConfig, *, log: TextIO) -> RunResult:
         api_key = cfg.resolve_api_key()
         with serving_all(cfg.endpoint_specs()) as specs:
             try:
-                model, kept = asyncio.run(_ask_servers(cfg, specs, api_key, log))
+                model, kept, check = asyncio.run(_ask_servers(cfg, specs, api_key, log))
             except ServerUnusableError as exc:
                 return RunResult(ExitCode.FATAL, stats, output.text, str(exc))
             job = Job(cfg, shape, layout, output, tuple(kept), model, Secret(api_key) if api_key else None, actors=1,
-                      limit=cfg.limit)  # fmt: skip
+                      limit=cfg.limit, context=check.max_model_len if check else None,
+                      exact_length=check is not None and check.exact)  # fmt: skip
             return _execute(ray, job, work, stats, log)
 
 
 async def _ask_servers(cfg: RunConfig, specs: list[EndpointSpec], api_key: str | None,
-                       log: TextIO) -> tuple[str, list[EndpointSpec]]:  # fmt: skip
-    """The model, checked on every server as a local run does; the servers left (`--skip-bad-endpoints`)."""
+                       log: TextIO) -> tuple[str, list[EndpointSpec], LengthCheck | None]:  # fmt: skip
+    """The model, checked on every server as a local run does; the servers left (`--skip-bad-endpoints`);
+    the length check the actors apply."""
+    def warn(text: str) -> None:
+        print(f"batchgen: warning: {text}", file=log)
+
     async with cfg.client_pool(specs, api_key, concurrency=1) as servers:
-        model = await check_endpoints(servers, cfg.model, skip_bad=cfg.skip_bad_endpoints,
-                                      warn=lambda text: print(f"batchgen: warning: {text}", file=log))  # fmt: skip
+        model = await check_endpoints(servers, cfg.model, skip_bad=cfg.skip_bad_endpoints, warn=warn)
+        check = await length_check_for(cfg.check_length, servers, model, warn=warn)
         kept = {e.url for e in servers.endpoints}
-    return model, [spec for spec in specs if public_url(spec.url) in kept]
+    return model, [spec for spec in specs if public_url(spec.url) in kept], check
 
 
 def _execute(ray: Any, job: Job, work: _Work, stats: RunStats, log: TextIO) -> RunResult:
