@@ -222,19 +222,25 @@ class ClientPool:
         attempt, avoid, delay = 1, None, 0.0
         limiter = self.limiter
         while True:
+            tokens = 0.0
             if not limiter.idle:  # every attempt counts against a quota
-                await limiter.acquire(self._work.admission(size, max_tokens) if limiter.counts_tokens else 0.0)
+                tokens = self._work.admission(size, max_tokens) if limiter.counts_tokens else 0.0
+                await limiter.acquire(tokens)
             endpoint = self._pick(work, avoid) if not self._waiters else None  # none waits: take a free slot
             if endpoint is not None:
                 endpoint.in_flight += 1
                 endpoint.outstanding += work
             else:
                 endpoint = await self._take(work, avoid, delay)  # a slot reserved for it
+            limiter.in_flight += 1
+            limiter.tokens_in_flight += tokens
             try:
                 try:
                     reply = await endpoint.client.attempt(payload, stream, read)
                 finally:
                     self._release(endpoint, work)
+                    limiter.in_flight -= 1
+                    limiter.tokens_in_flight -= tokens
             except APIError as exc:
                 delay = self._failed(endpoint, exc, attempt)  # raises when no retry is left
                 attempt, avoid = attempt + 1, endpoint

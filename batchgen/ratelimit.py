@@ -68,10 +68,11 @@ class _Announced:
         self.reset_at = 0.0
         self.spent = 0.0
 
-    def heard(self, left: float | None, reset: float | None, now: float) -> None:
+    def heard(self, left: float | None, reset: float | None, now: float, unseen: float) -> None:
+        """`unseen`: what we sent that the server may not have counted yet (requests in flight)."""
         if left is None:
             return
-        self.left, self.spent = left, 0.0
+        self.left, self.spent = left, unseen
         self.reset_at = now + (reset if reset is not None else 1.0)
 
     def wait(self, cost: float, now: float) -> float:
@@ -116,6 +117,10 @@ class RateLimiter:
         self._requests = _Announced()
         self._tokens = _Announced()
         self._turn = asyncio.Lock()  # one request waits for the quota at a time: first come, first served
+        # Requests sent and not yet answered (the pool counts them): a server's "remaining" may not
+        # include them yet, so they are taken off it; tokens alike.
+        self.in_flight = 0
+        self.tokens_in_flight = 0.0
         self.waited_s = 0.0  # time spent waiting, for the summary
 
     @property
@@ -158,5 +163,6 @@ class RateLimiter:
         if left is None and tokens_left is None:
             return
         now = self._clock()
-        self._requests.heard(_number(left), parse_reset(headers.get("x-ratelimit-reset-requests")), now)
-        self._tokens.heard(_number(tokens_left), parse_reset(headers.get("x-ratelimit-reset-tokens")), now)
+        self._requests.heard(_number(left), parse_reset(headers.get("x-ratelimit-reset-requests")), now, self.in_flight)
+        self._tokens.heard(_number(tokens_left), parse_reset(headers.get("x-ratelimit-reset-tokens")), now,
+                           self.tokens_in_flight)  # fmt: skip

@@ -38,12 +38,13 @@ Reply rules (a token is a whitespace-separated word):
   ``-(h % 5000 + 1000 * i) / 1000``. So the tokens joined rebuild reasoning + content + arguments. A stream
   carries ``{"content": [entry]}`` on the chunk that streams the piece (a length cut's last piece rides in
   the finish chunk), and null on chunks without one. Without ``logprobs: true``, ``logprobs`` is null.
-* Usage: ``prompt_tokens`` counts the words of every message. ``prompt_tokens_details`` is
-  ``{"cached_tokens": <words of every message but the last>}`` (the cached prefix of a conversation) when
-  that is > 0 and the server runs with ``prompt_tokens_details``. ``completion_tokens_details`` is
-  ``{"reasoning_tokens": <reasoning tokens over all choices>}`` when that is > 0 (2026 main). A plain body
-  always has both keys (null when unset); the stream's usage chunk has them only when set (vLLM dumps it
-  with exclude_none), and continuous-usage chunks never.
+* Usage: ``prompt_tokens`` counts the words of every message (`prompt_token_counts`; ``POST /tokenize``
+  counts the same words, so its ``count`` equals the chat's ``prompt_tokens`` for the same messages).
+  ``prompt_tokens_details`` is ``{"cached_tokens": <words of every message but the last>}`` (the cached
+  prefix of a conversation) when that is > 0 and the server runs with ``prompt_tokens_details``.
+  ``completion_tokens_details`` is ``{"reasoning_tokens": <reasoning tokens over all choices>}`` when that is
+  > 0 (2026 main). A plain body always has both keys (null when unset); the stream's usage chunk has them only
+  when set (vLLM dumps it with exclude_none), and continuous-usage chunks never.
 """
 
 from __future__ import annotations
@@ -76,11 +77,14 @@ __all__ = [
     "models_body",
     "parse_body",
     "plan_chat",
+    "prompt_token_counts",
     "stream_events",
     "tokenize",
+    "tokenize_body",
 ]
 
-MAX_MODEL_LEN: Final = 8192
+MAX_MODEL_LEN: Final = 8192  # the mock's default context window (`MockConfig.max_model_len`)
+TOKEN_VOCAB: Final = 32_000  # /tokenize ids are word hashes below this
 VALID_ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool"})
 REASONING_EFFORTS: Final = frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})
 FILLER_WORDS: Final = tuple("lorem ipsum dolor sit amet consectetur adipiscing elit sed do".split())
@@ -96,16 +100,22 @@ _TOKEN_RE: Final = re.compile(r"\s*\S+")
 
 
 class RequestRejected(Exception):
-    """A request the mock refuses, with the status and nested vLLM error body to send back."""
+    """A request the mock refuses, with the status and nested error body to send back.
 
-    def __init__(self, status: int, message: str, *, error_type: str, param: str | None) -> None:
+    The body's `code` is the status, as vLLM sends it, unless `code` is given (OpenAI's quota 429 says
+    ``"rate_limit_exceeded"``).
+    """
+
+    def __init__(
+        self, status: int, message: str, *, error_type: str, param: str | None, code: int | str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
-        self.body = error_body(message, error_type, param, status)
+        self.body = error_body(message, error_type, param, status if code is None else code)
 
 
-def error_body(message: str, error_type: str, param: str | None, code: int) -> dict[str, Any]:
-    """The nested error envelope of vLLM ≥0.10.1: ``{"error": {message, type, param, code}}``."""
+def error_body(message: str, error_type: str, param: str | None, code: int | str) -> dict[str, Any]:
+    """The nested error envelope of vLLM ≥0.10.1 (and OpenAI): ``{"error": {message, type, param, code}}``."""
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
@@ -289,20 +299,21 @@ def _max_tokens(body: Mapping[str, Any]) -> int | None:
     return value if value is not None else body.get("max_tokens")
 
 
-def _check_lengths(body: Mapping[str, Any], prompt_tokens: int) -> None:
-    if prompt_tokens >= MAX_MODEL_LEN:
+def _check_lengths(body: Mapping[str, Any], prompt_tokens: int, max_model_len: int | None) -> None:
+    """vLLM's context checks (wire-format.md §3); `max_model_len` None skips the first two."""
+    requested = _max_tokens(body)
+    if max_model_len is not None and prompt_tokens >= max_model_len:
         raise _bad_request(
-            f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, your request has "
+            f"This model's maximum context length is {max_model_len} tokens. However, your request has "
             f"{prompt_tokens} input tokens. Please reduce the length of the input messages. "
             f"(parameter=input_tokens, value={prompt_tokens})",
             "input_tokens",
         )
-    requested = _max_tokens(body)
-    if requested is not None and prompt_tokens + requested > MAX_MODEL_LEN:
+    if max_model_len is not None and requested is not None and prompt_tokens + requested > max_model_len:
         raise _bad_request(
             f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This model's maximum "
-            f"context length is {MAX_MODEL_LEN} tokens and your request has {prompt_tokens} input tokens "
-            f"({requested} > {MAX_MODEL_LEN} - {prompt_tokens}). (parameter=max_tokens, value={requested})",
+            f"context length is {max_model_len} tokens and your request has {prompt_tokens} input tokens "
+            f"({requested} > {max_model_len} - {prompt_tokens}). (parameter=max_tokens, value={requested})",
             "max_tokens",
         )
     min_tokens = body.get("min_tokens")
@@ -366,6 +377,7 @@ class ChatPlan:
     include_usage: bool
     continuous_usage: bool
     cached_tokens: int = 0  # 0: no prompt_tokens_details
+    max_tokens: int | None = None  # the request's max_completion_tokens, else max_tokens
 
     @property
     def completion_tokens(self) -> int:
@@ -383,8 +395,11 @@ class _Budget:
     exact_finish: str
 
 
-def _budget(body: Mapping[str, Any], output_tokens: int | None, prompt_tokens: int) -> _Budget:
-    room = MAX_MODEL_LEN - prompt_tokens
+def _budget(
+    body: Mapping[str, Any], output_tokens: int | None, prompt_tokens: int, max_model_len: int | None
+) -> _Budget:
+    # Without a context window (max_model_len None) an unbounded reply still stops, at MAX_MODEL_LEN tokens.
+    room = max_model_len - prompt_tokens if max_model_len is not None else MAX_MODEL_LEN
     min_tokens = body.get("min_tokens") or 0
     exact = body.get("ignore_eos") is True or min_tokens > 0 or output_tokens is not None
     requested = _max_tokens(body)
@@ -458,7 +473,14 @@ def _hex(seed: bytes, salt: str = "") -> str:
     return hashlib.sha256(seed + salt.encode()).hexdigest()[:32]
 
 
-def _validate(body: Mapping[str, Any], models: Sequence[str]) -> tuple[str, list[str], int, int]:
+def prompt_token_counts(messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    """The prompt tokens of each message, as usage and /tokenize count them: the words of its text."""
+    return [count_tokens(message_text(m.get("content"))) for m in messages]
+
+
+def _validate(
+    body: Mapping[str, Any], models: Sequence[str], max_model_len: int | None
+) -> tuple[str, list[str], int, int]:
     """Check a request in vLLM's order (schema, model, tools, stream options, lengths).
 
     Returns the served model, the offered tool names, the prompt token count and the token count of every
@@ -471,9 +493,9 @@ def _validate(body: Mapping[str, Any], models: Sequence[str]) -> tuple[str, list
     names = _tool_names(body)
     _check_tool_choice(body, names)
     _check_stream_options(body)
-    counts = [count_tokens(message_text(m.get("content"))) for m in body["messages"]]
+    counts = prompt_token_counts(body["messages"])
     prompt_tokens = sum(counts)
-    _check_lengths(body, prompt_tokens)
+    _check_lengths(body, prompt_tokens, max_model_len)
     return model, names, prompt_tokens, prompt_tokens - counts[-1]
 
 
@@ -578,16 +600,18 @@ def plan_chat(
     request_id: str | None,
     created: int,
     prompt_tokens_details: bool = True,
+    max_model_len: int | None = MAX_MODEL_LEN,
 ) -> ChatPlan:
     """Check a parsed request the way vLLM does and decide its whole answer; raises `RequestRejected`.
 
     `request_id` is the X-Request-Id header (it wins over the body's `request_id`, as in vLLM); without
     either, the id is a hash of the body, so equal requests get equal ids. `prompt_tokens_details` is
     vLLM's ``--enable-prompt-tokens-details``: without it usage never reports cached tokens.
+    `max_model_len` is the context window the length checks use; None checks nothing.
     """
-    model, names, prompt_tokens, cached_tokens = _validate(body, models)
+    model, names, prompt_tokens, cached_tokens = _validate(body, models, max_model_len)
     digest = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).digest()
-    budget = _budget(body, output_tokens, prompt_tokens)
+    budget = _budget(body, output_tokens, prompt_tokens, max_model_len)
     choices = tuple(
         _finish_choice(_choice(i, body, names, budget, digest), body) for i in range(body.get("n") or 1)
     )
@@ -604,6 +628,7 @@ def plan_chat(
         # 2026-main semantics: continuous stats need include_usage too (wire-format.md §2).
         continuous_usage=include_usage and options.get("continuous_usage_stats") is True,
         cached_tokens=cached_tokens if prompt_tokens_details else 0,
+        max_tokens=_max_tokens(body),
     )
 
 
@@ -679,7 +704,7 @@ def completion_body(plan: ChatPlan) -> dict[str, Any]:
     }
 
 
-def models_body(models: Sequence[str], created: int) -> dict[str, Any]:
+def models_body(models: Sequence[str], created: int, max_model_len: int | None = MAX_MODEL_LEN) -> dict[str, Any]:
     """`GET /v1/models`: one card per served name; extra names are aliases of the base, so parent is null."""
     cards: list[dict[str, Any]] = [
         {
@@ -689,12 +714,60 @@ def models_body(models: Sequence[str], created: int) -> dict[str, Any]:
             "owned_by": "vllm",
             "root": models[0],
             "parent": None,
-            "max_model_len": MAX_MODEL_LEN,
+            "max_model_len": max_model_len,
             "permission": [],
         }
         for name in models
     ]
     return {"object": "list", "data": cards}
+
+
+# ---------------------------------------------------------------- /tokenize
+
+_TOKENIZE_FLAGS: Final = ("add_generation_prompt", "continue_final_message", "add_special_tokens", "return_token_strs")
+
+
+def _token_id(word: str) -> int:
+    return int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "big") % TOKEN_VOCAB
+
+
+def tokenize_body(body: Mapping[str, Any], *, models: Sequence[str], max_model_len: int | None) -> dict[str, Any]:
+    """`POST /tokenize`: vLLM's TokenizeChatRequest (``messages``) or TokenizeCompletionRequest (``prompt``)
+    in, its TokenizeResponse ``{"count", "max_model_len", "tokens", "token_strs"}`` out; raises `RequestRejected`.
+
+    Messages are counted by `prompt_token_counts`, so ``count`` equals the ``usage.prompt_tokens`` of a chat
+    request with the same messages (the mock has no chat template: ``add_generation_prompt`` and ``tools``
+    add nothing); a prompt counts its words. Token ids are hashes of the words below `TOKEN_VOCAB`;
+    ``token_strs`` holds the words only with ``return_token_strs: true``. As in vLLM there is no length check,
+    and ``max_model_len`` is the server's (null when the mock has none).
+    """
+    _check_fields(body)
+    for name in _TOKENIZE_FLAGS:
+        value = body.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise _bad_request(f"Input should be a valid boolean (parameter={name}, value={repr(value)[:80]})", name)
+    if "messages" in body:
+        if body.get("continue_final_message") and body.get("add_generation_prompt", True):
+            message = "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+            raise _bad_request(message, None)
+        _check_messages(body)
+        count = sum(prompt_token_counts(body["messages"]))
+        words = [w for m in body["messages"] for w in message_text(m.get("content")).split()]
+    elif "prompt" in body:
+        if not isinstance(body["prompt"], str):
+            shown = repr(body["prompt"])[:80]
+            raise _bad_request(f"Input should be a valid string (parameter=prompt, value={shown})", "prompt")
+        words = body["prompt"].split()
+        count = count_tokens(body["prompt"])
+    else:
+        raise _bad_request("Field required: `prompt` (a completion request) or `messages` (a chat request)", None)
+    _check_model(body, models)
+    return {
+        "count": count,
+        "max_model_len": max_model_len,
+        "tokens": [_token_id(w) for w in words],
+        "token_strs": words if body.get("return_token_strs") else None,
+    }
 
 
 # ---------------------------------------------------------------- stream chunks

@@ -18,6 +18,11 @@ no fault run on simulated engines with batch slots, a KV budget and a waiting qu
 step produces it. The bodies are the same; only the timing changes. ``GET /metrics`` reports the load in
 vLLM's Prometheus format (engine on or off) and ``POST /mock/capacity`` changes the capacity of a running
 mock (`MockServer.set_capacity` in-process).
+
+Quotas (off by default; rules in `mock_quota`): with `MockConfig.requests_per_minute` or `tokens_per_minute`
+set, chat requests past the quota get OpenAI's 429 and every chat answer carries OpenAI's ``x-ratelimit-*``
+headers. Context window: chat requests that do not fit `MockConfig.max_model_len` get vLLM's 400s, and
+``POST /tokenize`` counts prompt tokens exactly as chat usage does.
 """
 
 from __future__ import annotations
@@ -51,7 +56,9 @@ from batchgen.testing.mock_engine import (
     EngineLoad,
     render_metrics,
 )
+from batchgen.testing.mock_quota import Quota, QuotaDecision, request_cost
 from batchgen.testing.mock_replies import (
+    MAX_MODEL_LEN,
     ChatPlan,
     RequestRejected,
     StreamEvent,
@@ -62,6 +69,7 @@ from batchgen.testing.mock_replies import (
     parse_body,
     plan_chat,
     stream_events,
+    tokenize_body,
 )
 
 __all__ = [
@@ -81,6 +89,11 @@ FORCED_FAULTS_HEADER: Final = "x-mock-faults"
 _SHUTDOWN_GRACE_S: Final = 1.0  # in-flight handlers (a stall, a slow stream) get this long on close
 _MAX_BODY_BYTES: Final = 64 * 1024 * 1024  # vLLM has no small body cap; aiohttp's 1 MiB default would be one
 _MALFORMED_BODY: Final = b'{"id": "x", "choices": '
+# Where a chat request keeps the x-ratelimit-* headers its answer must carry, whenever it is prepared. Newer
+# aiohttp warns on plain-string request keys (fatal under -W error); older versions have no RequestKey.
+_QUOTA_HEADERS: Final[Any] = (
+    web.RequestKey("batchgen_mock_quota_headers", dict) if hasattr(web, "RequestKey") else "batchgen_mock_quota_headers"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +122,20 @@ class MockConfig:
         engines: data-parallel engines, each with its own slots, KV and queue; a request goes to the least
             loaded. `/metrics` has one series per engine either way.
 
+    Context window:
+        max_model_len: vLLM's context length, in the mock's tokens (words). `/v1/models` cards and `/tokenize`
+            report it; a chat request whose prompt has >= max_model_len tokens, or prompt + max tokens >
+            max_model_len, gets vLLM's 400. None: no checks, and the cards say ``"max_model_len": null``.
+
+    Quotas, like a hosted OpenAI-compatible API (rules in `mock_quota`), off while both limits are None:
+        requests_per_minute / tokens_per_minute: the limits. A chat request costs one request and
+            ``prompt_tokens + n * max_tokens`` tokens (max_completion_tokens first; 0 when neither is set).
+            Past a limit: 429, OpenAI's error body and ``retry-after`` (seconds). Every chat answer (200 or
+            not) carries ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` for the limits set.
+        quota_window_s: the limits are enforced over slices this long (OpenAI "quantizes" its per-minute
+            limits): each is a token bucket holding ``limit * quota_window_s / 60``, refilled at limit / 60
+            per second, so pacing at exactly the limit never meets a 429 and a burst over a slice's share does.
+
     Example: ``MockConfig(ttft_ms=20, itl_ms=5, output_tokens=128)``; a server whose throughput saturates
     at 64 requests of max_tokens 64 and prompts up to 16 tokens: ``MockConfig(batch_slots=64, kv_tokens=64 * 80)``.
     """
@@ -130,6 +157,15 @@ class MockConfig:
     step_ms: float = 10.0
     step_ms_per_request: float = 0.1
     engines: int = 1
+    max_model_len: int | None = MAX_MODEL_LEN
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    quota_window_s: float = 1.0
+
+    @property
+    def quota_on(self) -> bool:
+        """True when chat requests are held to a quota (`requests_per_minute` or `tokens_per_minute` set)."""
+        return self.requests_per_minute is not None or self.tokens_per_minute is not None
 
     @property
     def capacity_model(self) -> bool:
@@ -160,6 +196,11 @@ class MockConfig:
                 raise ValueError(f"{name} must be >= 0")
         if isinstance(self.engines, bool) or not isinstance(self.engines, int) or self.engines < 1:
             raise ValueError(f"engines must be an integer >= 1, got {self.engines!r}")
+        length = self.max_model_len
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+            raise ValueError(f"max_model_len must be an integer >= 1 or None, got {length!r}")
+        # Raises ValueError for a bad limit or window; the clock is not read again.
+        Quota(self.requests_per_minute, self.tokens_per_minute, window_s=self.quota_window_s, clock=lambda: 0.0)
 
 
 @dataclass(slots=True, eq=False)
@@ -168,6 +209,12 @@ class MockState:
 
     With the capacity model on, the engines also count `preemptions` (all engines) and the most requests
     `max_running` / `max_waiting` on one engine at once (comparable to `MockConfig.batch_slots`).
+
+    Quotas and pacing: `admissions` holds ``(time, token cost)`` for every chat request that passed the
+    checks and the quota (quota on or off; time from the server's clock, monotonic seconds), so a test can
+    measure the rate a client kept (`max_admitted`); `rate_limited` counts the 429s the quota sent (forced or
+    random "429" faults count in `faults_injected` only). `tokenize_requests` holds the bodies ``POST
+    /tokenize`` received.
     """
 
     seed: int = 0
@@ -180,6 +227,9 @@ class MockState:
     preemptions: int = 0
     max_running: int = 0
     max_waiting: int = 0
+    rate_limited: int = 0
+    admissions: list[tuple[float, int]] = field(default_factory=list)
+    tokenize_requests: list[dict[str, Any]] = field(default_factory=list)
     rng: random.Random = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -196,11 +246,29 @@ class MockState:
         self.preemptions = self.max_running = self.max_waiting = 0
         self.faults_injected.clear()
         self.attempts.clear()
+        self.rate_limited = 0
+        self.admissions.clear()
+        self.tokenize_requests.clear()
         self.rng.seed(self.seed)
 
     def record(self, body: dict[str, Any], headers: Mapping[str, str]) -> None:
         self.requests.append(body)
         self.request_headers.append({k.lower(): v for k, v in headers.items()})
+
+    def max_admitted(self, window_s: float) -> tuple[int, int]:
+        """The most requests, and the most tokens, admitted within any `window_s` seconds (``[t, t + window_s)``).
+
+        Example: a client keeping 60 requests per minute gives ``state.max_admitted(60.0)[0] <= 60``.
+        """
+        most_requests = most_tokens = tokens = start = 0
+        for end, (when, cost) in enumerate(self.admissions):
+            tokens += cost
+            while when - self.admissions[start][0] >= window_s:
+                tokens -= self.admissions[start][1]
+                start += 1
+            most_requests = max(most_requests, end - start + 1)
+            most_tokens = max(most_tokens, tokens)
+        return most_requests, most_tokens
 
     def count_attempt(self, raw_body: bytes) -> int:
         """Count one more arrival of these body bytes; returns which one it is (1-based)."""
@@ -427,13 +495,43 @@ _FAULTS: Final[Mapping[str, FaultHandler]] = {
 # ---------------------------------------------------------------- application
 
 
+def _rate_limited(decision: QuotaDecision) -> RequestRejected:
+    """OpenAI's 429 for a request the quota refused: type "requests" or "tokens", code "rate_limit_exceeded"."""
+    message, limit_type = str(decision.message), str(decision.limit_type)
+    return RequestRejected(429, message, error_type=limit_type, param=None, code="rate_limit_exceeded")
+
+
+async def _read_json(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object body; raises `RequestRejected` as vLLM does for anything else."""
+    if request.content_type != "application/json":  # vLLM rejects other media types with a 400
+        message = "Unsupported Media Type: Only 'application/json' is allowed"
+        raise RequestRejected(400, message, error_type="BadRequestError", param=None)
+    return parse_body(await request.read())
+
+
+async def _add_quota_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: put a chat request's x-ratelimit-* headers on its answer, stream or not."""
+    headers = request.get(_QUOTA_HEADERS)
+    if headers:
+        response.headers.update(headers)
+
+
 class _Routes:
     """The endpoint handlers, bound to one config and one state."""
 
-    def __init__(self, config: MockConfig, state: MockState, engines: EngineGroup | None = None) -> None:
+    def __init__(
+        self,
+        config: MockConfig,
+        state: MockState,
+        engines: EngineGroup | None = None,
+        quota: Quota | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._config = config
         self._state = state
         self._engines = engines
+        self._quota = quota
+        self._clock = clock
         self._created = int(time.time())
         # Tokens answered while the capacity model is off (with it on, the engines count).
         self._prompt_tokens = 0
@@ -443,6 +541,7 @@ class _Routes:
         return {
             ("POST", "/v1/chat/completions"): self.chat,
             ("GET", "/v1/models"): self.models,
+            ("POST", "/tokenize"): self.tokenize,
             ("GET", "/health"): self.health,
             ("GET", "/version"): self.version,
             ("GET", "/metrics"): self.metrics,
@@ -455,6 +554,8 @@ class _Routes:
             try:
                 plan, fault = await self._accept(request)
             except RequestRejected as exc:
+                if self._quota is not None and _QUOTA_HEADERS not in request:  # refused before the quota
+                    request[_QUOTA_HEADERS] = self._quota.headers()
                 return _json(exc.body, exc.status)
             if fault is None:
                 if self._engines is not None:
@@ -466,12 +567,12 @@ class _Routes:
             return await _FAULTS[fault](request, plan, self._config)
 
     async def _accept(self, request: web.Request) -> tuple[ChatPlan, str | None]:
-        """Read, record and check one chat request; returns its plan and the fault to inject, if any."""
-        if request.content_type != "application/json":  # vLLM rejects other media types with a 400
-            message = "Unsupported Media Type: Only 'application/json' is allowed"
-            raise RequestRejected(400, message, error_type="BadRequestError", param=None)
-        raw = await request.read()
-        body = parse_body(raw)
+        """Read, record, check and admit one chat request; returns its plan and the fault to inject, if any.
+
+        Raises `RequestRejected` for a request vLLM would refuse, and with OpenAI's 429 past the quota.
+        """
+        body = await _read_json(request)
+        raw = await request.read()  # cached by aiohttp: the same bytes _read_json parsed
         self._state.record(body, request.headers)
         plan = plan_chat(
             body,
@@ -480,13 +581,36 @@ class _Routes:
             request_id=request.headers.get("X-Request-Id"),
             created=int(time.time()),
             prompt_tokens_details=self._config.prompt_tokens_details,
+            max_model_len=self._config.max_model_len,
         )
         if self._engines is not None:
             self._engines.check(plan.prompt_tokens, generation_steps(plan) * len(plan.choices))
+        self._admit(request, plan)
         return plan, choose_fault(request.headers, raw, self._config, self._state)
 
+    def _admit(self, request: web.Request, plan: ChatPlan) -> None:
+        """Hold a valid request to the quota (when on) and record its admission; past it, raise OpenAI's 429."""
+        cost = request_cost(plan.prompt_tokens, plan.max_tokens, len(plan.choices))
+        if self._quota is not None:
+            decision = self._quota.admit(cost, plan.model)
+            request[_QUOTA_HEADERS] = decision.headers
+            if not decision.admitted:
+                self._state.rate_limited += 1
+                raise _rate_limited(decision)
+        self._state.admissions.append((self._clock(), cost))
+
     async def models(self, request: web.Request) -> web.StreamResponse:
-        return _json(models_body(self._config.models, self._created))
+        return _json(models_body(self._config.models, self._created, self._config.max_model_len))
+
+    async def tokenize(self, request: web.Request) -> web.StreamResponse:
+        """vLLM's ``POST /tokenize`` (rules in `mock_replies.tokenize_body`); outside /v1, so no key needed."""
+        try:
+            body = await _read_json(request)
+            self._state.tokenize_requests.append(body)
+            answer = tokenize_body(body, models=self._config.models, max_model_len=self._config.max_model_len)
+        except RequestRejected as exc:
+            return _json(exc.body, exc.status)
+        return _json(answer)
 
     async def health(self, request: web.Request) -> web.StreamResponse:
         return web.Response(status=200)  # vLLM: 200 with an empty body
@@ -551,11 +675,17 @@ def _auth_middleware(api_key: str) -> Middleware:
     return check_key
 
 
-def make_app(config: MockConfig | None = None, state: MockState | None = None) -> web.Application:
+def make_app(
+    config: MockConfig | None = None,
+    state: MockState | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> web.Application:
     """Build the mock server app. A new state is seeded from `config.seed`; a given one keeps its seed.
 
-    The state is also stored as ``app["mock_state"]``, and the capacity model's engines (None when it is
-    off) as ``app["mock_engines"]``.
+    The state is also stored as ``app["mock_state"]``, the capacity model's engines (None when it is off)
+    as ``app["mock_engines"]`` and the `Quota` (None when off) as ``app["mock_quota"]``. `clock` (monotonic
+    seconds) times the quota and `MockState.admissions`; a test can pass a fake one to drive them.
     """
     config = config if config is not None else MockConfig()
     state = state if state is not None else MockState(seed=config.seed)
@@ -577,13 +707,18 @@ def make_app(config: MockConfig | None = None, state: MockState | None = None) -
             await engines.close()
 
         app.on_cleanup.append(stop_engines)
-    for (method, path), handler in _Routes(config, state, engines).table().items():
+    quota: Quota | None = None
+    if config.quota_on:
+        quota = Quota(config.requests_per_minute, config.tokens_per_minute, window_s=config.quota_window_s, clock=clock)
+        app.on_response_prepare.append(_add_quota_headers)
+    for (method, path), handler in _Routes(config, state, engines, quota, clock).table().items():
         app.router.add_route(method, path, handler)
     with warnings.catch_warnings():
         # The plain-string key is part of the public API; aiohttp's AppKey nudge would fail under -W error.
         warnings.simplefilter("ignore", web.NotAppKeyWarning)
         app["mock_state"] = state
         app["mock_engines"] = engines
+        app["mock_quota"] = quota
     return app
 
 
@@ -597,12 +732,21 @@ class MockServer:
         config: the behaviour; defaults to `MockConfig()`.
         host: interface to bind.
         port: 0 picks a free port; `port` holds the real one after `start()`.
+        clock: times the quota and `MockState.admissions` (see `make_app`).
     """
 
-    def __init__(self, config: MockConfig | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        config: MockConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config if config is not None else MockConfig()
         self.host = host
         self.port = port
+        self.clock = clock
         self.state = MockState(seed=self.config.seed)
         self._runner: web.AppRunner | None = None
         self._engines: EngineGroup | None = None
@@ -618,7 +762,7 @@ class MockServer:
     async def start(self) -> None:
         if self._runner is not None:
             raise RuntimeError("MockServer is already running")
-        app = make_app(self.config, self.state)
+        app = make_app(self.config, self.state, clock=self.clock)
         # With the capacity model on, a client that hangs up frees its slot at once, as in vLLM.
         runner = web.AppRunner(
             app,
@@ -738,6 +882,15 @@ def _fault_list(text: str) -> tuple[str, ...]:
     return kinds
 
 
+def _model_len(text: str) -> int | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the mock server's flags to `parser` (used by ``python -m`` and by batchgen's CLI)."""
     add = parser.add_argument
@@ -771,6 +924,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="capacity model: added step time per running request (default: %(default)s)")
     add("--engines", type=int, default=1, metavar="N",
         help="capacity model: data-parallel engines, each with its own slots and KV (default: %(default)s)")
+    add("--max-model-len", type=_model_len, default=MAX_MODEL_LEN, metavar="N|none",
+        help="context window in tokens (words); longer chat requests get vLLM's 400 (default: %(default)s)")
+    add("--requests-per-minute", type=int, default=None, metavar="N",
+        help="quota: chat requests per minute, past it OpenAI's 429 and x-ratelimit-* headers (default: off)")
+    add("--tokens-per-minute", type=int, default=None, metavar="N",
+        help="quota: tokens per minute, a request costing prompt + n * max_tokens (default: off)")
+    add("--quota-window-s", type=float, default=1.0, metavar="S",
+        help="quota: the limits are enforced over slices this long, in (0, 60] (default: %(default)s)")
 
 
 def _config_from_args(args: argparse.Namespace) -> MockConfig:
@@ -797,6 +958,10 @@ def _config_from_args(args: argparse.Namespace) -> MockConfig:
         step_ms=args.step_ms,
         step_ms_per_request=args.step_ms_per_request,
         engines=args.engines,
+        max_model_len=args.max_model_len,
+        requests_per_minute=args.requests_per_minute,
+        tokens_per_minute=args.tokens_per_minute,
+        quota_window_s=args.quota_window_s,
     )
 
 
@@ -816,6 +981,10 @@ async def _serve_until_signalled(config: MockConfig, host: str, port: int) -> No
                 f"; capacity model: {config.engines} engine(s) x {slots} slots, {kv} KV tokens, "
                 f"step {config.step_ms:g} ms + {config.step_ms_per_request:g} ms per running request"
             )
+        if config.quota_on:
+            rpm = config.requests_per_minute or "unlimited"
+            tpm = config.tokens_per_minute or "unlimited"
+            message += f"; quota: {rpm} requests, {tpm} tokens per minute over {config.quota_window_s:g} s slices"
         print(message, file=sys.stderr, flush=True)
         await stop.wait()
 
