@@ -9,10 +9,11 @@ only reacts to 429s spends its retries and its time on them. Two sources of pace
   so a minute's worth sent at once is refused even when the minute's total is within the quota.
   The pace is `TARGET` of the limit, so the network's jitter between our clock and the server's
   never turns an on-time request into an early one.
-* **Announced**: a server that sends `x-ratelimit-remaining-requests` / `-tokens` with
-  `x-ratelimit-reset-requests` / `-tokens` (OpenAI, Azure, many gateways) says how much is left
-  until when. When what is left would be used up by what we are about to send, new requests wait
-  for the reset instead of meeting a 429.
+* **Announced**: a server that sends `x-ratelimit-remaining-requests` / `-tokens` (OpenAI, Azure,
+  many gateways) says how much is left, and with `x-ratelimit-limit-*` how fast it comes back
+  (limit / 60 per second). Requests go while the quota, so followed, has room for them, less what
+  is still in flight (the server may not have counted it yet), and wait for it otherwise instead of
+  meeting a 429.
 
 A request's token cost is what providers count at admission: the prompt (estimated from the body's
 bytes with the ratio the answers' usage teaches, `workload.WorkEstimate`) plus `max_tokens`.
@@ -59,30 +60,42 @@ def _number(value: str | None) -> float | None:
 
 
 class _Announced:
-    """What one kind of server quota (requests or tokens) said was left, and what we sent since."""
+    """What a server said is left of one quota (requests or tokens), followed as a bucket.
 
-    __slots__ = ("left", "reset_at", "spent")
+    With `x-ratelimit-limit-*` (a per-minute limit) the quota refills at limit / 60 per second from
+    what was left, OpenAI's model; without it, what was left lasts until the reset, and then the
+    next answer says anew.
+    """
+
+    __slots__ = ("at", "left", "rate", "reset_at", "spent")
 
     def __init__(self) -> None:
         self.left: float | None = None
+        self.rate: float | None = None
+        self.at = 0.0
         self.reset_at = 0.0
         self.spent = 0.0
 
-    def heard(self, left: float | None, reset: float | None, now: float, unseen: float) -> None:
+    def heard(self, left: float | None, limit: float | None, reset: float | None, now: float, unseen: float) -> None:
         """`unseen`: what we sent that the server may not have counted yet (requests in flight)."""
         if left is None:
             return
-        self.left, self.spent = left, unseen
+        self.left, self.at, self.spent = left, now, unseen
+        self.rate = limit / 60.0 if limit else None
         self.reset_at = now + (reset if reset is not None else 1.0)
 
     def wait(self, cost: float, now: float) -> float:
         """Seconds to wait before spending `cost` of it (0: go)."""
-        if self.left is None or now >= self.reset_at:
-            self.left = None  # the window it spoke of is over: the next answer says anew
+        left = self.left
+        if left is None:
             return 0.0
-        if self.spent + cost <= self.left:
-            return 0.0
-        return self.reset_at - now
+        if self.rate is None:
+            if now >= self.reset_at:
+                self.left = None  # the window it spoke of is over: the next answer says anew
+                return 0.0
+            return 0.0 if self.spent + cost <= left else self.reset_at - now
+        available = left + (now - self.at) * self.rate - self.spent
+        return 0.0 if available >= cost else (cost - available) / self.rate
 
 
 class RateLimiter:
@@ -162,7 +175,8 @@ class RateLimiter:
         tokens_left = headers.get("x-ratelimit-remaining-tokens")
         if left is None and tokens_left is None:
             return
-        now = self._clock()
-        self._requests.heard(_number(left), parse_reset(headers.get("x-ratelimit-reset-requests")), now, self.in_flight)
-        self._tokens.heard(_number(tokens_left), parse_reset(headers.get("x-ratelimit-reset-tokens")), now,
-                           self.tokens_in_flight)  # fmt: skip
+        now, get = self._clock(), headers.get
+        self._requests.heard(_number(left), _number(get("x-ratelimit-limit-requests")),
+                             parse_reset(get("x-ratelimit-reset-requests")), now, self.in_flight)
+        self._tokens.heard(_number(tokens_left), _number(get("x-ratelimit-limit-tokens")),
+                           parse_reset(get("x-ratelimit-reset-tokens")), now, self.tokens_in_flight)  # fmt: skip

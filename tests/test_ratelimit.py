@@ -83,3 +83,18 @@ async def test_waiters_are_served_in_arrival_order() -> None:
 
     await asyncio.gather(*(one(n) for n in range(5)))
     assert order == [0, 1, 2, 3, 4]
+
+
+async def test_with_the_limit_announced_the_quota_is_followed_as_it_refills() -> None:
+    time = FakeTime()
+    limiter = RateLimiter(clock=time.clock, sleep=time.sleep)
+    limiter.in_flight = 3  # three requests on their way: the server may not have counted them yet
+    limiter.observe({"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "5",
+                     "x-ratelimit-reset-requests": "1s"})  # fmt: skip
+    sent = []
+    for _ in range(12):
+        await limiter.acquire()
+        sent.append(round(time.now, 6))
+    # 5 left less the 3 in flight: 2 go at once, then one per 0.1 s as 600/min refills.
+    assert sent[:2] == [0.0, 0.0]
+    assert [round(b - a, 6) for a, b in zip(sent[1:], sent[2:])] == [0.1] * 10

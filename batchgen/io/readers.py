@@ -39,7 +39,7 @@ DEFAULT_BATCH_SIZE = 1024
 # In the final merge of 1M rows this took ~15 MB off the peak (benchmarks/README.md).
 READ_BUFFER_BYTES = 1 << 16
 
-# Suffixes that name a format on their own; "openai-batch" shares `.jsonl`, so it is never guessed.
+# Suffixes that name a format on their own; "openai-batch" shares `.jsonl`: it is told by its first line.
 _SUFFIX_FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".jsonl.gz": "jsonl", ".ndjson.gz": "jsonl"}
 
 
@@ -125,11 +125,34 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     name = Path(text).name.lower()
     for suffix, fmt in _SUFFIX_FORMATS.items():
         if name.endswith(suffix):
-            return fmt
+            return "openai-batch" if fmt == "jsonl" and _looks_like_batch_file(text) else fmt
     raise InputError(
         f"{text}: cannot tell the input format from the name; use a .parquet file, a directory or glob of "
         f"them, or a .jsonl / .ndjson / .jsonl.gz file, or pass the format explicitly (one of {', '.join(FORMATS)})"
     )
+
+
+_BATCH_KEYS = frozenset({"custom_id", "method", "url", "body"})
+
+
+def _looks_like_batch_file(path: str) -> bool:
+    """Whether the first line of a JSONL file is an OpenAI batch request (`custom_id`, `method`, `url`,
+    `body`): then `vllm run-batch`'s `-i in.jsonl -o out.jsonl` works without naming the format."""
+    import gzip
+
+    import orjson
+
+    try:
+        with open(path, "rb") as raw:
+            gzipped = raw.read(2) == b"\x1f\x8b"
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as file:
+            for line in file:
+                if line.strip():
+                    first = orjson.loads(line)
+                    return isinstance(first, dict) and _BATCH_KEYS <= first.keys()
+    except (OSError, EOFError, ValueError):
+        return False  # the reader reports what is wrong with the file
+    return False
 
 
 def open_input(path: str | os.PathLike[str], fmt: str | None = None) -> InputSource:
@@ -139,8 +162,8 @@ def open_input(path: str | os.PathLike[str], fmt: str | None = None) -> InputSou
         path: a `.parquet` file, a directory (all its `*.parquet` files, sorted), a glob pattern
             containing `*` (the sorted matches, read as Parquet), or a `.jsonl` / `.ndjson` /
             `.jsonl.gz` file.
-        fmt: "parquet", "jsonl" or "openai-batch"; None infers it from `path` ("openai-batch"
-            is never inferred, since such files are ordinary `.jsonl` files).
+        fmt: "parquet", "jsonl" or "openai-batch"; None infers it from `path` (a `.jsonl` file whose
+            first line is an OpenAI batch request is "openai-batch").
 
     Returns:
         The opened source. Parquet footers are read now; JSONL sources read their first rows

@@ -146,3 +146,16 @@ def test_a_large_row_group_is_shared_by_several_blocks(tmp_path: Path) -> None:
     assert all(b.rows % 10 == 0 for b in blocks[:-1])  # chunk boundaries stay where a single block puts them
     rows = [r.index for b in blocks for c in read_chunks(shape, b, 10) for r in c.rows]
     assert rows == list(range(1000))
+
+
+def test_a_jsonl_file_of_batch_requests_is_told_by_its_first_line(tmp_path: Path) -> None:
+    from batchgen.io.readers import detect_format
+
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text('\n{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n')
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"custom_id": "a", "prompt": "hi"}\n')
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("not json\n")
+    assert detect_format(batch) == "openai-batch"
+    assert detect_format(plain) == detect_format(broken) == "jsonl"
