@@ -31,10 +31,12 @@ from batchgen._constants import ExitCode
 from batchgen.client_pool import ClientPool
 from batchgen.endpoints import EndpointFigures
 from batchgen.config import RunConfig
-from batchgen.control import RunControl, RunState, StopCause
-from batchgen.errors import InputError, ServerUnusableError
+from batchgen.control import RunControl, RunLimits, RunState, StopCause
+from batchgen.costs import run_prices
+from batchgen.errors import ConfigError, InputError, ServerUnusableError
 from batchgen.feed import Feeder
 from batchgen.idcheck import find_duplicate_id, source_ids
+from batchgen.io.batch_output import OPENAI_BATCH, effective_output_format, keep_error_body
 from batchgen.io.merge import MergeResult, finalize
 from batchgen.io.files import output_lock
 from batchgen.io.parts import Checkpoint, PartWriter, scan_checkpoint
@@ -86,7 +88,12 @@ async def _execute(cfg: RunConfig, servers: ClientPool, source: InputSource, map
     for warning in checkpoint.warnings:  # a crash tore the journal's last record: those rows go again
         print(f"batchgen: warning: {warning}", file=log)
 
-    stats = RunStats()
+    prices = run_prices(cfg, mapper.model)
+    if cfg.max_cost is not None and prices is None:  # before anything is sent
+        priced = ", ".join(map(repr, cfg.prices))
+        raise ConfigError(f"max_cost: no price for model {mapper.model!r} (prices: has {priced}); add it there, "
+                          "or give --price-input/--price-output")  # fmt: skip
+    stats = RunStats(prices=prices)
     control = RunControl()
     progress = Progress(stats, total, enabled=cfg.progress, stream=log, endpoints=servers.endpoints)
     writer = PartWriter(state_dir, state_schema(layout.results_schema), checkpoint.next_generation)
@@ -94,8 +101,15 @@ async def _execute(cfg: RunConfig, servers: ClientPool, source: InputSource, map
     servers.on_event = progress.note
     servers.on_lost = lambda message: control.drain(StopCause.LOST_SERVER, message)
 
+    output_format = effective_output_format(cfg.output, cfg.output_format, source.format)
+    # OpenAI batch lines carry each answer's body as received, and each server error's envelope.
+    batch_lines = output_format == OPENAI_BATCH
+    keep_raw = cfg.keep_raw or batch_lines
+
     def on_outcome(outcome: Outcome) -> Awaitable[object] | None:
-        record = outcome_record(outcome, keep_raw=cfg.keep_raw)
+        record = outcome_record(outcome, keep_raw=keep_raw)
+        if batch_lines and outcome.error is not None:
+            keep_error_body(record, outcome.error)
         if watch.hold(outcome, record):
             return None
         for held in watch.release():  # a passing failure: its rows are real error rows
@@ -112,12 +126,28 @@ async def _execute(cfg: RunConfig, servers: ClientPool, source: InputSource, map
                     try_submit=pool.try_submit, emit=sink.emit, stats=stats,
                     limit=cfg.limit, retry_failed=cfg.retry_failed, length_check=length_check)  # fmt: skip
 
+    # The run controls drain the run like a lost server (exit 4): the counted ones where records are counted.
+    limits = RunLimits(max_error_rate=cfg.max_error_rate, min_rows_for_error_rate=cfg.min_rows_for_error_rate,
+                       max_cost=cfg.max_cost, max_duration=cfg.max_duration)  # fmt: skip
+    stats.watch(limits, lambda message: control.drain(StopCause.LIMIT, message))
+    deadline = None
+    if limits.max_duration is not None:
+        deadline = asyncio.get_running_loop().call_later(
+            limits.max_duration, control.drain, StopCause.LIMIT, limits.duration_message()
+        )
+
+    def unwatch() -> None:  # every row has its answer: what is still written stops nothing
+        stats.watch(None)
+        if deadline is not None:
+            deadline.cancel()
+
     producer = asyncio.create_task(_produce(feeder, pool, control))
     write_task = asyncio.create_task(sink.run())
     try:
         with _signals_abort(control):
             # The writer only ends early by failing (disk full): then stop producing too.
             await asyncio.wait([producer, write_task], return_when=asyncio.FIRST_COMPLETED)
+            unwatch()
             if write_task.done():
                 control.abort(StopCause.OUTPUT_FAILED)
                 await asyncio.wait([producer])
@@ -129,6 +159,7 @@ async def _execute(cfg: RunConfig, servers: ClientPool, source: InputSource, map
             sink.close()
             await write_task
     finally:
+        unwatch()
         if not producer.done():  # an exception above (or our own cancellation): leave nothing running
             control.abort(StopCause.INTERRUPTED)
             await asyncio.wait([producer])
@@ -144,6 +175,8 @@ async def _execute(cfg: RunConfig, servers: ClientPool, source: InputSource, map
         return result(EXIT_FATAL, f"{control.message}; {stats.done} rows saved{RESUME_HINT}")
     if control.cause is StopCause.INTERRUPTED:
         return result(EXIT_INTERRUPTED, f"interrupted: {stats.done} rows saved{RESUME_HINT}")
+    if control.cause is StopCause.LIMIT:
+        return result(ExitCode.STOPPED, f"stopped: {control.message}; {stats.done} rows saved{RESUME_HINT}")
     producer.result()  # re-raise a fatal error (e.g. the input became unreadable part-way)
 
     has_parts = state_dir.exists() and any(state_dir.glob("part-*.parquet"))
@@ -155,7 +188,7 @@ async def _execute(cfg: RunConfig, servers: ClientPool, source: InputSource, map
         return result(code, f"nothing to do: every row is already in {output} ({failed} error rows)")
     # Parquet row counts are exact, so finalize can also prove that the last rows are there.
     expected = total if source.format == "parquet" else None
-    merged = await asyncio.to_thread(_finalize, layout, source, checkpoint, output, previous, expected)
+    merged = await asyncio.to_thread(_finalize, layout, source, checkpoint, output, previous, expected, output_format)
     shutil.rmtree(state_dir, ignore_errors=True)
     code = EXIT_ROW_ERRORS if merged.errors else EXIT_OK
     return result(code, f"wrote {merged.rows} rows ({merged.errors} error rows) to {output}")
@@ -201,10 +234,10 @@ def _signals_abort(control: RunControl) -> Iterator[None]:
 
 def _finalize(
     layout: OutputLayout, source: InputSource, checkpoint: Checkpoint, output: Path, previous: Path | None,
-    expected_rows: int | None,
+    expected_rows: int | None, output_format: str,
 ) -> MergeResult:  # fmt: skip
     passthrough = None
-    if layout.passthrough_names:
+    if layout.passthrough_names and output_format != OPENAI_BATCH:  # batch lines hold no input columns
         names = layout.output_names
         passthrough = (t.rename_columns(names) for t in source.iter_passthrough(layout.passthrough_names))
     return finalize(
@@ -215,6 +248,7 @@ def _finalize(
         passthrough_schema=layout.passthrough_schema,
         previous_output=previous,
         expected_rows=expected_rows,
+        output_format=output_format,
     )
 
 
@@ -233,6 +267,11 @@ async def run_async(cfg: RunConfig, *, log: TextIO | None = None) -> RunResult:
         from batchgen.ray_engine import run_on_ray
 
         return await asyncio.to_thread(run_on_ray, cfg, log=log or sys.stderr)
+    if cfg.dry_run:  # reads the input and the checkpoint, sends nothing; the report is the message
+        from batchgen.dryrun import dry_run
+
+        estimate = await dry_run(cfg, state_dir_for(cfg.output))
+        return RunResult(EXIT_OK, RunStats(), cfg.output, estimate.report())
     with lean_gc():
         return await _run_async(cfg, log=log or sys.stderr)
 

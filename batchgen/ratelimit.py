@@ -81,7 +81,7 @@ class _Announced:
         if left is None:
             return
         self.left, self.at, self.spent = left, now, unseen
-        self.rate = limit / 60.0 if limit else None
+        self.rate = limit / 60.0 * TARGET if limit else None
         self.reset_at = now + (reset if reset is not None else 1.0)
 
     def wait(self, cost: float, now: float) -> float:

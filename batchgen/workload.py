@@ -33,13 +33,16 @@ class WorkEstimate:
         answer_tokens: generated tokens of a request without `max_tokens` (starts at 256).
     """
 
-    __slots__ = ("_bound_sum", "_count", "_prompt_sum", "answer_share", "answer_tokens", "mean_answer", "tokens_per_byte")
+    __slots__ = (
+        "_bound_sum", "_count", "_learned", "_prompt_sum", "answer_share", "answer_tokens", "mean_answer", "tokens_per_byte",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.tokens_per_byte = 0.25
         self.answer_share = 1.0
         self.answer_tokens = 256.0
         self._count = 0
+        self._learned = 0
         self._prompt_sum = 0.0
         self._bound_sum = 0.0
         self.mean_answer: float | None = None  # generated tokens per answer, as the answers say
@@ -55,12 +58,15 @@ class WorkEstimate:
             return prompt + self.answer_share * float(max_tokens)
         return prompt + self.answer_tokens
 
+    def prompt_tokens(self, body_bytes: int) -> float:
+        """The estimated prompt tokens of a request whose JSON body is `body_bytes` long."""
+        return max(body_bytes - _BODY_OVERHEAD, 1) * self.tokens_per_byte
+
     def admission(self, body_bytes: int, max_tokens: Any) -> float:
         """The tokens a provider's quota counts for a request when it is admitted: the prompt (as
         estimated) plus `max_tokens`, the most it may generate (without one, the answers' mean)."""
-        prompt = max(body_bytes - _BODY_OVERHEAD, 1) * self.tokens_per_byte
         bounded = type(max_tokens) is int and max_tokens > 0
-        return prompt + (float(max_tokens) if bounded else self.answer_tokens)
+        return self.prompt_tokens(body_bytes) + (float(max_tokens) if bounded else self.answer_tokens)
 
     def request_tokens(self) -> float | None:
         """The mean KV tokens one request may hold (prompt + max_tokens) over the requests estimated so
@@ -73,7 +79,10 @@ class WorkEstimate:
         """Correct the factors with the usage one answer reported."""
         if prompt_tokens is not None and prompt_tokens > 0:
             observed = prompt_tokens / max(body_bytes - _BODY_OVERHEAD, 1)
-            self.tokens_per_byte += _SMOOTHING * (observed - self.tokens_per_byte)
+            # The first answers are averaged (the starting guess can be 2x off), then the smoothing takes over.
+            self._learned += 1
+            weight = max(_SMOOTHING, 1.0 / self._learned)
+            self.tokens_per_byte += weight * (observed - self.tokens_per_byte)
         if completion_tokens is not None and completion_tokens >= 0:
             mean = self.mean_answer
             self.mean_answer = completion_tokens if mean is None else mean + _SMOOTHING * (completion_tokens - mean)

@@ -1,5 +1,8 @@
 """The final merge: part files (+ an earlier output) + the input's own columns → the output file.
 
+The output is Parquet, JSON lines (one object of every column per row) or OpenAI batch lines
+(`batchgen.io.batch_output`, which need no input columns).
+
 Parts hold only `_index`, `id` and the result columns, in completion order. `finalize` walks the
 input order in windows: for each index range it takes the newest result per index from the parts
 (the row groups of each part are sorted and carry `_index` statistics, so a filtered scan skips
@@ -30,8 +33,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchgen.errors import OutputError
+from batchgen.io.batch_output import OPENAI_BATCH, batch_lines, is_batch_output, read_batch_output
 from batchgen.io.jsonl import count_lines
-from batchgen.io.parts import DICTIONARY_PAGE_BYTES, PartFile, atomic_file, list_parts, output_format
+from batchgen.io.parts import DICTIONARY_PAGE_BYTES, PartFile, atomic_file, list_parts
+from batchgen.io.parts import output_format as suffix_format
 from batchgen.io.readers import READ_BUFFER_BYTES
 from batchgen.io.schema import INDEX_COLUMN, state_schema
 from batchgen.records import ERROR_COLUMN
@@ -77,6 +82,7 @@ def finalize(
     previous_output: Path | None = None,
     window: int = DEFAULT_WINDOW,
     expected_rows: int | None = None,
+    output_format: str | None = None,
 ) -> MergeResult:
     """Merge the parts (and a previous output) with the input's columns into `out_path`, in input order.
 
@@ -96,6 +102,9 @@ def finalize(
         window: rows per merge window.
         expected_rows: the input's exact row count, if known; then a missing last row or an
             index past the end is an error too.
+        output_format: "parquet", "jsonl" or "openai-batch" (`batch_output.effective_output_format`);
+            None: from `out_path`'s suffix. OpenAI batch lines carry no input columns, so the input
+            is not read then.
 
     Returns:
         The number of rows written and how many of them are error rows.
@@ -109,10 +118,10 @@ def finalize(
     through = passthrough_schema if passthrough_schema is not None else pa.schema([])
     results = pa.schema([f for f in schema if f.name not in through.names and f.name != INDEX_COLUMN])
     state = state_schema(results)
-    fmt = output_format(out_path)
+    fmt = suffix_format(out_path) if output_format is None else output_format
     parts = _open_parts(list_parts(state_dir))
     previous, previous_rows = _previous_rows(previous_output, results, window) if previous_output else (None, 0)
-    inputs = _RowStream(passthrough, through) if passthrough is not None else None
+    inputs = _RowStream(passthrough, through) if passthrough is not None and fmt != OPENAI_BATCH else None
     end = max([previous_rows, *(part.hi + 1 for part in parts)])
     if expected_rows is not None:
         if end > expected_rows:
@@ -123,15 +132,18 @@ def finalize(
         parquet = (
             pq.ParquetWriter(file, schema, dictionary_pagesize_limit=DICTIONARY_PAGE_BYTES) if fmt == "parquet" else None
         )
-        windows = (
-            _join(_merge_window(parts, previous, start, min(start + window, end), state), inputs, schema, start)
-            for start in range(0, end, window)
-        )
+
+        def merged(first: int) -> tuple[int, pa.Table]:
+            table = _merge_window(parts, previous, first, min(first + window, end), state)
+            return first, table if fmt == OPENAI_BATCH else _join(table, inputs, schema, first)
+
         with parquet if parquet is not None else contextlib.nullcontext():
-            for table in _one_ahead(windows):
+            for start, table in _one_ahead(merged(first) for first in range(0, end, window)):
                 errors += table.num_rows - table.column(ERROR_COLUMN).null_count
                 if parquet is not None:
                     parquet.write_table(table)
+                elif fmt == OPENAI_BATCH:
+                    file.writelines(batch_lines(table, start))
                 else:
                     file.writelines(_json_lines(table))
                 del table  # drop the window before the next one is built
@@ -272,10 +284,16 @@ def _one_ahead(items: Iterator[T]) -> Iterator[T]:
 
 
 def _previous_rows(path: Path, results: pa.Schema, chunk: int) -> tuple[_RowStream, int]:
-    """A row stream over the result columns of an earlier final output, and its row count."""
+    """A row stream over the result columns of an earlier final output, and its row count.
+
+    Its format is read from the file (an openai-batch output is told by its lines), not from this
+    run's settings: a job whose output format changed between runs still merges its earlier rows.
+    """
     if not path.is_file():
         raise OutputError(f"{path}: previous output not found")
-    if output_format(path) == "jsonl":
+    if suffix_format(path) == "jsonl" and is_batch_output(path):
+        return _RowStream(_converted(path, read_batch_output(path, results, chunk)), results), count_lines(path)
+    if suffix_format(path) == "jsonl":
         rows = count_lines(path)
 
         def jsonl_chunks() -> Iterator[pa.Table]:

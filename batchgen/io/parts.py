@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchgen.errors import OutputError
+from batchgen.io.batch_output import batch_output_errors, is_batch_output
 from batchgen.io.files import atomic_file, fsync_dir
 from batchgen.io.journal import JournalSegment, list_segments, read_segment, segment_path
 from batchgen.io.readers import READ_BUFFER_BYTES
@@ -81,6 +82,9 @@ def list_parts(state_dir: Path) -> list[PartFile]:
 
 def output_format(path: Path) -> str:
     """"parquet" or "jsonl" from the output path's suffix; call it early to fail before the run, not after.
+
+    Only the suffix: a `.jsonl` output may hold OpenAI batch lines instead
+    (`batch_output.effective_output_format` decides for a run, `is_batch_output` for a file).
 
     Raises:
         OutputError: the suffix is not `.parquet`, `.jsonl` or `.ndjson`.
@@ -247,8 +251,8 @@ def scan_checkpoint(state_dir: Path, total_rows_hint: int | None, previous_outpu
     Args:
         state_dir: the state directory (may not exist yet).
         total_rows_hint: the input's row count if known; sizes `status` up front.
-        previous_output: the final output (`.parquet` or `.jsonl`, no `_index`: row position is
-            the input index) of an earlier completed run.
+        previous_output: the final output (`.parquet` or `.jsonl`, plain or OpenAI batch lines;
+            no `_index`: row position is the input index) of an earlier completed run.
 
     Raises:
         OutputError: an unreadable part or previous output, naming the file.
@@ -314,10 +318,14 @@ def _recover_journal(state_dir: Path) -> list[str]:
 
 
 def _previous_errors(path: Path) -> Iterator[list[Any]]:
-    """The `error` column of an earlier final output, in row order, in chunks."""
+    """The `error` column of an earlier final output, in row order, in chunks (for OpenAI batch
+    lines: None for an answered row, else its error message)."""
     if not path.is_file():
         raise OutputError(f"{path}: previous output not found")
     try:
+        if output_format(path) == "jsonl" and is_batch_output(path):
+            yield from batch_output_errors(path)
+            return
         if output_format(path) == "jsonl":
             with open(path, "rb") as file:
                 errors: list[Any] = []
