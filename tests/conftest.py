@@ -8,8 +8,9 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -181,3 +182,34 @@ def dead_url() -> Iterator[Callable[[], str]]:
     yield make
     for sock in held:
         sock.close()
+
+
+if TYPE_CHECKING:
+    from batchgen.testing.mock_server import MockServer
+
+StartServer = Callable[..., Awaitable["MockServer"]]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain aiohttp session, for tests that speak to a server without batchgen's client."""
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[StartServer]:
+    """`await start_server(**MockConfig fields, clock=None)`: a started mock server, closed after the test."""
+    from batchgen.testing.mock_server import MockConfig, MockServer
+
+    servers: list[MockServer] = []
+
+    async def start(*, clock: Callable[[], float] | None = None, **config: Any) -> MockServer:
+        server = MockServer(MockConfig(**config)) if clock is None else MockServer(MockConfig(**config), clock=clock)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.close()

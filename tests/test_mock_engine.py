@@ -10,7 +10,7 @@ import asyncio
 import re
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -23,7 +23,8 @@ from batchgen.testing.mock_engine import BLOCK_SIZE, Capacity
 from batchgen.testing.mock_replies import generation_steps, plan_chat, stream_events
 from batchgen.testing.mock_server import _config_from_args, _stream_steps
 
-StartServer = Callable[..., Awaitable[MockServer]]
+from .conftest import StartServer
+
 Scrape = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 NAMES = (
@@ -52,25 +53,6 @@ def same_answer(raw: bytes) -> bytes:
     return re.sub(rb'"created":\d+', b'"created":0', raw)
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
-@pytest.fixture
-async def start_server() -> AsyncIterator[StartServer]:
-    servers: list[MockServer] = []
-
-    async def start(**config: Any) -> MockServer:
-        server = MockServer(MockConfig(**config))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.close()
 
 
 def root(server: MockServer) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -17,6 +16,8 @@ from batchgen.retry import parse_retry_after
 from batchgen.testing import MockConfig, MockServer, add_arguments
 from batchgen.testing.mock_quota import Quota, format_duration, format_seconds, request_cost
 from batchgen.testing.mock_server import _config_from_args
+
+from .conftest import StartServer
 
 RATE_HEADERS = tuple(
     f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset") for kind in ("requests", "tokens")
@@ -227,13 +228,6 @@ def test_invalid_quotas_are_refused() -> None:
 
 # ---------------------------------------------------------------- over HTTP
 
-StartServer = Callable[..., Awaitable[MockServer]]
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
 
 @pytest.fixture
@@ -242,18 +236,13 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def start_server(clock: FakeClock) -> AsyncIterator[StartServer]:
-    servers: list[MockServer] = []
+def start_server(start_server: StartServer, clock: FakeClock) -> StartServer:
+    """The shared fixture's servers, on this module's fake clock."""
 
     async def start(**config: Any) -> MockServer:
-        server = MockServer(MockConfig(**config), clock=clock)
-        await server.start()
-        servers.append(server)
-        return server
+        return await start_server(clock=clock, **config)
 
-    yield start
-    for server in servers:
-        await server.close()
+    return start
 
 
 def chat(text: str = "hello there world", **extra: Any) -> dict[str, Any]:

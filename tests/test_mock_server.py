@@ -15,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ from batchgen.testing import (
 )
 from batchgen.testing.mock_replies import ALT_TOKENS, completion_body, plan_chat, stream_events
 
+from .conftest import StartServer
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 USER_TEXT = "hello there world"
@@ -45,7 +47,6 @@ TOOLS = [
     {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}},
 ]
 
-StartServer = Callable[..., Awaitable[MockServer]]
 Response = tuple[int, Any, bytes]  # status, headers, raw body
 
 
@@ -54,25 +55,6 @@ def chat(text: str = USER_TEXT, **extra: Any) -> dict[str, Any]:
     return {"model": "mock-model", "messages": messages, **extra}
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
-@pytest.fixture
-async def start_server() -> AsyncIterator[StartServer]:
-    servers: list[MockServer] = []
-
-    async def start(**config: Any) -> MockServer:
-        server = MockServer(MockConfig(**config))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.close()
 
 
 @pytest.fixture

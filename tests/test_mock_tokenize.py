@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -16,28 +15,10 @@ from batchgen.testing import MockConfig, MockServer, add_arguments
 from batchgen.testing.mock_replies import plan_chat, tokenize_body
 from batchgen.testing.mock_server import _config_from_args
 
-StartServer = Callable[..., Awaitable[MockServer]]
+from .conftest import StartServer
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
 
-
-@pytest.fixture
-async def start_server() -> AsyncIterator[StartServer]:
-    servers: list[MockServer] = []
-
-    async def start(**config: Any) -> MockServer:
-        server = MockServer(MockConfig(**config))
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.close()
 
 
 async def chat(session: aiohttp.ClientSession, server: MockServer, body: dict[str, Any]) -> tuple[int, Any]:
