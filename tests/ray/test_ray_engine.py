@@ -55,6 +55,8 @@ def _mixed_rows(n: int) -> list[bytes]:
             row["temperature"] = "hot"  # a value the column's type cannot hold
         if i == 1700:
             row["messages"] = [{"role": "wizard", "content": "x"}]  # an invalid request
+        if i == 1800:
+            row["max_tokens"] = 9000  # past the mock's context (8192): refused before sending, on both engines
         lines.append(orjson.dumps(row))
     lines[1234] = b'{"id": "r1234", "messages": ['  # not JSON
     lines.insert(10, b"")  # a blank line: not a row, but counted in "line N"
@@ -98,8 +100,9 @@ def test_the_ray_engine_writes_what_a_local_run_writes(tmp_path: Path, ray_addre
     assert by_id["r3"]["finish_reason"] == "tool_calls" and by_id["r3"]["tool_calls"][0]["function"]["name"] == "lookup"
     assert "column 'temperature'" in by_id["r1500"]["error"] and "role" in by_id["r1700"]["error"]
     assert "line 1236" in got.row(1234, named=True)["error"]  # the blank line counts; the id was unreadable
-    assert remote.stats.ok == 1997 and remote.stats.failed == 3
-    assert "2000 rows (3 error rows)" in remote.message
+    assert by_id["r1800"]["error_type"] == "context_length" and by_id["r1800"]["attempts"] == 0
+    assert remote.stats.ok == 1996 and remote.stats.failed == 4
+    assert "2000 rows (4 error rows)" in remote.message
 
 
 def test_a_spent_retry_budget_gives_error_rows_and_never_a_failed_ray_job(tmp_path: Path, ray_address: str) -> None:
