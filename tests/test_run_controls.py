@@ -58,6 +58,19 @@ def _sent(server: MockServer) -> list[str]:
     return [row_of_prompt(prompt_of(body)) for body in server.state.requests]
 
 
+async def _stop_then_resume(
+    server: MockServer, input_path: Path, output: Path, **limits: Any
+) -> tuple[RunResult, list[str], RunResult, list[str]]:
+    """A run (2 in flight) stopped by `limits`, then the same run without them: each result and the rows it sent.
+    Between the two, only the rows the first one sent are on disk, and no output yet."""
+    stopped = await _run(server, input_path, output, concurrency=2, **limits)
+    first = _sent(server)
+    assert not output.exists() and len(first) == stopped.stats.done == rows_on_disk(output)
+    server.state.reset()
+    resumed = await _run(server, input_path, output, concurrency=8)
+    return stopped, first, resumed, _sent(server)
+
+
 def _ids_in_parts(output: Path) -> list[str]:
     parts = sorted(state_dir(output).glob("part-*.parquet"))
     return [i for part in parts for i in pq.read_table(part, columns=["id"])["id"].to_pylist()]
@@ -188,12 +201,7 @@ async def test_max_duration_stops_at_the_deadline_and_a_rerun_finishes(tmp_path:
     input_path, output = write_prompts(tmp_path / "in.parquet", n), tmp_path / "out.parquet"
     # 2 in flight, 50 ms each: the whole run needs 5 s; the deadline comes at 0.4 s.
     async with MockServer(MockConfig(latency_ms=50)) as server:
-        stopped = await _run(server, input_path, output, concurrency=2, max_duration=0.4)
-        first = _sent(server)
-        assert not output.exists() and len(first) == stopped.stats.done == rows_on_disk(output)
-        server.state.reset()
-        resumed = await _run(server, input_path, output, concurrency=8)
-        second = _sent(server)
+        stopped, first, resumed, second = await _stop_then_resume(server, input_path, output, max_duration=0.4)
     assert stopped.exit_code == ExitCode.STOPPED
     assert stopped.message == (f"stopped: --max-duration 0.4 s reached; {stopped.stats.done} rows saved; "
                                "rerun the same command to resume")  # fmt: skip
@@ -243,12 +251,8 @@ async def test_max_cost_stops_the_run(tmp_path: Path) -> None:
     input_path, output = write_prompts(tmp_path / "in.parquet", n), tmp_path / "out.parquet"
     # 2 + 3 tokens a row at 100,000 per million: 0.5 a row, so 10 is reached by the 20th row.
     async with MockServer() as server:
-        stopped = await _run(server, input_path, output, concurrency=2, price_input=1e5, price_output=1e5, max_cost=10)
-        first = _sent(server)
-        assert not output.exists() and len(first) == stopped.stats.done == rows_on_disk(output)
-        server.state.reset()
-        resumed = await _run(server, input_path, output, concurrency=8)
-        second = _sent(server)
+        stopped, first, resumed, second = await _stop_then_resume(server, input_path, output, price_input=1e5,
+                                                                  price_output=1e5, max_cost=10)  # fmt: skip
     assert stopped.exit_code == ExitCode.STOPPED
     saved = stopped.stats.done
     assert stopped.message == f"stopped: spent 10.00, reaching --max-cost 10; {saved} rows saved{RESUME_HINT}"
