@@ -170,10 +170,7 @@ class RunConfig:
         if self.max_cost is not None and not (self.price_input is not None or self.price_output is not None or self.prices):
             raise ConfigError("max_cost needs prices: --price-input / --price-output, or prices per model in YAML")
         if self.engine == "ray":
-            given = [name for name in ("max_requests_per_minute", "max_tokens_per_minute", "max_error_rate", "max_duration",
-                                       "max_cost") if getattr(self, name) is not None]  # fmt: skip
-            if self.dry_run:
-                given.append("dry_run")
+            given = ["dry_run"] if self.dry_run else []
             if self.output_format == "openai-batch":
                 given.append("output_format openai-batch")
             if given:

@@ -12,10 +12,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from batchgen.errors import ConfigError
+
 if TYPE_CHECKING:
     from batchgen.config import RunConfig
 
-__all__ = ["TOKENS_PER_PRICE", "Prices", "format_cost", "run_prices"]
+__all__ = ["TOKENS_PER_PRICE", "Prices", "checked_prices", "format_cost", "run_prices"]
 
 TOKENS_PER_PRICE = 1_000_000  # a price is for this many tokens
 
@@ -60,6 +62,20 @@ def run_prices(cfg: RunConfig, model: str | None) -> Prices | None:
     return Prices(
         float(own.get("input", cfg.price_input or 0.0)), float(own.get("output", cfg.price_output or 0.0)), model
     )
+
+
+def checked_prices(cfg: RunConfig, model: str) -> Prices | None:
+    """`run_prices`, refusing a `--max-cost` run whose model nothing prices (before anything is sent).
+
+    Raises:
+        ConfigError: `max_cost` is set and `model` has no price.
+    """
+    prices = run_prices(cfg, model)
+    if cfg.max_cost is not None and prices is None:
+        priced = ", ".join(map(repr, cfg.prices))
+        raise ConfigError(f"max_cost: no price for model {model!r} (prices: has {priced}); add it there, "
+                          "or give --price-input/--price-output")  # fmt: skip
+    return prices
 
 
 def format_cost(amount: float) -> str:

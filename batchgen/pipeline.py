@@ -32,8 +32,8 @@ from batchgen.client_pool import ClientPool
 from batchgen.endpoints import EndpointFigures
 from batchgen.config import RunConfig
 from batchgen.control import RunControl, RunLimits, RunState, StopCause
-from batchgen.costs import run_prices
-from batchgen.errors import ConfigError, InputError, ServerUnusableError
+from batchgen.costs import checked_prices
+from batchgen.errors import InputError, ServerUnusableError
 from batchgen.feed import Feeder
 from batchgen.idcheck import find_duplicate_id, source_ids
 from batchgen.io.batch_output import OPENAI_BATCH, effective_output_format, keep_error_body
@@ -88,12 +88,7 @@ async def _execute(cfg: RunConfig, servers: ClientPool, source: InputSource, map
     for warning in checkpoint.warnings:  # a crash tore the journal's last record: those rows go again
         print(f"batchgen: warning: {warning}", file=log)
 
-    prices = run_prices(cfg, mapper.model)
-    if cfg.max_cost is not None and prices is None:  # before anything is sent
-        priced = ", ".join(map(repr, cfg.prices))
-        raise ConfigError(f"max_cost: no price for model {mapper.model!r} (prices: has {priced}); add it there, "
-                          "or give --price-input/--price-output")  # fmt: skip
-    stats = RunStats(prices=prices)
+    stats = RunStats(prices=checked_prices(cfg, mapper.model))
     control = RunControl()
     progress = Progress(stats, total, enabled=cfg.progress, stream=log, endpoints=servers.endpoints)
     writer = PartWriter(state_dir, state_schema(layout.results_schema), checkpoint.next_generation)

@@ -180,7 +180,11 @@ class ChunkRunner:
             specs = [dataclasses.replace(spec, concurrency=share(int(spec.concurrency or total), self._rank, job.actors))
                      for spec in job.specs]  # fmt: skip
             api_key = job.api_key.value if job.api_key is not None else None
-            servers = cfg.client_pool(specs, api_key, concurrency=share(total, self._rank, job.actors), on_event=self._note)
+            # The job's quotas are shared evenly, as its concurrency is.
+            quotas = {name: value / job.actors for name in ("max_requests_per_minute", "max_tokens_per_minute")
+                      if (value := getattr(cfg, name)) is not None}  # fmt: skip
+            mine = dataclasses.replace(cfg, **quotas) if quotas else cfg
+            servers = mine.client_pool(specs, api_key, concurrency=share(total, self._rank, job.actors), on_event=self._note)
             servers.on_lost = lambda message: self._control.drain(StopCause.LOST_SERVER, message)
             self._control.on_drain(self._wake_all)
             servers.start()

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import re
 import signal
+import _thread
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ import pyarrow.compute as pc
 
 from batchgen._constants import ExitCode
 from batchgen.config import RunConfig
+from batchgen.control import RunLimits
+from batchgen.costs import checked_prices
 from batchgen.endpoints import EndpointSpec, public_url
 from batchgen import errors
 from batchgen.errors import BatchgenError, ConfigError, InputError, ServerUnusableError
@@ -189,21 +192,29 @@ def _execute(ray: Any, job: Job, work: _Work, stats: RunStats, log: TextIO) -> R
               f"over {actors} actors{f', {work.skipped} rows already done' if work.skipped else ''} "
               f"(Ray ready after {ready_after:.1f} s)", file=log)  # fmt: skip
         stats.started = time.perf_counter()  # rows/s from here: the sending, not Ray's start-up
+        stats.prices = checked_prices(cfg, job.model)
+        limits = RunLimits(max_error_rate=cfg.max_error_rate, min_rows_for_error_rate=cfg.min_rows_for_error_rate,
+                           max_cost=cfg.max_cost, max_duration=cfg.max_duration)  # fmt: skip
         progress = Progress(stats, work.wanted - work.skipped, enabled=cfg.progress, stream=log)
         written = dict.fromkeys(("rows", "errors", "input_tokens", "output_tokens"), 0)  # exact, from the chunks
+        limited: list[str] = []  # why a run limit stopped the job, once one did
         lost: str | None = None
         try:
-            with _polling(ray, board, stats, progress), _sigterm_interrupts():
-                for summary in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            summaries = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+            with _polling(ray, board, stats, progress, limits, limited), _sigterm_interrupts(), _closing(summaries):
+                for summary in summaries:
                     for name, total in written.items():
                         written[name] = total + (pc.sum(summary.column(name)).as_py() or 0)
-                    stopped = pc.drop_null(summary.column("stopped"))
-                    if len(stopped):  # leaving the loop ends the dataset: the other actors stop too
-                        lost = str(stopped[0])
+                    gone = pc.drop_null(summary.column("stopped"))
+                    if len(gone):  # leaving the loop ends the dataset: the other actors stop too
+                        lost = str(gone[0])
+                        break
+                    if limited:  # seen by the poller, which cannot interrupt a driver off the main thread
                         break
         except KeyboardInterrupt:
-            saved = written["rows"]
-            return RunResult(ExitCode.INTERRUPTED, stats, job.output.text, f"interrupted: {saved} rows saved{RESUME_HINT}")
+            if not limited:
+                saved = written["rows"]
+                return RunResult(ExitCode.INTERRUPTED, stats, job.output.text, f"interrupted: {saved} rows saved{RESUME_HINT}")
         except Exception as exc:
             ours = _our_error(exc)
             if ours is not None:
@@ -215,6 +226,9 @@ def _execute(ray: Any, job: Job, work: _Work, stats: RunStats, log: TextIO) -> R
         stats.input_tokens, stats.output_tokens = written["input_tokens"], written["output_tokens"]
         if lost is not None:
             return RunResult(ExitCode.FATAL, stats, job.output.text, f"{lost}; {stats.done} rows saved{RESUME_HINT}")
+        if limited:  # the chunks in flight went with the dataset: only whole parts stay, the ones on disk now
+            saved = sum(part.rows for part in job.output.done().values()) - work.skipped
+            return RunResult(ExitCode.STOPPED, stats, job.output.text, f"stopped: {limited[0]}; {saved} rows saved{RESUME_HINT}")
         return _finished(job.output, stats)
     finally:
         if started_here:
@@ -234,8 +248,10 @@ def _finished(output: OutputDir, stats: RunStats, *, nothing_to_do: bool = False
 
 
 @contextlib.contextmanager
-def _polling(ray: Any, board: Any, stats: RunStats, progress: Progress) -> Iterator[None]:
-    """Feed the progress display from the board on a thread, while the main thread drives Ray Data."""
+def _polling(ray: Any, board: Any, stats: RunStats, progress: Progress, limits: RunLimits,
+             limited: list[str]) -> Iterator[None]:  # fmt: skip
+    """Feed the progress display from the board on a thread, while the main thread drives Ray Data; when
+    a run limit is reached, say why in `limited` and interrupt the main thread (the loop sees it otherwise)."""
     stop = threading.Event()
 
     def poll() -> None:
@@ -251,9 +267,14 @@ def _polling(ray: Any, board: Any, stats: RunStats, progress: Progress) -> Itera
                 for note in snapshot["notes"]:
                     progress.note(note)
                 progress.refresh(snapshot["retries"], snapshot["in_flight"])
+                if not finished and not limited and (reason := _limit_reached(limits, stats)) is not None:
+                    limited.append(reason)
+                    if is_main_thread:
+                        _thread.interrupt_main()
             if finished:
                 return
 
+    is_main_thread = threading.current_thread() is threading.main_thread()
     thread = threading.Thread(target=poll, name="batchgen-progress", daemon=True)
     thread.start()
     try:
@@ -261,6 +282,30 @@ def _polling(ray: Any, board: Any, stats: RunStats, progress: Progress) -> Itera
     finally:
         stop.set()
         thread.join()
+
+
+def _limit_reached(limits: RunLimits, stats: RunStats) -> str | None:
+    """The run limit the board's counters have reached, if any (they may lag by half a second)."""
+    done = stats.done
+    rate = limits.max_error_rate
+    if rate is not None and done >= limits.min_rows_for_error_rate and stats.failed > rate * done:
+        return limits.error_rate_message(stats.failed, done)
+    if limits.max_cost is not None and stats.cost is not None and stats.cost >= limits.max_cost:
+        return limits.cost_message(stats.cost)
+    if limits.max_duration is not None and stats.elapsed >= limits.max_duration:
+        return limits.duration_message()
+    return None
+
+
+@contextlib.contextmanager
+def _closing(batches: Any) -> Iterator[None]:
+    """End the dataset when we stop reading it early: Ray Data shuts its actors down, so nothing more is written."""
+    try:
+        yield
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 @contextlib.contextmanager

@@ -335,3 +335,36 @@ def test_sigterm_stops_the_driver_cleanly_and_the_rerun_finishes(tmp_path: Path,
         assert rerun.wait(timeout=120) == 0, log.read_text()
     result = _ray_output(out)
     assert result["content"].to_list() == [f"echo: p{i}" for i in range(rows)]
+
+
+def test_a_quota_is_shared_by_the_actors_and_kept(tmp_path: Path, ray_address: str) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps({"prompt": f"p{i}"}) + b"\n" for i in range(60)))
+    with mock_server_thread(MockConfig(requests_per_minute=1200)) as server:  # 20 a second, per-second slices
+        result = run(_config(tmp_path, source, "out", server.url, engine="ray", ray_actors=2, ray_block_rows=10,
+                             concurrency=16, max_requests_per_minute=1200), log=io.StringIO())  # fmt: skip
+    assert result.exit_code == EXIT_OK, result.message
+    assert server.state.rate_limited == 0 and len(server.state.requests) == 60
+
+
+@pytest.mark.slow
+def test_run_limits_stop_a_ray_job_with_exit_4_and_the_rerun_finishes(tmp_path: Path, ray_address: str) -> None:
+    rows = 1500
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps({"prompt": f"p{i}"}) + b"\n" for i in range(rows)))
+    with mock_server_thread(MockConfig(latency_ms=20)) as server:
+        slow = _config(tmp_path, source, "out", server.url, engine="ray", ray_actors=2, ray_block_rows=50,
+                       concurrency=8, max_duration=3.0, price_input=1.0, price_output=1.0)  # fmt: skip
+        stopped = run(slow, log=io.StringIO())
+        assert stopped.exit_code == 4 and stopped.message.startswith("stopped: --max-duration 3 s reached"), stopped.message
+        kept = _ray_output(tmp_path / "out").height  # the dataset is shut down: no part comes after the message
+        assert 0 < kept < rows and f"{kept} rows saved" in stopped.message
+        failing = _config(tmp_path, source, "out-errors", server.url, engine="ray", ray_block_rows=50, max_retries=0,
+                          max_error_rate=0.5, min_rows_for_error_rate=100, headers={"x-mock-faults": "500"})  # fmt: skip
+        errors = run(failing, log=io.StringIO())
+        assert errors.exit_code == 4 and "over --max-error-rate 0.5" in errors.message, errors.message
+        server.state.reset()
+        finished = run(_config(tmp_path, source, "out", server.url, engine="ray", ray_block_rows=50), log=io.StringIO())
+    assert finished.exit_code == EXIT_OK, finished.message
+    assert len(server.state.requests) == rows - kept  # the rerun sent only what the stopped job had not saved
+    assert _ray_output(tmp_path / "out")["content"].to_list() == [f"echo: p{i}" for i in range(rows)]
