@@ -39,6 +39,7 @@ def test_without_ray_the_engine_says_how_to_install_it_and_sends_nothing(
         ({"ray_block_rows": 0}, "ray_block_rows must be >= 1"),
         ({"ray_actor_cpus": 0.0}, "ray_actor_cpus must be a positive number"),
         ({"engine": "spark"}, "engine must be one of local, ray"),
+        ({"dry_run": True}, "dry_run: not supported by the Ray engine yet"),
     ],
 )
 def test_ray_settings_are_checked_up_front(settings: dict[str, object], message: str) -> None:
