@@ -179,7 +179,7 @@ class RunConfig:
     def _check_ray(self) -> None:
         if self.output.endswith((".jsonl", ".ndjson")):
             raise ConfigError(f"the Ray engine writes a directory of Parquet files; give a directory as output, not {self.output!r}")
-        refused = {"concurrency auto": self.concurrency == "auto", "retry_failed": self.retry_failed}
+        refused = {"concurrency auto": self.concurrency == "auto"}
         for name, given in refused.items():
             if given:
                 raise ConfigError(f"{name} is not supported by the Ray engine yet; run it with the local engine")

@@ -34,7 +34,6 @@ def test_without_ray_the_engine_says_how_to_install_it_and_sends_nothing(
     [
         ({"output": "out.jsonl"}, "writes a directory of Parquet files"),
         ({"concurrency": "auto"}, "concurrency auto is not supported by the Ray engine"),
-        ({"retry_failed": True}, "retry_failed is not supported by the Ray engine"),
         ({"ray_actors": 0}, "ray_actors must be >= 1"),
         ({"ray_block_rows": 0}, "ray_block_rows must be >= 1"),
         ({"ray_actor_cpus": 0.0}, "ray_actor_cpus must be a positive number"),

@@ -19,7 +19,7 @@ def test_a_run_owes_the_chunks_without_a_whole_part() -> None:
     blocks = [Block(0, 0, 25), Block(0, 25, 25), Block(0, 50, 7)]  # chunks of 10: 0 10 20 | 25 35 45 | 50
     done = {0: PartInfo(10, 0), 10: PartInfo(10, 2), 25: PartInfo(10, 0), 35: PartInfo(10, 0), 45: PartInfo(5, 0)}
     work = _plan_work(blocks, done, 10, None)
-    assert [(t["start"], t["skip"]) for t in work.tasks] == [(0, [0, 10]), (50, [])]
+    assert [(t["start"], t["skip"], t["retry"]) for t in work.tasks] == [(0, [0, 10], []), (50, [], [])]
     assert work.wanted == 57 and work.skipped == 10 + 10 + 10 + 10 + 5
 
 
@@ -29,6 +29,15 @@ def test_a_limit_cuts_the_plan_and_a_short_part_is_done_again_without_it() -> No
     assert [(t["start"], t["skip"]) for t in limited.tasks] == [(0, [])] and limited.wanted == 15
     after = _plan_work(blocks, {0: PartInfo(10, 0), 10: PartInfo(5, 0)}, 10, None)  # the limited run's parts
     assert [(t["start"], t["skip"]) for t in after.tasks] == [(0, [0]), (20, [])] and after.skipped == 10
+
+
+def test_retry_failed_sends_again_the_error_rows_of_whole_parts() -> None:
+    blocks = [Block(0, 0, 20), Block(0, 20, 5)]
+    done = {0: PartInfo(10, 3), 10: PartInfo(10, 0), 20: PartInfo(5, 5)}
+    work = _plan_work(blocks, done, 10, None, retry_failed=True)
+    assert [(t["start"], t["skip"], t["retry"]) for t in work.tasks] == [(0, [10], [0]), (20, [], [20])]
+    assert work.skipped == 7 + 10 and work.wanted == 25
+    assert _plan_work(blocks, done, 10, None).tasks == []  # without it, error rows are done
 
 
 @pytest.mark.parametrize(("total", "parts"), [(64, 2), (64, 3), (5, 8), (1, 1), (100, 7)])

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from batchgen.client_pool import ClientPool
 from batchgen.config import RunConfig
@@ -34,7 +35,7 @@ from batchgen.io.schema import INDEX_COLUMN, OutputLayout, state_schema
 from batchgen.progress import RunStats
 from batchgen.ray_engine.output import INPUT_INDEX, OutputDir
 from batchgen.lengthcheck import LengthCheck
-from batchgen.records import Outcome, ResultRecord, RowProblem, RowRequest, outcome_record, problem_record, read_answer
+from batchgen.records import ERROR_COLUMN, Outcome, ResultRecord, RowProblem, RowRequest, outcome_record, problem_record, read_answer
 from batchgen.watch import LostServerWatch
 from batchgen.worker import WorkerPool
 
@@ -83,6 +84,20 @@ class Job:
     board: Any = None  # the driver's progress board (a Ray actor handle); None in tests without Ray
 
 
+def _failed_rows(chunk: Chunk, earlier: pa.Table) -> Chunk:
+    """The rows of `chunk` that ended as errors in its earlier part."""
+    failed = set(earlier.filter(pc.is_valid(earlier.column(ERROR_COLUMN))).column(INPUT_INDEX).to_pylist())
+    keep = [i for i, row in enumerate(chunk.rows) if row.index in failed]
+    return Chunk(chunk.start, [chunk.rows[i] for i in keep], chunk.passthrough.take(keep))
+
+
+def _merged(earlier: pa.Table, again: pa.Table) -> pa.Table:
+    """The earlier part with the rows sent again in place of their error rows, in input order."""
+    replaced = pc.is_in(earlier.column(INPUT_INDEX), value_set=again.column(INPUT_INDEX))
+    kept = earlier.filter(pc.invert(replaced)).cast(again.schema)
+    return pa.concat_tables([kept, again]).sort_by(INPUT_INDEX)
+
+
 def share(total: int, rank: int, parts: int) -> int:
     """Actor `rank`'s share of `total` requests in flight, split as evenly as whole numbers allow (at least 1)."""
     return max(1, total // parts + (1 if rank % parts < total % parts else 0))
@@ -90,12 +105,21 @@ def share(total: int, rank: int, parts: int) -> int:
 
 @dataclass(slots=True)
 class _Pending:
-    """A chunk whose rows are on their way: its records, and a signal when the last one is in."""
+    """A chunk whose rows are on their way: its records, and a signal when the last one is in.
+
+    `earlier`: with `--retry-failed`, the chunk's part as it was; the rows sent again replace its
+    error rows, the rest is kept as it is.
+    """
 
     chunk: Chunk
     left: int
+    earlier: pa.Table | None = None
     records: list[ResultRecord] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        if self.left == 0:
+            self.done.set()
 
     def add(self, record: ResultRecord) -> None:
         self.records.append(record)
@@ -142,12 +166,13 @@ class ChunkRunner:
         summaries: list[dict[str, Any]] = []
         for task in batch.to_pylist():
             skip = frozenset(task.pop("skip") or ())
+            retry = frozenset(task.pop("retry", None) or ())
             task["row_groups"] = tuple(task["row_groups"] or ())
             block = Block(**task)
             # Ray retries a block whose actor died: the chunks that actor wrote are not sent again.
-            skip |= await asyncio.to_thread(self._written, block, skip)
+            skip |= await asyncio.to_thread(self._written, block, skip | retry)
             try:
-                summaries.extend(await self._run_block(block, skip))
+                summaries.extend(await self._run_block(block, skip, retry))
             except _ServersLost as lost:
                 # An answer, not an exception: Ray would wrap it, and the driver must tell it apart.
                 summaries.append({"stopped": str(lost)})
@@ -227,7 +252,7 @@ class ChunkRunner:
         for pending in self._waiting.values():
             pending.done.set()
 
-    async def _run_block(self, block: Block, skip: frozenset[int]) -> list[dict[str, int]]:
+    async def _run_block(self, block: Block, skip: frozenset[int], retry: frozenset[int] = frozenset()) -> list[dict[str, int]]:
         assert self._pool is not None
         pool, limit = self._pool, self.job.limit
         chunks: Iterator[Chunk] = read_chunks(self.job.shape, block, self.job.cfg.ray_block_rows,
@@ -240,7 +265,11 @@ class ChunkRunner:
                 if limit is not None and chunk.start + len(chunk.rows) > limit:
                     keep = limit - chunk.start
                     chunk = Chunk(chunk.start, chunk.rows[:keep], chunk.passthrough.slice(0, keep))
-                pending = _Pending(chunk, len(chunk.rows))
+                earlier = None
+                if chunk.start in retry:  # only its error rows go again
+                    earlier = await asyncio.to_thread(self.job.output.read, chunk.start)
+                    chunk = _failed_rows(chunk, earlier)
+                pending = _Pending(chunk, len(chunk.rows), earlier)
                 items = [row_item(self._mapper, row) for row in chunk.rows]
                 if self._length_check is not None:
                     check = self._length_check
@@ -271,7 +300,8 @@ class ChunkRunner:
         await pending.done.wait()
         self._check_lost()
         table = await asyncio.to_thread(self._table, pending)
-        await asyncio.to_thread(self.job.output.write, pending.chunk.start, table)
+        whole = table if pending.earlier is None else _merged(pending.earlier, table)
+        await asyncio.to_thread(self.job.output.write, pending.chunk.start, whole)
         figures = RunStats()
         for record in pending.records:
             figures.add(record)

@@ -79,22 +79,29 @@ class _Work:
     skipped: int  # of them, rows already in the output
 
 
-def _plan_work(blocks: list[Block], done: dict[int, PartInfo], chunk_rows: int, limit: int | None) -> _Work:
+def _plan_work(blocks: list[Block], done: dict[int, PartInfo], chunk_rows: int, limit: int | None,
+               retry_failed: bool = False) -> _Work:  # fmt: skip
+    """The blocks with chunks to write (`skip`: chunks whose part is whole; `retry`, with `retry_failed`:
+    whole parts holding error rows, whose error rows are sent again)."""
     tasks: list[dict[str, Any]] = []
     wanted = skipped = 0
     for block in blocks:
         if limit is not None and block.start >= limit:
             break
-        skip, todo = [], 0
+        skip, retry, todo = [], [], 0
         for start, rows in chunk_sizes(block, chunk_rows, limit):
             wanted += rows
-            if holds_chunk(done.get(start), rows):
+            part = done.get(start)
+            if not holds_chunk(part, rows):
+                todo += 1
+            elif retry_failed and part is not None and part.errors:
+                retry.append(start)
+                skipped += rows - part.errors
+            else:
                 skip.append(start)
                 skipped += rows
-            else:
-                todo += 1
-        if todo:
-            tasks.append({**dataclasses.asdict(block), "row_groups": list(block.row_groups), "skip": skip})
+        if todo or retry:
+            tasks.append({**dataclasses.asdict(block), "row_groups": list(block.row_groups), "skip": skip, "retry": retry})
     return _Work(tasks, wanted, skipped)
 
 
@@ -132,7 +139,7 @@ def run_on_ray(cfg: RunConfig, *, log: TextIO) -> RunResult:
             value, first, second = duplicate
             raise InputError(f"duplicate id {value!r} in column {mapper.id_column!r}: input rows {first} and {second}")
         output.prepare(_manifest(shape, cfg.ray_block_rows, mapper.id_column))
-        work = _plan_work(blocks, output.done(), cfg.ray_block_rows, cfg.limit)
+        work = _plan_work(blocks, output.done(), cfg.ray_block_rows, cfg.limit, cfg.retry_failed)
         stats = RunStats(skipped=work.skipped)
         if not work.tasks:
             return _finished(output, stats, nothing_to_do=True)

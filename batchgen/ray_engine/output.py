@@ -106,6 +106,15 @@ class OutputDir:
         part = self.part(start)
         return part.exists() and holds_chunk(_part_info(part), rows)
 
+    def read(self, start: int) -> pa.Table:
+        """The part of the chunk starting at input row `start` (`--retry-failed` merges into it)."""
+        part = self.part(start)
+        with part.open_read() as file:
+            try:
+                return pq.read_table(file)
+            except (OSError, pa.ArrowException) as exc:
+                raise OutputError(f"{part.text}: not a readable part file ({exc}); remove it to redo its rows") from exc
+
     def write(self, start: int, table: pa.Table) -> None:
         """The part of the chunk starting at input row `start`, whole or not at all."""
         with self.part(start).writing(self._scratch) as file:

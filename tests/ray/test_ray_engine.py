@@ -368,3 +368,26 @@ def test_run_limits_stop_a_ray_job_with_exit_4_and_the_rerun_finishes(tmp_path: 
     assert finished.exit_code == EXIT_OK, finished.message
     assert len(server.state.requests) == rows - kept  # the rerun sent only what the stopped job had not saved
     assert _ray_output(tmp_path / "out")["content"].to_list() == [f"echo: p{i}" for i in range(rows)]
+
+
+def test_retry_failed_on_ray_sends_only_the_error_rows_and_keeps_the_rest(tmp_path: Path, ray_address: str) -> None:
+    rows = 300
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b"".join(orjson.dumps({"prompt": f"p{i}"}) + b"\n" for i in range(rows)))
+    with mock_server_thread(MockConfig(fault_rate=0.3, faults=("500",))) as flaky:
+        first = run(_config(tmp_path, source, "out", flaky.url, engine="ray", ray_block_rows=40, max_retries=0),
+                    log=io.StringIO())  # fmt: skip
+    before = _ray_output(tmp_path / "out")
+    failed = before.filter(pl.col("error").is_not_null())
+    assert first.exit_code == EXIT_ROW_ERRORS and 30 < failed.height < 150
+    with mock_server_thread() as healthy:
+        again = run(_config(tmp_path, source, "out", healthy.url, engine="ray", ray_block_rows=40, retry_failed=True),
+                    log=io.StringIO())  # fmt: skip
+        resent = sorted(prompt_of(body) for body in healthy.state.requests)
+    assert again.exit_code == EXIT_OK, again.message
+    assert resent == sorted(f"p{i}" for i in failed["input_index"].to_list())  # the error rows, each once
+    after = _ray_output(tmp_path / "out")
+    assert after["content"].to_list() == [f"echo: p{i}" for i in range(rows)] and after["error"].null_count() == rows
+    kept = before.filter(pl.col("error").is_null())
+    assert after.filter(pl.col("input_index").is_in(kept["input_index"].to_list()))["response_id"].to_list() == \
+        kept["response_id"].to_list()  # the answers that were there stayed as they were
