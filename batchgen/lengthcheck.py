@@ -150,20 +150,12 @@ class LengthCheck:
             self._counts.popitem(last=False)
 
 
-async def length_check_for(mode: str, servers: ClientPool, model: str, warn: Callable[[str], None]) -> LengthCheck | None:
-    """The run's check: None when `mode` is "off" or no server states its context. With several
-    servers the smallest context counts (a row goes to whichever has room). "exact" needs the first
-    server's `/tokenize`; without it the estimate is used, with a warning."""
-    if mode == "off":
-        return None
-    contexts = []
-    for endpoint in servers.endpoints:
-        try:
-            contexts.append(context_length_of(await endpoint.client.list_models(), model))
-        except APIError:
-            contexts.append(None)
-    known = [c for c in contexts if c is not None]
-    if not known:
+async def length_check_for(mode: str, servers: ClientPool, model: str, context: int | None,
+                           warn: Callable[[str], None]) -> LengthCheck | None:  # fmt: skip
+    """The run's check for the servers' `context` (`check_endpoints` read it from their model cards):
+    None when `mode` is "off" or no server states one. "exact" needs the first server's `/tokenize`;
+    without it the estimate is used, with a warning."""
+    if mode == "off" or context is None:
         return None
     if mode == "exact":
         client = servers.endpoints[0].client
@@ -173,5 +165,5 @@ async def length_check_for(mode: str, servers: ClientPool, model: str, warn: Cal
             warn(f"--check-length exact: {client.base_url} cannot count tokens (POST /tokenize: {exc}); "
                  "using the estimate")  # fmt: skip
         else:
-            return LengthCheck(min(known), tokenize=client.tokenize, model=model)
-    return LengthCheck(min(known))
+            return LengthCheck(context, tokenize=client.tokenize, model=model)
+    return LengthCheck(context)

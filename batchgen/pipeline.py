@@ -292,18 +292,19 @@ async def _locked_run(cfg: RunConfig, *, log: TextIO) -> RunResult:
                 f"duplicate id {value!r} in column {mapper.id_column!r}: {source.where(first)} and {source.where(second)}"
             )
     api_key = cfg.resolve_api_key()
+    def warn(text: str) -> None:
+        print(f"batchgen: warning: {text}", file=log)
+
     with serving_all(cfg.endpoint_specs()) as specs:
         # The progress display takes over `on_event` once it runs.
         servers = cfg.client_pool(specs, api_key, concurrency=cfg.pool_concurrency(),
                                   on_event=lambda text: print(f"batchgen: {text}", file=log))  # fmt: skip
         async with servers:
             try:
-                mapper.model = await check_endpoints(servers, cfg.model, skip_bad=cfg.skip_bad_endpoints,
-                                                     warn=lambda text: print(f"batchgen: warning: {text}", file=log))  # fmt: skip
+                mapper.model, context = await check_endpoints(servers, cfg.model, skip_bad=cfg.skip_bad_endpoints, warn=warn)
             except ServerUnusableError as exc:
                 return RunResult(EXIT_FATAL, RunStats(), cfg.output, str(exc))
-            length_check = await length_check_for(cfg.check_length, servers, mapper.model,
-                                                  warn=lambda text: print(f"batchgen: warning: {text}", file=log))  # fmt: skip
+            length_check = await length_check_for(cfg.check_length, servers, mapper.model, context, warn=warn)
             return await _execute(cfg, servers, source, mapper, log, length_check)
 
 

@@ -20,6 +20,7 @@ from batchgen._constants import MOCK_URL
 from batchgen.client import Client
 from batchgen.endpoints import EndpointSpec
 from batchgen.errors import APIError, APIStatusError, ConfigError, ServerUnusableError
+from batchgen.lengthcheck import context_length_of
 
 if TYPE_CHECKING:
     from batchgen.client_pool import ClientPool
@@ -50,17 +51,22 @@ def serving_all(specs: Sequence[EndpointSpec]) -> Iterator[list[EndpointSpec]]:
         yield [dataclasses.replace(spec, url=stack.enter_context(serving(spec.url))) for spec in specs]
 
 
-async def _listing(client: Client) -> list[str] | APIError:
+async def _listing(client: Client) -> list[dict[str, Any]] | APIError:
     try:
-        return [str(m["id"]) for m in await client.list_models() if isinstance(m.get("id"), str)]
+        return await client.list_models()
     except APIError as exc:
         return exc
 
 
+def _ids(cards: list[dict[str, Any]]) -> list[str]:
+    return [str(m["id"]) for m in cards if isinstance(m.get("id"), str)]
+
+
 async def check_endpoints(
     pool: ClientPool, model: str | None, *, skip_bad: bool = False, warn: Callable[[str], None] = lambda _: None
-) -> str:
-    """The run's model (`model`, else the first one the first server lists), checked on every server.
+) -> tuple[str, int | None]:
+    """The run's model (`model`, else the first one the first server lists), checked on every server,
+    and the smallest context (`max_model_len`) the servers kept state for it (None: none states it).
 
     A server that cannot be reached, or does not list the model, is an error naming it, or with
     `skip_bad` it is dropped from the pool with a warning. A server without a model list (404/405)
@@ -73,7 +79,7 @@ async def check_endpoints(
     listings = await asyncio.gather(*(_listing(e.client) for e in pool.endpoints))
     if not model:
         first = pool.endpoints[0].url
-        found = next((ids for ids in listings if isinstance(ids, list) and ids), None)
+        found = next((ids for cards in listings if isinstance(cards, list) and (ids := _ids(cards))), None)
         if found is None:
             failure = listings[0]
             if isinstance(failure, APIError):
@@ -81,15 +87,18 @@ async def check_endpoints(
             raise ServerUnusableError(f"{first}/models lists no model; pass --model")
         model = found[0]
     problems: list[tuple[Any, str]] = []
-    for endpoint, ids in zip(list(pool.endpoints), listings, strict=True):
-        if isinstance(ids, APIStatusError) and ids.status_code in (404, 405):
-            warn(f"cannot check that {endpoint.url} serves {model!r} (GET /models: HTTP {ids.status_code}); sending anyway")
-        elif isinstance(ids, APIError):
-            problems.append((ServerUnusableError, f"cannot list models at {endpoint.url}/models: {ids}"))
-        elif model not in ids:
+    contexts: list[int] = []
+    for endpoint, cards in zip(list(pool.endpoints), listings, strict=True):
+        if isinstance(cards, APIStatusError) and cards.status_code in (404, 405):
+            warn(f"cannot check that {endpoint.url} serves {model!r} (GET /models: HTTP {cards.status_code}); sending anyway")
+        elif isinstance(cards, APIError):
+            problems.append((ServerUnusableError, f"cannot list models at {endpoint.url}/models: {cards}"))
+        elif model not in (ids := _ids(cards)):
             serves = ", ".join(repr(i) for i in ids) or "no model"
             problems.append((ConfigError, f"{endpoint.url} does not serve model {model!r} (it serves {serves})"))
         else:
+            if (context := context_length_of(cards, model)) is not None:
+                contexts.append(context)
             continue
         if skip_bad and problems and len(pool.endpoints) > 1:
             warn(f"skipping endpoint: {problems.pop()[1]}")
@@ -98,7 +107,7 @@ async def check_endpoints(
         hint = "; --skip-bad-endpoints drops such a server" if len(listings) > 1 else ""
         kind = ServerUnusableError if any(k is ServerUnusableError for k, _ in problems) else ConfigError
         raise kind("; ".join(text for _, text in problems) + hint)
-    return model
+    return model, min(contexts, default=None)
 
 
 async def discover_model(client: Client, model: str | None) -> str:

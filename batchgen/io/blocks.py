@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchgen.errors import InputError
-from batchgen.io.jsonl import _BOM, _GZIP_MAGIC, DECODERS, LineDecoder, split_lines
+from batchgen.io.jsonl import _GZIP_MAGIC, DECODERS, LineDecoder, row_bytes, split_lines
 from batchgen.io.parquet import common_schema
 from batchgen.io.storage import Location, shown
 from batchgen.records import SourceRow
@@ -162,12 +162,10 @@ class InputShape:
         index = 0
         for number, file in enumerate(self.files):
             line_no, rows, begin, first_line = 0, 0, 0, 1
-            for offset, raw in file.iter_lines():
+            for offset, line in file.iter_lines():
                 line_no += 1
-                end = offset + len(raw)
-                if line_no == 1 and raw.startswith(_BOM):
-                    raw = raw[len(_BOM) :]
-                if raw.isspace() or not raw:
+                end = offset + len(line)
+                if (raw := row_bytes(line_no, line)) is None:
                     continue
                 if rows == 0:
                     begin, first_line = offset, line_no

@@ -38,6 +38,7 @@ __all__ = [
     "OpenAIBatchSource",
     "count_lines",
     "infer_passthrough",
+    "row_bytes",
     "split_lines",
 ]
 
@@ -262,13 +263,19 @@ def split_lines(raw_lines: Iterator[bytes], first_line: int = 1) -> Iterator[tup
     A byte-order mark is dropped from the file's first line only.
     """
     index = 0
-    for line_no, raw in enumerate(raw_lines, start=first_line):
-        if line_no == 1 and raw.startswith(_BOM):
-            raw = raw[len(_BOM) :]
-        if raw.isspace() or not raw:
+    for line_no, line in enumerate(raw_lines, start=first_line):
+        if (raw := row_bytes(line_no, line)) is None:
             continue
         yield index, f"line {line_no}", raw
         index += 1
+
+
+def row_bytes(line_no: int, line: bytes) -> bytes | None:
+    """What file line `line_no` holds as a row: None for a blank line (not a row); a byte-order mark
+    is dropped from the file's first line. The one rule of what a row is, for every reader of JSONL."""
+    if line_no == 1 and line.startswith(_BOM):
+        line = line[len(_BOM) :]
+    return None if line.isspace() or not line else line
 
 
 class JsonlSource(InputSource):

@@ -163,8 +163,8 @@ async def _ask_servers(cfg: RunConfig, specs: list[EndpointSpec], api_key: str |
         print(f"batchgen: warning: {text}", file=log)
 
     async with cfg.client_pool(specs, api_key, concurrency=1) as servers:
-        model = await check_endpoints(servers, cfg.model, skip_bad=cfg.skip_bad_endpoints, warn=warn)
-        check = await length_check_for(cfg.check_length, servers, model, warn=warn)
+        model, context = await check_endpoints(servers, cfg.model, skip_bad=cfg.skip_bad_endpoints, warn=warn)
+        check = await length_check_for(cfg.check_length, servers, model, context, warn=warn)
         kept = {e.url for e in servers.endpoints}
     return model, [spec for spec in specs if public_url(spec.url) in kept], check
 
@@ -274,14 +274,20 @@ def _polling(ray: Any, board: Any, stats: RunStats, progress: Progress, limits: 
                 for note in snapshot["notes"]:
                     progress.note(note)
                 progress.refresh(snapshot["retries"], snapshot["in_flight"])
-                if not finished and not limited and (reason := _limit_reached(limits, stats)) is not None:
-                    limited.append(reason)
-                    if is_main_thread:
-                        _thread.interrupt_main()
+                if not finished and not limited:
+                    stats.watch(limits, reached)  # the error rate and the cost, judged as a local run judges them
+                    if not limited and limits.max_duration is not None and stats.elapsed >= limits.max_duration:
+                        reached(limits.duration_message())
             if finished:
                 return
 
     is_main_thread = threading.current_thread() is threading.main_thread()
+
+    def reached(message: str) -> None:
+        limited.append(message)
+        if is_main_thread:
+            _thread.interrupt_main()
+
     thread = threading.Thread(target=poll, name="batchgen-progress", daemon=True)
     thread.start()
     try:
@@ -289,19 +295,6 @@ def _polling(ray: Any, board: Any, stats: RunStats, progress: Progress, limits: 
     finally:
         stop.set()
         thread.join()
-
-
-def _limit_reached(limits: RunLimits, stats: RunStats) -> str | None:
-    """The run limit the board's counters have reached, if any (they may lag by half a second)."""
-    done = stats.done
-    rate = limits.max_error_rate
-    if rate is not None and done >= limits.min_rows_for_error_rate and stats.failed > rate * done:
-        return limits.error_rate_message(stats.failed, done)
-    if limits.max_cost is not None and stats.cost is not None and stats.cost >= limits.max_cost:
-        return limits.cost_message(stats.cost)
-    if limits.max_duration is not None and stats.elapsed >= limits.max_duration:
-        return limits.duration_message()
-    return None
 
 
 @contextlib.contextmanager
