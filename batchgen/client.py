@@ -32,6 +32,7 @@ from batchgen.retry import RetryPolicy, backoff_delay, parse_retry_after, should
 from batchgen.stream import Stream
 from batchgen.transport import (
     AIOHTTP_ERRORS,
+    TimedBody,
     attempt_timeout,
     make_session,
     map_aiohttp_errors,
@@ -229,6 +230,8 @@ class Client:
         self._secrets = sorted(set(secrets), key=len, reverse=True)
         self._session: aiohttp.ClientSession | None = None
         self.retries_total = 0  # read by progress displays
+        # `batchgen bench`: note when each stream's request is handed to the socket (`Stream.write_s`).
+        self.time_writes = False
         self.chat = Chat(self)
 
     def __repr__(self) -> str:  # never shows the key
@@ -468,9 +471,10 @@ class Client:
     async def _open_stream_attempt(self, payload: bytes, attempt: int, *, timed: bool = True) -> Stream:
         """Open one stream; `timed=False` when the caller keeps the attempt's deadline itself."""
         started = time.perf_counter()
+        body = TimedBody(payload) if self.time_writes else self._body(payload)
         try:  # a plain except, not a context manager: this runs per stream
             response = await self.session.post(
-                self._chat_url, data=self._body(payload), allow_redirects=False,
+                self._chat_url, data=body, allow_redirects=False,
                 headers=attempt_headers(self.request_id_header),
                 timeout=self._timeout if timed else aiohttp.helpers.sentinel,
             )  # fmt: skip
@@ -489,9 +493,12 @@ class Client:
         if not content_type.startswith("text/event-stream"):
             response.release()
             raise IncompleteResponseError(f"asked for a stream but got content-type {content_type or '(none)'}")
-        return Stream(
+        stream = Stream(
             response, attempts=attempt, started=started, max_bytes=self.max_response_bytes, scrub=self._scrub
         )
+        if isinstance(body, TimedBody) and body.written_at is not None:
+            stream.write_s = body.written_at - started
+        return stream
 
     async def _stream_once(self, payload: bytes, read: Callable[[Any], T]) -> Reply[T]:
         started = time.perf_counter()

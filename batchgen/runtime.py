@@ -1,12 +1,13 @@
-"""Process settings for the duration of a job: `lean_gc`."""
+"""Process settings for the duration of a job (`lean_gc`), and the cores this process may use."""
 
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["lean_gc"]
+__all__ = ["available_cores", "lean_gc"]
 
 GEN0_THRESHOLD = 10_000
 
@@ -28,3 +29,12 @@ def lean_gc() -> Iterator[None]:
     finally:
         gc.set_threshold(*thresholds)
         gc.unfreeze()
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a container's
+    cpuset), not the machine's total."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1

@@ -19,7 +19,7 @@ import importlib
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 if TYPE_CHECKING:
     from batchgen.bench.datasets import Dataset, DatasetSpec
@@ -46,7 +46,8 @@ class BenchOptions:
         dataset: the prompts; its `model` is replaced by `model` or the server's first model.
         loads: the load levels, run in order (several = a sweep).
         model: None = the first model GET /v1/models lists.
-        processes: client processes per level.
+        processes: client processes per level; "auto" = as many as a short probe of each level in
+            one process finds its client-added delay needs, within the cores available.
         goodput_ms: SLOs for goodput, e.g. {"ttft": 500, "tpot": 50}.
         result_json / raw_output / plot: output paths, or None.
     """
@@ -55,7 +56,7 @@ class BenchOptions:
     dataset: DatasetSpec
     loads: tuple[LoadSpec, ...]
     model: str | None = None
-    processes: int = 1
+    processes: int | Literal["auto"] = 1
     goodput_ms: dict[str, float] | None = None
     result_json: str | None = None
     raw_output: str | None = None
@@ -123,11 +124,14 @@ def run_bench(options: BenchOptions, *, out: TextIO | None = None, log: TextIO |
         for number, load in enumerate(options.loads, 1):
             print(f"batchgen bench: level {number}/{len(options.loads)}: {level_label(load)} ...", file=log, flush=True)
             result = run_level(server, dataset.bodies, load, options.processes)
+            if result.choice is not None:
+                print(f"batchgen bench: client processes {result.choice.processes} ({result.choice.describe()})",
+                      file=log, flush=True)  # fmt: skip
             summary = summarize(result.records, duration_s=result.duration_s, clients=result.clients,
                                 goodput=options.goodput_ms, endpoints=server.base_urls)  # fmt: skip
             saturation = None
             if load.auto is not None:
-                saturation = find_saturation(load.auto, result.traces, result.records, processes=options.processes,
+                saturation = find_saturation(load.auto, result.traces, result.records, processes=len(result.clients),
                                              shares=[share.auto or load.auto for share in result.shares])  # fmt: skip
             level = Level(result, summary, saturation)
             levels.append(level)

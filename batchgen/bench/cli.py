@@ -65,6 +65,10 @@ def _concurrencies(text: str) -> list[int | str]:
     return values
 
 
+def _processes(text: str) -> int | str:
+    return "auto" if text.strip() == "auto" else _positive_int(text)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -157,8 +161,9 @@ def add_bench_parser(commands: Any) -> None:
     load.add_argument("--max-concurrency", type=int, metavar="N", help="cap on in-flight requests with --request-rate")
     load.add_argument("--warmup", type=int, default=0, metavar="N", help="requests sent first and not counted")
     load.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop starting requests after this")
-    load.add_argument("--client-processes", type=int, default=1, metavar="N",
-                      help="spread the load over N client processes (default 1)")
+    load.add_argument("--client-processes", type=_processes, default=1, metavar="N|auto",
+                      help="spread the load over N client processes (default 1); auto = probe each level in one "
+                      "process for a few seconds and use as many as its client-added delay needs, within the cores")
     output = parser.add_argument_group("output")
     output.add_argument("--goodput", type=_slo, nargs="+", metavar="METRIC:MS", help="SLOs, e.g. ttft:500 tpot:50")
     output.add_argument("--result-json", metavar="FILE", help="vLLM-compatible result; one JSON object per level")
@@ -236,8 +241,6 @@ def _bench_command(args: argparse.Namespace) -> int:
 
     try:
         options = _options(args)
-        if options.processes < 1:
-            raise BatchgenError(f"--client-processes must be >= 1, got {options.processes}")
         levels = run_bench(options)
     except APIError as exc:
         print(f"batchgen bench: the server could not be used: {exc}", file=sys.stderr)

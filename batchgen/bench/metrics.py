@@ -22,7 +22,9 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from batchgen.bench.clientdelay import FLAG_ERROR, TARGET_ERROR, ClientDelay, estimate_client_delay
 from batchgen.errors import ConfigError
+from batchgen.runtime import available_cores
 
 __all__ = [
     "PERCENTILES",
@@ -42,9 +44,7 @@ GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 
 # When the client itself is this slow, its latency figures describe the client, not the server.
 SEND_LAG_LIMIT_MS = 10.0  # p99 of (actual - scheduled send time)
-LOOP_LAG_LIMIT_MS = 10.0  # p99 of the event-loop ticker's oversleep
 CPU_LIMIT = 0.9  # fraction of one core used by the busiest client process
-STARVED_CPU = 0.7  # loop lag with less CPU than this means the process waited for a core
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +66,8 @@ class RequestRecord:
         prompt_tokens / output_tokens: from the server's final usage, or None when it sent none.
         error / error_type: why it failed; None for a success.
         endpoint: the base URL of the server that answered (or failed it); None when it reached none.
+        write_s: from `sent_s` to the request's write to the socket (client-added, in the TTFT);
+            None when the request was never written or the client did not note it.
     """
 
     index: int
@@ -83,6 +85,7 @@ class RequestRecord:
     error: str | None = None
     error_type: str | None = None
     endpoint: str | None = None
+    write_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -100,12 +103,14 @@ class RequestRecord:
 
 @dataclass(frozen=True, slots=True)
 class ClientLoad:
-    """How hard one client process worked: event-loop ticker lags, CPU seconds, wall seconds."""
+    """How hard one client process worked: its read-canary samples (`canary.ReadCanary`: each
+    one's delay, and when it was read, from the phase start), CPU seconds, wall seconds."""
 
     process: int
-    loop_lags_s: tuple[float, ...]
+    read_delays_s: tuple[float, ...]
     cpu_s: float
     wall_s: float
+    read_times_s: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +155,7 @@ class BenchSummary:
     error_examples: tuple[str, ...]
     send_lag: Distribution | None
     queue_time: Distribution | None
-    loop_lag: Distribution | None
+    client_delay: ClientDelay | None
     cpu_s: float
     cpu_util_max: float  # busiest process, as a fraction of one core
     processes: int
@@ -246,13 +251,13 @@ def _peak_concurrency(records: Sequence[RequestRecord]) -> int:
 
 def client_warnings(
     send_lag: Distribution | None,
-    loop_lag: Distribution | None,
+    delay: ClientDelay | None,
     cpu_util_max: float,
     processes: int,
     *,
     burst: bool = False,
 ) -> tuple[str, ...]:
-    """Why the client, not the server, may be what limits the load (empty when it is not).
+    """Why the client, not the server, may be what set the figures (empty when it is not).
 
     `burst` (every request scheduled at 0, i.e. request rate inf without a cap) skips the send-lag
     test: a burst is sent one request after another by definition, and the lag shows how long that took.
@@ -263,20 +268,40 @@ def client_warnings(
             f"requests left {send_lag.at(99.0):.1f} ms after their scheduled time at p99 "
             f"(max {send_lag.max:.1f} ms; limit {SEND_LAG_LIMIT_MS:g} ms)"
         )
-    if loop_lag is not None and loop_lag.at(99.0) > LOOP_LAG_LIMIT_MS:
-        text = (f"the client event loop lagged {loop_lag.at(99.0):.1f} ms at p99 "
-                f"(max {loop_lag.max:.1f} ms; limit {LOOP_LAG_LIMIT_MS:g} ms)")  # fmt: skip
-        if cpu_util_max < STARVED_CPU:
-            # Late ticks without a busy process: the process was runnable but not running.
-            text += (f"; the busiest client process got only {cpu_util_max:.0%} of a core, so it was waiting for "
-                     "a CPU: the host is oversubscribed (the server or other load on the same machine?)")  # fmt: skip
-        found.append(text)
+    if delay is not None and delay.ttft_error is not None and delay.ttft_error >= FLAG_ERROR:
+        found.append(f"an estimated {delay.ttft_added:.1f} ms of each TTFT ({delay.ttft_share:.0%} of the mean) is "
+                     f"the client's: {_parts(delay)}")  # fmt: skip
+    if delay is not None and delay.itl_error is not None and delay.itl_error >= FLAG_ERROR:
+        found.append(f"a chunk is read an estimated {delay.read_per_chunk_mean:.1f} ms late ({delay.itl_error:.0%} of "
+                     f"the mean ITL; p99 {delay.read_per_chunk_p99:.1f} ms): each ITL gap can move by that much")  # fmt: skip
     if cpu_util_max >= CPU_LIMIT:
-        found.append(
-            f"a client process used {cpu_util_max:.0%} of one CPU core "
-            f"(limit {CPU_LIMIT:.0%}; {processes} process(es); try --client-processes {processes * 2})"
-        )
+        found.append(f"a client process used {cpu_util_max:.0%} of one CPU core (limit {CPU_LIMIT:.0%}): its "
+                     "delays grow without bound from here")  # fmt: skip
+    if found and delay is not None:
+        found.append(_capacity(delay, processes))
     return tuple(found)
+
+
+def _parts(delay: ClientDelay) -> str:
+    parts = []
+    if delay.write is not None:
+        parts.append(f"{delay.write.mean:.1f} ms writing the request (measured)")
+    if delay.read_per_chunk_mean is not None:
+        parts.append(f"{delay.read_per_chunk_mean:.1f} ms reading the chunk (estimated)")
+    return " + ".join(parts)
+
+
+def _capacity(delay: ClientDelay, processes: int) -> str:
+    """How many client processes the level needs, from what one process carried in it."""
+    cores = available_cores()
+    per_process = delay.chunks_per_s * min(1.0, TARGET_ERROR / delay.worst_error) if delay.worst_error else 0.0
+    needed = delay.processes_needed or processes * 2
+    text = (f"the busiest client process read {delay.chunks_per_s:,.0f} chunks/s here; within {TARGET_ERROR:.0%} "
+            f"one can read about {per_process:,.0f}/s, so this level needs about {needed} client processes "
+            f"(--client-processes {needed}, or auto)")  # fmt: skip
+    if needed > cores:
+        text += f"; this machine has {cores} cores: use more machines, or a faster one"
+    return text
 
 
 def summarize(
@@ -310,9 +335,14 @@ def summarize(
     good = None if not goodput else sum(_is_good(r, goodput) for r in records)
     send_lag = describe([r.send_lag_s for r in records], percentiles)
     queued = [r.queue_s for r in records]
-    loop_lag = describe([lag for c in clients for lag in c.loop_lags_s], percentiles)
     cpu_util = max((c.cpu_s / c.wall_s for c in clients if c.wall_s > 0), default=0.0)
     tpots = [t for t in map(_tpot_s, ok) if t is not None]
+    ttft = describe([r.ttft_s for r in ok if r.ttft_s is not None], percentiles)
+    itl = describe([g for r in ok for g in _gaps(r)], percentiles)
+    delay = None
+    if clients:
+        delay = estimate_client_delay(records, clients, ttft_mean_ms=ttft.mean if ttft else None,
+                                      itl_mean_ms=itl.mean if itl else None)  # fmt: skip
     whole = BenchSummary(
         completed=len(ok),
         failed=len(failed),
@@ -324,9 +354,9 @@ def summarize(
         total_token_throughput=(total_in + total_out) / duration,
         request_goodput=None if good is None else good / duration,
         good_requests=good,
-        ttft=describe([r.ttft_s for r in ok if r.ttft_s is not None], percentiles),
+        ttft=ttft,
         tpot=describe(tpots, percentiles),
-        itl=describe([g for r in ok for g in _gaps(r)], percentiles),
+        itl=itl,
         itl_per_token=describe([g for r in ok for g in _gaps_per_token(r)], percentiles),
         e2el=describe([r.e2el_s for r in ok if r.e2el_s is not None], percentiles),
         max_output_tokens_per_s=_peak_tokens_per_s(ok),
@@ -337,12 +367,12 @@ def summarize(
         error_examples=tuple(dict.fromkeys(f"{r.error_type}: {r.error}" for r in failed))[:5],
         send_lag=send_lag,
         queue_time=describe(queued, percentiles) if any(q > 0 for q in queued) else None,
-        loop_lag=loop_lag,
+        client_delay=delay,
         cpu_s=sum(c.cpu_s for c in clients),
         cpu_util_max=cpu_util,
         processes=max(len(clients), 1),
         client_warnings=client_warnings(
-            send_lag, loop_lag, cpu_util, max(len(clients), 1), burst=all(r.scheduled_s == 0.0 for r in records)
+            send_lag, delay, cpu_util, max(len(clients), 1), burst=all(r.scheduled_s == 0.0 for r in records)
         ),
     )
     if len(endpoints) == 1:  # all of it: not summarized a second time

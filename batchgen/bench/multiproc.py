@@ -13,24 +13,28 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import multiprocessing
 import queue
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.synchronize import Barrier
-from typing import Any
+from typing import Any, Literal
 
 from batchgen.autoscale import AutoConcurrency
 from batchgen.bench.metrics import ClientLoad, RequestRecord
 from batchgen.bench.runner import LoadSpec, ServerSpec, ShardResult, run_shard
 from batchgen.bench.saturation import ControllerTrace
 from batchgen.errors import ClientProcessError, ConfigError
-from batchgen.runtime import lean_gc
+from batchgen.runtime import available_cores, lean_gc
 
-__all__ = ["ClientProcessError", "LevelResult", "merge_shards", "run_level", "split_load"]
+__all__ = ["ClientProcessError", "LevelResult", "ProcessChoice", "choose_processes", "merge_shards", "run_level",
+           "split_load"]  # fmt: skip
 
 _BARRIER_TIMEOUT_S = 300.0  # a child that never reaches the start line must not hang the others forever
 _POLL_S = 0.5
+PROBE_S = 3.0  # --client-processes auto: how long one process runs a level to measure what it can carry
+_PROBE_BURST = 256  # a burst (every request at once) is probed with at most this many of its requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,29 @@ class LevelResult:
     duration_s: float
     traces: tuple[ControllerTrace, ...] = ()  # concurrency auto: per process and server
     shares: tuple[LoadSpec, ...] = ()  # each process's share of `load`, by process number
+    choice: ProcessChoice | None = None  # --client-processes auto: how the count was chosen
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessChoice:
+    """How `--client-processes auto` chose a level's process count from a probe in one process.
+
+    `needed` is what the probe's estimated client-added error asks for (`ClientDelay.processes_needed`),
+    `processes` what was used: at most the cores this process may use, and the load's own bound.
+    """
+
+    processes: int
+    needed: int
+    cores: int
+    chunks_per_s: float
+    error: float
+
+    def describe(self) -> str:
+        text = (f"auto: a {PROBE_S:g} s probe in one process read {self.chunks_per_s:,.0f} chunks/s with an estimated "
+                f"client error of {self.error:.0%}, so {self.needed} process(es) needed")  # fmt: skip
+        if self.processes < self.needed:
+            text += f"; {self.processes} used ({self.cores} cores here)"
+        return text
 
 
 def _share(total: int, part: int, parts: int) -> int:
@@ -104,7 +131,9 @@ def merge_shards(load: LoadSpec, shards: Sequence[ShardResult], shares: Sequence
     duration = max(s.start_wall - start + s.load.wall_s for s in shards)
     records.sort(key=lambda r: r.index)
     traces.sort(key=lambda t: t.process)
-    clients = tuple(s.load for s in sorted(shards, key=lambda s: s.process))
+    # The canary's read times go on the records' time axis: they are matched with the chunks' reads.
+    clients = tuple(dataclasses.replace(s.load, read_times_s=tuple(t + s.start_wall - start for t in s.load.read_times_s))
+                    for s in sorted(shards, key=lambda s: s.process))  # fmt: skip
     return LevelResult(load, tuple(records), clients, duration, tuple(traces), tuple(shares) or (load,))
 
 
@@ -168,13 +197,47 @@ def _run_processes(server: ServerSpec, bodies: Sequence[dict[str, Any]], shares:
     return shards
 
 
-def run_level(server: ServerSpec, bodies: Sequence[dict[str, Any]], load: LoadSpec, processes: int = 1) -> LevelResult:
+def _probe_load(load: LoadSpec) -> LoadSpec:
+    """The level's load shape, for `PROBE_S` (requests started by then finish)."""
+    if load.num_prompts is not None and math.isinf(load.request_rate) and load.max_concurrency is None \
+            and load.concurrency is None:  # fmt: skip
+        return dataclasses.replace(load, num_prompts=min(load.num_prompts, _PROBE_BURST))  # a burst has no duration
+    return dataclasses.replace(load, num_prompts=None, duration_s=PROBE_S)
+
+
+def choose_processes(server: ServerSpec, bodies: Sequence[dict[str, Any]], load: LoadSpec) -> ProcessChoice:
+    """`--client-processes auto`: probe the level in one process, then use as many processes as its
+    estimated client-added error needs (`ClientDelay.processes_needed`), within the cores available
+    and the load's in-flight bound (each process needs at least one request in flight)."""
+    from batchgen.bench.metrics import summarize
+
+    if load.auto is not None:
+        raise ConfigError("--client-processes auto needs a fixed load: with --concurrency auto give a number of "
+                          "client processes")  # fmt: skip
+    probe = run_level(server, bodies, _probe_load(load), 1)
+    delay = summarize(probe.records, duration_s=probe.duration_s, clients=probe.clients).client_delay
+    needed = delay.processes_needed if delay is not None and delay.processes_needed else 1
+    cores = available_cores()
+    bound = min(v for v in (load.concurrency, load.max_concurrency, cores, needed) if v is not None)
+    return ProcessChoice(processes=max(1, bound), needed=needed, cores=cores,
+                         chunks_per_s=delay.chunks_per_s if delay else 0.0,
+                         error=delay.worst_error if delay else 0.0)  # fmt: skip
+
+
+def run_level(
+    server: ServerSpec, bodies: Sequence[dict[str, Any]], load: LoadSpec, processes: int | Literal["auto"] = 1
+) -> LevelResult:
     """Run one load level to completion and return its merged raw results.
+
+    `processes="auto"` first probes the level in one process (`choose_processes`).
 
     Raises:
         ConfigError: the load cannot be split over `processes`.
         ClientProcessError: a client process failed.
     """
+    if processes == "auto":
+        choice = choose_processes(server, bodies, load)
+        return dataclasses.replace(run_level(server, bodies, load, choice.processes), choice=choice)
     if processes == 1:
         with lean_gc():  # the collector's pauses would count as client lag
             shard = asyncio.run(run_shard(server, bodies, load))

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from batchgen._version import __version__
 from batchgen.autoscale import spread
 from batchgen.bench.metrics import BenchSummary, Distribution, EndpointSummary
-from batchgen.bench.multiproc import LevelResult
+from batchgen.bench.multiproc import PROBE_S, LevelResult
 from batchgen.bench.runner import LoadSpec
 from batchgen.bench.saturation import ControllerTrace, EndpointSaturation, Saturation
 from batchgen.errors import ConfigError
@@ -48,7 +48,7 @@ class RunInfo:
     dataset: str
     dataset_notes: tuple[str, ...] = ()
     skipped_rows: int = 0
-    processes: int = 1
+    processes: int | str = 1  # a number, or "auto"
     goodput_ms: dict[str, float] | None = None
 
 
@@ -76,6 +76,10 @@ def level_label(load: LoadSpec) -> str:
 
 def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _fmt_share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def _token_label(s: BenchSummary) -> str | None:
@@ -109,6 +113,7 @@ def console_report(level: Level, info: RunInfo) -> str:
     row("Peak output token throughput (tok/s):", _fmt(s.max_output_tokens_per_s))
     row("Peak concurrent requests:", s.max_concurrent_requests)
     row("Total token throughput (tok/s):", _fmt(s.total_token_throughput))
+    delay = s.client_delay
     for key, short, header in _LATENCIES:
         dist: Distribution | None = getattr(s, key)
         if dist is None:
@@ -119,17 +124,29 @@ def console_report(level: Level, info: RunInfo) -> str:
         row(f"Std {short} (ms):", _fmt(dist.std))
         for p, value in dist.percentiles:
             row(f"P{p:g} {short} (ms):", _fmt(value))
+        # The figures above are as measured; what the client put into them is shown, not subtracted.
+        if key == "ttft" and delay is not None and delay.ttft_added is not None:
+            row("Est. client-added, in the above (ms):", f"{delay.ttft_added:.2f} ({_fmt_share(delay.ttft_share)} "
+                                                          "of the mean)")  # fmt: skip
+        if key == "itl" and delay is not None and delay.itl_error is not None:
+            row("Est. client read delay per chunk / ITL:", _fmt_share(delay.itl_error))
     if len(s.endpoints) > 1:
         out.append(" Per endpoint (latencies in ms) ".center(_WIDTH, "-"))
         out += _endpoint_table(s.endpoints)
     if level.saturation is not None:
         out += _saturation_section(level.saturation)
     out.append(" Client ".center(_WIDTH, "-"))
-    for name, dist in (("Send lag", s.send_lag), ("Client queue time", s.queue_time), ("Event-loop lag", s.loop_lag)):
+    for name, dist in (("Send lag", s.send_lag), ("Client queue time", s.queue_time),
+                       ("Request write delay", delay.write if delay else None),
+                       ("Read delay, canary", delay.read if delay else None)):  # fmt: skip
         if dist is not None:
             row(f"{name} p50/p99/max (ms):", f"{_fmt(dist.median)} / {_fmt(dist.at(99.0))} / {_fmt(dist.max)}")
+    if delay is not None and delay.read_per_chunk_mean is not None:
+        row("Read delay per chunk mean/p99 (ms):", f"{_fmt(delay.read_per_chunk_mean)} / "
+                                                    f"{_fmt(delay.read_per_chunk_p99)} (estimated)")  # fmt: skip
     row("Client CPU, busiest process (% core):", _fmt(s.cpu_util_max * 100, ".0f"))
-    row("Client processes:", s.processes)
+    choice = level.result.choice
+    row("Client processes:", s.processes if choice is None else f"{s.processes} ({choice.describe()})")
     out.append("=" * _WIDTH)
     label = _token_label(s)
     if label:
@@ -141,7 +158,6 @@ def console_report(level: Level, info: RunInfo) -> str:
         out.append("!" * _WIDTH)
         out.append("!! CLIENT-LIMITED: these figures measure batchgen, not only the server:")
         out += [f"!!   - {w}" for w in s.client_warnings]
-        out.append("!! Use --client-processes N (or a faster machine) and compare.")
         out.append("!" * _WIDTH)
     return "\n".join(out)
 
@@ -346,7 +362,7 @@ def result_json(level: Level, info: RunInfo) -> dict[str, Any]:
         result.update(_dist_fields("client_queue_time", s.queue_time))
     result.update(_dist_fields("itl_per_token", s.itl_per_token))
     result.update(_dist_fields("send_lag", s.send_lag))
-    result.update(_dist_fields("loop_lag", s.loop_lag))
+    result.update(_client_delay_fields(s))
     result.update({
         "batchgen_version": __version__,
         "load_mode": "closed_loop" if closed else "open_loop",
@@ -363,8 +379,11 @@ def result_json(level: Level, info: RunInfo) -> dict[str, Any]:
         "good_requests": s.good_requests,
         "error_counts": dict(s.errors),
         "max_send_lag_ms": s.send_lag.max if s.send_lag else None,
-        "max_loop_lag_ms": s.loop_lag.max if s.loop_lag else None,
         "client_processes": s.processes,
+        "client_processes_auto": None if level.result.choice is None else {
+            "needed": level.result.choice.needed, "cores": level.result.choice.cores,
+            "probe_s": PROBE_S, "probe_chunks_per_s": level.result.choice.chunks_per_s,
+            "probe_error": level.result.choice.error},
         "client_cpu_s": s.cpu_s,
         "client_cpu_util_max": s.cpu_util_max,
         "client_limited": s.client_limited,
@@ -374,6 +393,24 @@ def result_json(level: Level, info: RunInfo) -> dict[str, Any]:
     if sat is not None:
         result["concurrency_auto"] = _saturation_fields(sat)
     return result
+
+
+def _client_delay_fields(s: BenchSummary) -> dict[str, Any]:
+    """The client-added delay: measured (write, canary) and estimated (per chunk, in TTFT and ITL)."""
+    d = s.client_delay
+    fields = {**_dist_fields("client_write_delay", d.write if d else None),
+              **_dist_fields("client_read_delay", d.read if d else None)}  # fmt: skip
+    fields.update({
+        "client_read_delay_per_chunk_mean_ms": d.read_per_chunk_mean if d else None,
+        "client_read_delay_per_chunk_p99_ms": d.read_per_chunk_p99 if d else None,
+        "est_client_added_ttft_ms": d.ttft_added if d else None,
+        "est_client_ttft_error": d.ttft_error if d else None,
+        "est_client_itl_error": d.itl_error if d else None,
+        "client_chunks_per_s": d.chunks_per_s if d else None,
+        "client_chunks_per_cpu_s": d.chunks_per_cpu_s if d else None,
+        "client_processes_needed": d.processes_needed if d else None,
+    })  # fmt: skip
+    return fields
 
 
 def write_results(path: str, levels: Sequence[Level], info: RunInfo) -> None:

@@ -4,8 +4,9 @@ Two load shapes, as in vLLM's `bench serve`: a closed loop (`concurrency` worker
 its next request when the last one ends) and an open loop (arrivals at `request_rate` with gamma
 gaps of shape `burstiness`, optionally capped by `max_concurrency`); and concurrency auto, a
 closed loop whose width a `ConcurrencyController` steers from the server's load (`_Shard.auto_loop`).
-While the measured phase runs, a ticker task records event-loop lag and the process's CPU time is
-read at both ends, so the report can tell when the client, not the server, set the pace. A request never raises: its
+While the measured phase runs, a `ReadCanary` samples how late the loop reads what has arrived, and
+the process's CPU time is read at both ends, so the report can tell when the client, not the
+server, set the pace (and by how much it moved the latencies). A request never raises: its
 failure becomes a `RequestRecord` with `error` set (retries are off, vLLM-style). With several
 base URLs a `ClientPool` chooses the server of each request, and each record names it.
 """
@@ -25,6 +26,7 @@ from typing import Any
 
 from batchgen._constants import MOCK_URL
 from batchgen.autoscale import AutoConcurrency
+from batchgen.bench.canary import ReadCanary
 from batchgen.bench.metrics import ClientLoad, RequestRecord
 from batchgen.bench.saturation import ControllerTrace
 from batchgen.chunks import event_usage, has_text
@@ -36,7 +38,6 @@ from batchgen.errors import APIError, ConfigError
 
 __all__ = ["LoadSpec", "ServerSpec", "ShardResult", "arrival_offsets", "run_shard", "server_model"]
 
-TICK_S = 0.005  # event-loop lag probe period: fine enough to see a 10 ms stall, cheap at 200 wakeups/s
 _UNCAPPED = 1 << 30  # a pool's "no limit" (it needs a number where aiohttp takes 0)
 _POLL_S = 0.05  # concurrency auto: how often parked workers are let go when a limit rose (at most)
 _POOL_WAIT_S = 0.0005  # a wait inside the pool longer than this is moved out of the latencies
@@ -236,10 +237,12 @@ class _Shard:
         error = error_type = None
         counted = 0
         endpoint = self.url
+        written = None
         sent = time.perf_counter()
         try:
             stream = await self.client.open_stream(body)
             endpoint = stream.endpoint or endpoint
+            written = stream.write_s
             # Per network read, not per chunk: the chunks of one read arrived at the same time.
             async for now, events in stream.reads():
                 for event in events:
@@ -267,6 +270,7 @@ class _Shard:
                 if waited > _POOL_WAIT_S:
                     sent, queued = sent + waited, queued + waited
                     times = [t - waited for t in times]
+                    written = None if written is None else max(0.0, written - waited)
         except APIError as exc:
             error, error_type = str(exc), exc.error_type
             endpoint = exc.endpoint or endpoint  # a pool names the server that failed before the stream opened
@@ -289,6 +293,7 @@ class _Shard:
             error=error,
             error_type=error_type,
             endpoint=endpoint,
+            write_s=written,
         )
         self.records.append(record)
         return record
@@ -413,13 +418,6 @@ class _Shard:
             await self.open_loop(arrival_offsets(load, count), load.max_concurrency)
 
 
-async def _tick(lags: list[float]) -> None:
-    while True:
-        before = time.perf_counter()
-        await asyncio.sleep(TICK_S)
-        lags.append(max(0.0, time.perf_counter() - before - TICK_S))
-
-
 def _sender(server: ServerSpec, load: LoadSpec) -> Client | ClientPool:
     """One server: a plain `Client`, as fast as before. Several: a `ClientPool` that picks the server
     of each request (the one with room and the least token work outstanding). Concurrency auto: a
@@ -456,6 +454,8 @@ async def run_shard(
     if not bodies:
         raise ConfigError("no request bodies to send")
     client = _sender(server, load)
+    for each in [e.client for e in client.endpoints] if isinstance(client, ClientPool) else [client]:
+        each.time_writes = True  # the write's trip through the loop is client-added delay: measure it
     async with client:
         # Concurrency auto: the pool's controllers started just now (their clock, Tick.t, is from here).
         controllers_started = time.monotonic()
@@ -472,17 +472,14 @@ async def run_shard(
             await shard.phase(warm, load.warmup, None)
         if ready is not None:
             await ready()
-        lags: list[float] = []
-        ticker = asyncio.create_task(_tick(lags))
-        cpu0 = time.process_time()
-        try:
+        async with ReadCanary(seed=process) as canary:
+            cpu0 = time.process_time()
             await shard.phase(load, load.num_prompts, load.duration_s)
-        finally:
-            ticker.cancel()
-        wall = time.perf_counter() - shard.origin
-        cpu = time.process_time() - cpu0
+            wall = time.perf_counter() - shard.origin
+            cpu = time.process_time() - cpu0
     traces = _traces(client, load, shard, process, controllers_started)
-    return ShardResult(process, shard.start_wall, tuple(shard.records), ClientLoad(process, tuple(lags), cpu, wall),
+    load_seen = ClientLoad(process, tuple(canary.delays_s), cpu, wall, tuple(t - shard.origin for t in canary.read_at))
+    return ShardResult(process, shard.start_wall, tuple(shard.records), load_seen,
                        traces)  # fmt: skip
 
 

@@ -137,8 +137,10 @@ def test_client_warnings_name_the_figures() -> None:
     assert s.client_limited and "50.0 ms" in s.client_warnings[0]
     busy = summarize([record()], duration_s=1.0, clients=[ClientLoad(0, (0.0,), cpu_s=CPU_LIMIT, wall_s=1.0)])
     assert busy.client_limited and "of one CPU core" in busy.client_warnings[0]
-    lagging = summarize([record()], duration_s=1.0, clients=[ClientLoad(0, (0.03,) * 5, cpu_s=0.1, wall_s=1.0)])
-    assert lagging.client_limited and "event loop" in lagging.client_warnings[0]
+    # Canary samples read with the chunks, 30 ms late each: 30 of the 100 ms TTFT are the client's.
+    lagging = summarize([record()], duration_s=1.0, clients=[ClientLoad(0, (0.03,) * 3, cpu_s=0.1, wall_s=1.0,
+                                                                        read_times_s=(0.1, 0.2, 0.3))])  # fmt: skip
+    assert lagging.client_limited and "30.0 ms of each TTFT (30% of the mean)" in lagging.client_warnings[0]
     # Queueing for a max-concurrency slot is intended, not client lag.
     queued = [record(i, sent=1.0, scheduled=0.0, queue=1.0) for i in range(5)]
     assert not summarize(queued, duration_s=2.0).client_limited
