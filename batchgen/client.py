@@ -471,7 +471,7 @@ class Client:
     async def _open_stream_attempt(self, payload: bytes, attempt: int, *, timed: bool = True) -> Stream:
         """Open one stream; `timed=False` when the caller keeps the attempt's deadline itself."""
         started = time.perf_counter()
-        body = TimedBody(payload) if self.time_writes else self._body(payload)
+        body = TimedBody(payload) if self.time_writes and len(payload) < _LARGE_BODY else self._body(payload)
         try:  # a plain except, not a context manager: this runs per stream
             response = await self.session.post(
                 self._chat_url, data=body, allow_redirects=False,

@@ -3,9 +3,12 @@
  *
  * The "truth" for benchmarking a client's latency accuracy (batchgen bench): every streamed
  * request gets its first content token at exactly t0 + ttft and token k at t0 + ttft + k * itl,
- * t0 being the moment the request's body has been read. The server measures how late each
- * token actually left (monotonic time just after send() returned, minus its scheduled time) and
- * reports that at GET /stats, so a benchmark can tell server-side error from client-side error.
+ * t0 being the moment the request's last bytes reached this host's socket: the kernel's receive
+ * timestamp (SO_TIMESTAMPNS), not the moment this server's thread got round to reading them, so
+ * a thread that wakes late (a busy host) shows as the server's lateness, not as the client's. The
+ * server measures how late each token actually left (monotonic time just after send() returned,
+ * minus its scheduled time) and reports that at GET /stats, the first tokens apart as well (they
+ * carry the TTFT), so a benchmark can tell server-side error from client-side error.
  *
  * Usage:
  *   exact_server --port P [--host 127.0.0.1] [--ttft-ms 50] [--itl-ms 10] [--tokens 64]
@@ -18,7 +21,8 @@
  *   GET  /v1/models              one model, "exact"
  *   POST /v1/chat/completions    SSE stream (always streamed), chunked transfer encoding;
  *                                tokens = min(max_completion_tokens or max_tokens, --tokens)
- *   GET  /stats                  {"requests":R,"tokens":T,"lateness_ms":{mean,p50,p99,max,...}}
+ *   GET  /stats                  {"requests":R,"tokens":T,"lateness_ms":{mean,p50,p99,max,...},
+ *                                 "first_token_lateness_ms":{...}, "kernel_timestamps":K}
  *   POST|GET /stats/reset        zero the stats
  *   GET  /health                 200
  *
@@ -67,13 +71,19 @@ static const char *g_report = NULL;
 
 /* ---------------------------------------------------------------- stats */
 
+struct lateness {
+    unsigned long long count;
+    long long sum_ns;
+    long long max_ns;
+    unsigned long long hist[NBUCKETS + 1];
+};
+
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static unsigned long long g_requests;  /* streams finished ([DONE] sent) */
 static unsigned long long g_aborted;   /* streams the client closed before the end */
-static unsigned long long g_count;     /* content tokens sent */
-static long long g_sum_ns;
-static long long g_max_ns;
-static unsigned long long g_hist[NBUCKETS + 1];
+static unsigned long long g_stamped;   /* requests whose t0 is the kernel's receive timestamp */
+static struct lateness g_all;          /* every content token */
+static struct lateness g_first;        /* first content tokens only: the TTFT's */
 
 static long long now_ns(void) {
     struct timespec ts;
@@ -89,30 +99,36 @@ static void sleep_until(long long deadline_ns) {
     }
 }
 
-static void record_lateness(long long late_ns) {
+static void add_lateness(struct lateness *l, long long late_ns, long long b) {
+    l->count++;
+    l->sum_ns += late_ns;
+    if (late_ns > l->max_ns) l->max_ns = late_ns;
+    l->hist[b]++;
+}
+
+static void record_lateness(long long late_ns, int first) {
     if (late_ns < 0) late_ns = 0;
     long long b = late_ns / BUCKET_NS;
     if (b > NBUCKETS) b = NBUCKETS;
     pthread_mutex_lock(&g_lock);
-    g_count++;
-    g_sum_ns += late_ns;
-    if (late_ns > g_max_ns) g_max_ns = late_ns;
-    g_hist[b]++;
+    add_lateness(&g_all, late_ns, b);
+    if (first) add_lateness(&g_first, late_ns, b);
     pthread_mutex_unlock(&g_lock);
 }
 
-static void count_request(int finished) {
+static void count_request(int finished, int stamped) {
     pthread_mutex_lock(&g_lock);
     if (finished) g_requests++;
     else g_aborted++;
+    if (stamped) g_stamped++;
     pthread_mutex_unlock(&g_lock);
 }
 
 static void reset_stats(void) {
     pthread_mutex_lock(&g_lock);
-    g_requests = g_aborted = g_count = 0;
-    g_sum_ns = g_max_ns = 0;
-    memset(g_hist, 0, sizeof g_hist);
+    g_requests = g_aborted = g_stamped = 0;
+    memset(&g_all, 0, sizeof g_all);
+    memset(&g_first, 0, sizeof g_first);
     pthread_mutex_unlock(&g_lock);
 }
 
@@ -137,25 +153,33 @@ static double quantile_ms(const unsigned long long *hist, unsigned long long cou
     return (double)max_ns / 1e6;
 }
 
+/* One lateness object, {"mean":..,"p50":..,..}, into out; returns its length. */
+static int lateness_json(char *out, size_t size, const struct lateness *l) {
+    double mean = l->count ? (double)l->sum_ns / (double)l->count / 1e6 : 0.0;
+    return snprintf(out, size, "{\"mean\":%.4f,\"p50\":%.3f,\"p90\":%.3f,\"p99\":%.3f,\"p999\":%.3f,\"max\":%.4f}",
+                    mean, quantile_ms(l->hist, l->count, l->max_ns, 0.5),
+                    quantile_ms(l->hist, l->count, l->max_ns, 0.9), quantile_ms(l->hist, l->count, l->max_ns, 0.99),
+                    quantile_ms(l->hist, l->count, l->max_ns, 0.999), (double)l->max_ns / 1e6);
+}
+
 /* Writes the stats JSON (no trailing newline) into out; returns its length. */
 static int stats_json(char *out, size_t size) {
-    static unsigned long long hist[NBUCKETS + 1]; /* copy, under the lock: callers serialise */
+    static struct lateness all, first; /* copies, taken under the lock: callers serialise */
     static pthread_mutex_t copy_lock = PTHREAD_MUTEX_INITIALIZER;
+    char all_json[256], first_json[256];
     pthread_mutex_lock(&copy_lock);
     pthread_mutex_lock(&g_lock);
-    unsigned long long requests = g_requests, aborted = g_aborted, count = g_count;
-    long long sum = g_sum_ns, max = g_max_ns;
-    memcpy(hist, g_hist, sizeof hist);
+    unsigned long long requests = g_requests, aborted = g_aborted, stamped = g_stamped;
+    all = g_all;
+    first = g_first;
     pthread_mutex_unlock(&g_lock);
-    double mean = count ? (double)sum / (double)count / 1e6 : 0.0;
+    lateness_json(all_json, sizeof all_json, &all);
+    lateness_json(first_json, sizeof first_json, &first);
     int n = snprintf(out, size,
-                     "{\"requests\":%llu,\"aborted\":%llu,\"tokens\":%llu,"
-                     "\"lateness_ms\":{\"mean\":%.4f,\"p50\":%.3f,\"p90\":%.3f,\"p99\":%.3f,"
-                     "\"p999\":%.3f,\"max\":%.4f},"
+                     "{\"requests\":%llu,\"aborted\":%llu,\"tokens\":%llu,\"kernel_timestamps\":%llu,"
+                     "\"lateness_ms\":%s,\"first_token_lateness_ms\":%s,"
                      "\"config\":{\"ttft_ms\":%.3f,\"itl_ms\":%.3f,\"tokens\":%ld}}",
-                     requests, aborted, count, mean, quantile_ms(hist, count, max, 0.5),
-                     quantile_ms(hist, count, max, 0.9), quantile_ms(hist, count, max, 0.99),
-                     quantile_ms(hist, count, max, 0.999), (double)max / 1e6, (double)g_ttft_ns / 1e6,
+                     requests, aborted, all.count, stamped, all_json, first_json, (double)g_ttft_ns / 1e6,
                      (double)g_itl_ns / 1e6, g_tokens);
     pthread_mutex_unlock(&copy_lock);
     return n;
@@ -182,7 +206,17 @@ struct conn {
     char *buf;   /* bytes received and not consumed yet */
     size_t len;
     size_t cap;
+    long long arrived_ns; /* CLOCK_MONOTONIC of the last bytes' arrival in the kernel; 0 = unknown */
 };
+
+/* A CLOCK_REALTIME kernel timestamp on the CLOCK_MONOTONIC axis (the offset read now: ~1 us). */
+static long long realtime_to_monotonic(const struct timespec *ts) {
+    struct timespec rt;
+    clock_gettime(CLOCK_REALTIME, &rt);
+    long long mono = now_ns();
+    long long rt_ns = (long long)rt.tv_sec * 1000000000LL + rt.tv_nsec;
+    return mono - (rt_ns - ((long long)ts->tv_sec * 1000000000LL + ts->tv_nsec));
+}
 
 /* Receives more bytes into c->buf; returns bytes read, 0 on EOF, -1 on error. */
 static ssize_t conn_fill(struct conn *c) {
@@ -194,11 +228,28 @@ static ssize_t conn_fill(struct conn *c) {
         c->cap = cap;
     }
     for (;;) {
-        ssize_t n = recv(c->fd, c->buf + c->len, c->cap - c->len, 0);
+        /* recvmsg for the kernel's receive timestamp (SO_TIMESTAMPNS) of what is read */
+        struct iovec iov = {c->buf + c->len, c->cap - c->len};
+        char control[CMSG_SPACE(sizeof(struct timespec))];
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof control;
+        ssize_t n = recvmsg(c->fd, &msg, 0);
         if (n < 0 && errno == EINTR) continue;
         if (n > 0) {
             c->len += (size_t)n;
             c->buf[c->len] = '\0';
+            c->arrived_ns = 0;
+            for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+                if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_TIMESTAMPNS) {
+                    struct timespec ts;
+                    memcpy(&ts, CMSG_DATA(cm), sizeof ts);
+                    c->arrived_ns = realtime_to_monotonic(&ts);
+                }
+            }
         }
         return n;
     }
@@ -322,7 +373,7 @@ static int stream_completion(int fd, long long t0, long ntokens, const char *fin
         long long due = t0 + g_ttft_ns + k * g_itl_ns;
         sleep_until(due);
         if (send_all(fd, out, (size_t)m) < 0) return -1;
-        record_lateness(now_ns() - due);
+        record_lateness(now_ns() - due, k == 0);
     }
 
     n = snprintf(event, sizeof event,
@@ -353,6 +404,7 @@ static void *serve_connection(void *arg) {
     c.fd = (int)(intptr_t)arg;
     c.cap = 8192;
     c.len = 0;
+    c.arrived_ns = 0;
     c.buf = malloc(c.cap + 1);
     if (!c.buf) {
         close(c.fd);
@@ -420,7 +472,11 @@ static void *serve_connection(void *arg) {
             }
             if (conn_fill(&c) <= 0) goto out;
         }
+        /* the kernel's arrival time of the request's last bytes; a sane one only (never ahead of
+           now, nor seconds old, e.g. bytes that came with the previous request) */
         long long t0 = now_ns();
+        int stamped = c.arrived_ns > 0 && c.arrived_ns <= t0 && t0 - c.arrived_ns < 1000000000LL;
+        if (stamped) t0 = c.arrived_ns;
         const char *body = c.buf;
         size_t blen = (size_t)clen;
 
@@ -436,7 +492,7 @@ static void *serve_connection(void *arg) {
             }
             conn_consume(&c, blen);
             rc = stream_completion(c.fd, t0, ntokens, finish);
-            count_request(rc == 0);
+            count_request(rc == 0, stamped);
         } else {
             conn_consume(&c, blen);
             if (strcmp(target, "/v1/models") == 0 && strcmp(method, "GET") == 0) {
@@ -488,6 +544,7 @@ static void *accept_loop(void *arg) {
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        setsockopt(fd, SOL_SOCKET, SO_TIMESTAMPNS, &one, sizeof one);
         pthread_t tid;
         int err = pthread_create(&tid, &attr, serve_connection, (void *)(intptr_t)fd);
         if (err != 0) {

@@ -3,11 +3,13 @@
 `batchgen bench` reports TTFT, ITL and TPOT as measured on the client. To know how accurate those
 figures are, they need a server whose latencies are known exactly: `exact_server.c` (std-only C,
 pthreads) streams every request's first content token at exactly t0 + ttft and token k at
-t0 + ttft + k x itl (t0 = the moment the request's body has been read; absolute-deadline sleeps on
-CLOCK_MONOTONIC, TCP_NODELAY, one send() per SSE event). It also measures how late each token
-actually left (monotonic time after send() returned, minus its schedule) and reports that at
-`GET /stats`, so a benchmark can tell the server's own error from the client's: client TTFT minus
-`ttft_ms` minus the server's lateness is what the client (and the loopback) adds.
+t0 + ttft + k x itl (t0 = the moment the request's last bytes reached the server's socket, the
+kernel's receive timestamp, so a server thread that wakes late counts as the server's lateness;
+absolute-deadline sleeps on CLOCK_MONOTONIC, TCP_NODELAY, one send() per SSE event). It also
+measures how late each token actually left (monotonic time after send() returned, minus its
+schedule) and reports that at `GET /stats`, the first tokens apart, so a benchmark can tell the
+server's own error from the client's: client TTFT minus `ttft_ms` minus the server's first-token
+lateness is what the client (and the loopback, microseconds) adds.
 
 This module compiles the C file once (gcc, cached under ~/.cache/batchgen/ by the source's hash)
 and runs it:
@@ -17,7 +19,8 @@ and runs it:
     with ExactServer(ttft_ms=50, itl_ms=10, tokens=64) as server:
         server.reset()                              # zero the server's stats (per load level)
         ...  # point a client at server.base_url    (http://127.0.0.1:PORT/v1, model "exact")
-        print(server.stats())  # {"requests", "tokens", "lateness_ms": {"mean", "p50", "p99", "max", ...}}
+        print(server.stats())  # {"requests", "tokens", "lateness_ms": {"mean", "p50", "p99", "max", ...},
+                               #  "first_token_lateness_ms": {...}, "kernel_timestamps": requests timed so}
 
 Or in the foreground, for manual use:
 

@@ -14,11 +14,12 @@ Between an event on the wire and the time `batchgen bench` notes for it, the cli
   it: the canary's delays as the chunks met them.
 
 A TTFT carries one write and one read: its estimated error is their sum. An ITL gap is the
-difference of two reads' delays: each gap can move by about a read delay, so its estimated error is
-the per-chunk read delay over the mean gap. That is an upper bound for the mean and the median
-(equal delays cancel), but the delays of two chunks 10 ms apart are not equal when the loop is busy
-in stretches (a CPU hog of 12 ms in 20 moved the median ITL by 20%), and the bound is what can be
-told from the samples without a model of the stretches. Measured on an exact-timing server (benchmarks/README.md,
+difference of two reads' delays, which cancel when equal and do not when the loop is busy in
+stretches (a CPU hog of 12 ms in every 20 moved the median ITL by 20%), or when a delay outgrows the
+gap and two chunks are read together (a 0 gap, then a long one). The canary is itself a stream
+whose true gaps are known (the stamps): its samples paired a mean ITL apart show what this loop
+did to gaps of that length, mean and median, with the stretches and the reads-together included.
+Measured on an exact-timing server (benchmarks/README.md,
 "Client-added delay"), the estimate reads up to ~1 ms low (the loopback and the server's own
 wake-up, which no client-side probe sees) and high once the client is saturated; hence flagging
 at `FLAG_ERROR`, below the 10% the report promises never to pass silently.
@@ -56,7 +57,8 @@ class ClientDelay:
             measured mean TTFT: once the client is saturated, the per-chunk estimate runs high).
         ttft_share: `ttft_added` as a fraction of the measured mean TTFT.
         ttft_error: `ttft_added` as a fraction of the TTFT without it (the error; at most `MAX_ERROR`).
-        itl_error: the per-chunk read delay as a fraction of the mean ITL: how far a gap can move.
+        itl_error: how far the loop moved the mean or the median (the larger, as a fraction) of
+            the canary's gaps a mean ITL long (`canary_gap_error`).
         chunks_per_s: chunks the busiest client process read per second of the level.
         chunks_per_cpu_s: chunks it read per CPU second (its ceiling, at a whole core).
         processes_needed: client processes for an estimated error within `TARGET_ERROR` (None
@@ -99,6 +101,36 @@ def per_chunk_weights(read_times_s: Sequence[float], chunk_times_s: Sequence[flo
             for t in read_times_s]  # fmt: skip
 
 
+_MIN_PAIRS = 20  # fewer canary pairs than this tell nothing about a median
+
+
+def canary_gap_error(read_times_s: Sequence[float], delays_s: Sequence[float], gap_s: float) -> float | None:
+    """How the loop moved gaps of about `gap_s` between the canary's own stamps: each stamp paired
+    with the first stamp at least `gap_s` after it; the larger of the mean's and the median's
+    relative shift of the read gaps from the stamp gaps (None with too few pairs)."""
+    if gap_s <= 0 or len(read_times_s) != len(delays_s):
+        return None
+    samples = sorted((read - delay, read) for read, delay in zip(read_times_s, delays_s, strict=True))
+    stamps = [stamp for stamp, _ in samples]
+    true_gaps, read_gaps = [], []
+    for j, (stamp, read) in enumerate(samples):
+        k = bisect.bisect_left(stamps, stamp + gap_s, lo=j + 1)
+        if k == len(samples):
+            break
+        true_gaps.append(samples[k][0] - stamp)
+        read_gaps.append(samples[k][1] - read)
+    if len(true_gaps) < _MIN_PAIRS:
+        return None
+    mean_shift = abs(sum(read_gaps) / sum(true_gaps) - 1.0)
+    median_shift = abs(_median(read_gaps) / _median(true_gaps) - 1.0)
+    return min(max(mean_shift, median_shift), MAX_ERROR)
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+
+
 def estimate_client_delay(
     records: Sequence[RequestRecord], clients: Sequence[ClientLoad], *, ttft_mean_ms: float | None,
     itl_mean_ms: float | None,
@@ -120,8 +152,9 @@ def estimate_client_delay(
     busiest_rate, busiest_per_cpu = 0.0, None
     for client in clients:
         chunks = sorted(r.sent_s + t for r in ok if r.process == client.process for t in r.chunk_times_s)
-        delays += client.read_delays_s
-        weights += per_chunk_weights(client.read_times_s, chunks)
+        if len(client.read_times_s) == len(client.read_delays_s):  # (a load given without read times has no weights)
+            delays += client.read_delays_s
+            weights += per_chunk_weights(client.read_times_s, chunks)
         rate = len(chunks) / client.wall_s if client.wall_s > 0 else 0.0
         if rate >= busiest_rate:
             busiest_rate = rate
@@ -138,8 +171,10 @@ def estimate_client_delay(
         share = added / ttft_mean_ms
         ttft_error = min(share / (1.0 - share), MAX_ERROR) if share < 1.0 else MAX_ERROR
     itl_error = None
-    if read_mean is not None and itl_mean_ms:
-        itl_error = min(read_mean / itl_mean_ms, MAX_ERROR)
+    if itl_mean_ms:
+        # Each process's canary on its own: the pairs must come from one loop.
+        errors = [canary_gap_error(c.read_times_s, c.read_delays_s, itl_mean_ms / 1000.0) for c in clients]
+        itl_error = max((e for e in errors if e is not None), default=None)
     processes = max(len(clients), 1)
     worst = min(max(ttft_error or 0.0, itl_error or 0.0), MAX_ERROR)
     needed = None

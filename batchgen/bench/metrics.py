@@ -272,14 +272,19 @@ def client_warnings(
         found.append(f"an estimated {delay.ttft_added:.1f} ms of each TTFT ({delay.ttft_share:.0%} of the mean) is "
                      f"the client's: {_parts(delay)}")  # fmt: skip
     if delay is not None and delay.itl_error is not None and delay.itl_error >= FLAG_ERROR:
-        found.append(f"a chunk is read an estimated {delay.read_per_chunk_mean:.1f} ms late ({delay.itl_error:.0%} of "
-                     f"the mean ITL; p99 {delay.read_per_chunk_p99:.1f} ms): each ITL gap can move by that much")  # fmt: skip
+        found.append(f"the client's read delay moved the mean or median of gaps as long as the mean ITL by "
+                     f"{delay.itl_error:.0%} (the read canary's own gaps; a chunk is read an estimated "
+                     f"{_fmt_ms(delay.read_per_chunk_mean)} ms late on average, {_fmt_ms(delay.read_per_chunk_p99)} ms at p99)")  # fmt: skip
     if cpu_util_max >= CPU_LIMIT:
         found.append(f"a client process used {cpu_util_max:.0%} of one CPU core (limit {CPU_LIMIT:.0%}): its "
                      "delays grow without bound from here")  # fmt: skip
     if found and delay is not None:
         found.append(_capacity(delay, processes))
     return tuple(found)
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def _parts(delay: ClientDelay) -> str:

@@ -129,7 +129,7 @@ def console_report(level: Level, info: RunInfo) -> str:
             row("Est. client-added, in the above (ms):", f"{delay.ttft_added:.2f} ({_fmt_share(delay.ttft_share)} "
                                                           "of the mean)")  # fmt: skip
         if key == "itl" and delay is not None and delay.itl_error is not None:
-            row("Est. client read delay per chunk / ITL:", _fmt_share(delay.itl_error))
+            row("Est. client shift of mean/median ITL:", _fmt_share(delay.itl_error))
     if len(s.endpoints) > 1:
         out.append(" Per endpoint (latencies in ms) ".center(_WIDTH, "-"))
         out += _endpoint_table(s.endpoints)

@@ -9,6 +9,7 @@ every load is measured, not asserted, in benchmarks/bench_client_delay.py.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pytest
 
 from batchgen.bench import clientdelay
 from batchgen.bench.canary import ReadCanary
-from batchgen.bench.clientdelay import FLAG_ERROR, TARGET_ERROR, per_chunk_weights
+from batchgen.bench.clientdelay import FLAG_ERROR, TARGET_ERROR, canary_gap_error, per_chunk_weights
 from batchgen.bench.datasets import DatasetSpec, load_dataset
 from batchgen.bench.metrics import ClientLoad, RequestRecord, summarize
 from batchgen.bench.multiproc import _probe_load, choose_processes
@@ -68,17 +69,29 @@ def test_chunks_in_bursts_meet_the_delay_of_the_bursts_not_of_the_quiet() -> Non
     assert delay.ttft_added == pytest.approx(4.0)
 
 
-def test_an_itl_gap_can_move_by_the_read_delay_of_its_chunks() -> None:
-    records = [_stream(i, sent=i * 0.2) for i in range(10)]  # gaps of 10 ms
-    times = tuple(r.sent_s + t for r in records for t in r.chunk_times_s[::3])
-    late = ClientLoad(0, (0.002,) * len(times), cpu_s=0.1, wall_s=2.0, read_times_s=times)
-    s = summarize(records, duration_s=2.0, clients=[late])
-    assert s.client_delay is not None and s.client_delay.itl_error == pytest.approx(0.2)
-    assert s.client_limited and any("2.0 ms late (20% of the mean ITL" in w for w in s.client_warnings)
-    prompt = ClientLoad(0, (0.0002,) * len(times), cpu_s=0.1, wall_s=2.0, read_times_s=times)
-    quiet = summarize(records, duration_s=2.0, clients=[prompt])
-    assert quiet.client_delay is not None and quiet.client_delay.itl_error == pytest.approx(0.02)
-    assert not quiet.client_limited
+def test_the_canarys_own_gaps_show_what_the_loop_did_to_gaps_of_the_itls_length() -> None:
+    stamps = [k * 0.001 for k in range(1000)]  # one stamp a millisecond
+    prompt = [t + 0.0002 for t in stamps]  # every stamp read 0.2 ms after it was written
+    in_stretches = [math.ceil(t / 0.012) * 0.012 + 0.0001 for t in stamps]  # read only every 12 ms, all at once
+
+    def error(reads: list[float], gap: float) -> float | None:
+        return canary_gap_error(reads, [r - t for r, t in zip(reads, stamps[: len(reads)], strict=True)], gap)
+
+    assert error(prompt, 0.010) == pytest.approx(0.0, abs=1e-9)
+    assert error(in_stretches, 0.010) > 0.1  # 10 ms gaps read as 0 or 12 ms: the median moves
+    assert error(in_stretches, 0.120) < 0.05  # gaps of ten stretches barely notice them
+    assert error(prompt[:10], 0.010) is None  # too few pairs to tell a median
+
+
+def test_a_loop_busy_in_stretches_is_flagged_for_its_itl() -> None:
+    records = [_stream(i, sent=i * 0.2) for i in range(10)]  # 10 ms gaps
+    stamps = [k * 0.001 for k in range(2000)]
+    reads = [math.ceil(t / 0.012) * 0.012 + 0.0001 for t in stamps]
+    load = ClientLoad(0, tuple(r - t for r, t in zip(reads, stamps, strict=True)), cpu_s=0.1, wall_s=2.0,
+                      read_times_s=tuple(reads))  # fmt: skip
+    s = summarize(records, duration_s=2.0, clients=[load])
+    assert s.client_delay is not None and s.client_delay.itl_error is not None and s.client_delay.itl_error > 0.1
+    assert any("moved the mean or median of gaps as long as the mean ITL" in w for w in s.client_warnings)
 
 
 def test_the_estimate_adds_the_measured_write_to_the_read_and_flags_from_seven_percent() -> None:
