@@ -274,12 +274,13 @@ def client_warnings(
     if delay is not None and delay.itl_error is not None and delay.itl_error >= FLAG_ERROR:
         found.append(f"the client's read delay moved the mean or median of gaps as long as the mean ITL by "
                      f"{delay.itl_error:.0%} (the read canary's own gaps; a chunk is read an estimated "
-                     f"{_fmt_ms(delay.read_per_chunk_mean)} ms late on average, {_fmt_ms(delay.read_per_chunk_p99)} ms at p99)")  # fmt: skip
+                     f"{_fmt_ms(delay.read_per_chunk_mean)} ms late on average, "
+                     f"{_fmt_ms(delay.read_per_chunk_p99)} ms at p99)")  # fmt: skip
     if cpu_util_max >= CPU_LIMIT:
         found.append(f"a client process used {cpu_util_max:.0%} of one CPU core (limit {CPU_LIMIT:.0%}): its "
                      "delays grow without bound from here")  # fmt: skip
     if found and delay is not None:
-        found.append(_capacity(delay, processes))
+        found.append(_capacity(delay, processes, cpu_bound=cpu_util_max >= CPU_LIMIT))
     return tuple(found)
 
 
@@ -296,13 +297,16 @@ def _parts(delay: ClientDelay) -> str:
     return " + ".join(parts)
 
 
-def _capacity(delay: ClientDelay, processes: int) -> str:
+def _capacity(delay: ClientDelay, processes: int, *, cpu_bound: bool) -> str:
     """How many client processes the level needs, from what one process carried in it."""
     cores = available_cores()
-    per_process = delay.chunks_per_s * min(1.0, TARGET_ERROR / delay.worst_error) if delay.worst_error else 0.0
-    needed = delay.processes_needed or processes * 2
+    worst = delay.worst_error
+    per_process = delay.chunks_per_s * min(1.0, TARGET_ERROR / worst) if worst > 0 else delay.chunks_per_s
+    needed = delay.processes_needed or processes
+    if cpu_bound:  # a saturated process's delays are no guide: at least twice the processes
+        needed = max(needed, processes * 2)
     text = (f"the busiest client process read {delay.chunks_per_s:,.0f} chunks/s here; within {TARGET_ERROR:.0%} "
-            f"one can read about {per_process:,.0f}/s, so this level needs about {needed} client processes "
+            f"one can read about {per_process:,.0f}/s, so this level needs about {needed} client process(es) "
             f"(--client-processes {needed}, or auto)")  # fmt: skip
     if needed > cores:
         text += f"; this machine has {cores} cores: use more machines, or a faster one"

@@ -209,14 +209,17 @@ def choose_processes(server: ServerSpec, bodies: Sequence[dict[str, Any]], load:
     """`--client-processes auto`: probe the level in one process, then use as many processes as its
     estimated client-added error needs (`ClientDelay.processes_needed`), within the cores available
     and the load's in-flight bound (each process needs at least one request in flight)."""
-    from batchgen.bench.metrics import summarize
+    from batchgen.bench.metrics import CPU_LIMIT, summarize
 
     if load.auto is not None:
         raise ConfigError("--client-processes auto needs a fixed load: with --concurrency auto give a number of "
                           "client processes")  # fmt: skip
     probe = run_level(server, bodies, _probe_load(load), 1)
-    delay = summarize(probe.records, duration_s=probe.duration_s, clients=probe.clients).client_delay
+    summary = summarize(probe.records, duration_s=probe.duration_s, clients=probe.clients)
+    delay = summary.client_delay
     needed = delay.processes_needed if delay is not None and delay.processes_needed else 1
+    if summary.cpu_util_max >= CPU_LIMIT:  # a saturated process's delays are no guide: at least two
+        needed = max(needed, 2)
     cores = available_cores()
     bound = min(v for v in (load.concurrency, load.max_concurrency, cores, needed) if v is not None)
     return ProcessChoice(processes=max(1, bound), needed=needed, cores=cores,

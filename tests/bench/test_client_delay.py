@@ -120,7 +120,7 @@ def test_the_note_says_how_many_processes_the_level_needs_and_whether_the_machin
     s = summarize(records, duration_s=2.0, clients=[load])
     assert s.client_delay is not None and s.client_delay.processes_needed == 4  # 20% / 5%, one process now
     note = s.client_warnings[-1]
-    assert "needs about 4 client processes (--client-processes 4, or auto)" in note
+    assert "needs about 4 client process(es) (--client-processes 4, or auto)" in note
     assert "this machine has 2 cores" in note
     assert f"within {TARGET_ERROR:.0%}" in note
 
