@@ -25,7 +25,13 @@ the one number dispatch reads), in this order of precedence:
 5. The queue is empty and our slots are full → grow: ×2 in the slow start (while tokens/s rises),
    else by √limit.
 6. Never grow while batchgen itself is the limit: fewer requests in flight than 90% of the limit
-   (the input or the writer is slower), or the client process is CPU-bound.
+   (the input or the writer is slower), or its event loop is CPU-bound: the thread that runs it
+   (and takes the ticks) used ≥ 0.9 CPU seconds per second. That thread's CPU, not the process's:
+   the process also runs helper threads beside the loop (the writer's and the reader's, Arrow's
+   pool, Ray's in an actor, the mock server's with `--base-url mock`), and their CPU on other cores
+   does not make dispatch the bottleneck; the process's would hold the limit at the start for a
+   whole `--base-url mock` run. A helper that holds the GIL shows as less CPU on the loop's thread
+   instead, and when it slows dispatch, fewer requests are in flight: the first half of the rule.
 
 The start: when the server states its KV size (`vllm:cache_config_info`), the first tick jumps to
 `kv tokens / (mean prompt tokens + max_tokens)` (as many requests as fit in the cache at their
@@ -42,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,7 +64,7 @@ __all__ = ["AutoConcurrency", "ConcurrencyController", "Tick", "spread"]
 
 CEILING_S = 60.0  # how long a limit that preempted stays a ceiling (the server's capacity may change)
 _FULL = 0.9  # in flight / limit at or above which our slots count as full
-_CPU_BOUND = 0.9  # client CPU seconds per second at or above which batchgen is its own limit
+_CPU_BOUND = 0.9  # the event loop's thread's CPU seconds per second at or above which batchgen is its own limit
 _PEAK_DECAY = 0.97  # per tick: a server whose capacity halved is believed within ~23 ticks
 
 
@@ -117,7 +124,8 @@ class _Counts:
     """An endpoint's client-side counters at one tick (the controller works on their differences)."""
 
     at: float
-    cpu: float
+    cpu: float  # CPU seconds of the thread taking the tick, the event loop's (rule 6: not the process's)
+    thread: int  # that thread: a difference of `cpu` only means something within one thread
     overloads: int
     timeouts: int
     ttft_sum: float
@@ -126,8 +134,8 @@ class _Counts:
 
     @classmethod
     def of(cls, endpoint: Endpoint, at: float) -> _Counts:
-        return cls(at, time.process_time(), endpoint.overloads, endpoint.timeouts, endpoint.ttft_sum,
-                   endpoint.ttft_count, endpoint.readmissions)  # fmt: skip
+        return cls(at, time.thread_time(), threading.get_ident(), endpoint.overloads, endpoint.timeouts,
+                   endpoint.ttft_sum, endpoint.ttft_count, endpoint.readmissions)  # fmt: skip
 
 
 class ConcurrencyController:
@@ -263,7 +271,9 @@ class ConcurrencyController:
                 fit = load.kv_tokens / per_request
                 return fit, f"start: {load.kv_tokens} KV tokens / {per_request:.0f} per request"
         full = endpoint.in_flight >= _FULL * limit
-        cpu_bound = (counts.cpu - previous.cpu) / wall >= _CPU_BOUND
+        # The event loop's own CPU (ticks run on its thread); a tick taken on another thread than the
+        # last one (a controller built off the loop) cannot tell, and does not hold.
+        cpu_bound = counts.thread == previous.thread and (counts.cpu - previous.cpu) / wall >= _CPU_BOUND
         if load is not None:
             # 3./4. The queue. A server admits waiting requests once per step, so a batch that ends
             # at once shows a queue for a moment while the batch is half empty: that is no

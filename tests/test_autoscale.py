@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -108,6 +109,38 @@ def test_no_growth_while_batchgen_itself_is_the_limit() -> None:
     endpoint.in_flight = 20  # the input or the writer cannot keep 64 busy
     controller.step(_load(1, 20), T0 + 1)
     assert endpoint.limit == 64 and "batchgen sends fewer" in controller.last_decision
+
+
+def _burn(cpu_seconds: float) -> None:
+    """Spin until this thread has used `cpu_seconds` of CPU (however loaded the machine is)."""
+    end = time.thread_time() + cpu_seconds
+    while time.thread_time() < end:
+        pass
+
+
+def test_no_growth_while_the_event_loops_thread_is_cpu_bound() -> None:
+    controller, endpoint = _controller(start=64)
+    _full(endpoint)
+    controller.step(_load(1, 64), T0 + 1)
+    assert endpoint.limit == 128
+    _burn(0.1)  # the thread that takes the ticks (the event loop's) was busy for the whole tick
+    _full(endpoint)
+    controller.step(_load(1.1, 128), T0 + 1.1)
+    assert endpoint.limit == 128 and "CPU-bound" in controller.last_decision
+
+
+def test_cpu_of_other_threads_does_not_make_the_client_cpu_bound() -> None:
+    """A writer thread, Arrow's pool or an in-process mock server's thread run beside the event loop:
+    their CPU is not the loop's, and must not stop the growth (the process's CPU would)."""
+    controller, endpoint = _controller(start=64)
+    _full(endpoint)
+    controller.step(_load(1, 64), T0 + 1)
+    helper = threading.Thread(target=_burn, args=(0.1,))
+    helper.start()
+    helper.join()
+    _full(endpoint)
+    controller.step(_load(1.1, 128), T0 + 1.1)
+    assert endpoint.limit > 128 and "CPU-bound" not in controller.last_decision
 
 
 def test_a_long_queue_shrinks_the_limit_and_a_short_one_holds_it() -> None:

@@ -4,11 +4,15 @@ preemptions stop, it backs off on 429, it works without /metrics, and two client
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from batchgen import ClientPool
 from batchgen.autoscale import AutoConcurrency
@@ -18,6 +22,26 @@ from batchgen.testing.mock_server import MockConfig, MockServer
 
 FAST = AutoConcurrency(min=1, max=512, start=8, interval=0.2)  # decisions 5x a second: tests stay short
 BODY = {"model": "mock-model", "max_tokens": 200}
+
+
+@pytest.fixture(autouse=True)
+def _no_full_collections_of_the_suites_heap() -> Iterator[None]:
+    """Keep what earlier tests left on the heap out of the garbage collector's full collections.
+
+    After the rest of the suite (Ray, the real server's tests, ...) the process holds some 300k
+    objects, and a full collection stops the one event loop that runs the client(s) and the mock for
+    about 0.2 s: a whole tick at FAST's 0.2 s. In the first second that tick reads as "the client is
+    CPU-bound" (a hold) or as tokens/s not rising, and either ends the slow start early: the limit
+    then creeps to the KV edge by sqrt steps and preempts late instead of at once, or two clients
+    leave the slow start at different limits, a split their queue holds keep. With the heap frozen,
+    a collection only walks this test's own objects.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 async def _drive(pool: ClientPool, seconds: float, workers: int = 200, shortest: int = 8) -> int:
