@@ -181,7 +181,8 @@ def estimate_client_delay(
     if ttft_error is not None or itl_error is not None:
         # The delay grows with the load one process carries (a burst is as long as the streams in
         # it), so spreading the load over k times the processes divides it by about k.
-        needed = math.ceil(processes * worst / TARGET_ERROR - 1e-9) if worst > TARGET_ERROR else processes
+        # Past an error of 100% the client is saturated and the rule says nothing more: "at least" that.
+        needed = math.ceil(processes * min(worst, 1.0) / TARGET_ERROR - 1e-9) if worst > TARGET_ERROR else processes
     return ClientDelay(write=write, read=read, read_per_chunk_mean=read_mean, read_per_chunk_p99=read_p99,
                        ttft_added=added, ttft_share=share, ttft_error=ttft_error, itl_error=itl_error, chunks_per_s=busiest_rate,
                        chunks_per_cpu_s=busiest_per_cpu, processes_needed=needed)  # fmt: skip

@@ -305,8 +305,9 @@ def _capacity(delay: ClientDelay, processes: int, *, cpu_bound: bool) -> str:
     needed = delay.processes_needed or processes
     if cpu_bound:  # a saturated process's delays are no guide: at least twice the processes
         needed = max(needed, processes * 2)
+    about = "at least" if worst >= 1.0 else "about"
     text = (f"the busiest client process read {delay.chunks_per_s:,.0f} chunks/s here; within {TARGET_ERROR:.0%} "
-            f"one can read about {per_process:,.0f}/s, so this level needs about {needed} client process(es) "
+            f"one can read about {per_process:,.0f}/s, so this level needs {about} {needed} client process(es) "
             f"(--client-processes {needed}, or auto)")  # fmt: skip
     if needed > cores:
         text += f"; this machine has {cores} cores: use more machines, or a faster one"
