@@ -116,7 +116,7 @@ def run_bench(options: BenchOptions, *, out: TextIO | None = None, log: TextIO |
     with _server(options.server) as server:
         model, dataset = _prepare(options, server)
         info = RunInfo(model=model, dataset=dataset.name, dataset_notes=dataset.notes, skipped_rows=dataset.skipped,
-                       processes=options.processes, goodput_ms=options.goodput_ms)  # fmt: skip
+                       goodput_ms=options.goodput_ms)  # fmt: skip
         for note in dataset.notes:
             print(f"batchgen bench: {note}", file=log)
         if dataset.skipped:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -124,13 +125,8 @@ def canary_gap_error(read_times_s: Sequence[float], delays_s: Sequence[float], g
     if len(true_gaps) < _MIN_PAIRS:
         return None
     mean_shift = abs(sum(read_gaps) / sum(true_gaps) - 1.0)
-    median_shift = abs(_median(read_gaps) / _median(true_gaps) - 1.0)
+    median_shift = abs(statistics.median(read_gaps) / statistics.median(true_gaps) - 1.0)
     return min(max(mean_shift, median_shift), MAX_ERROR)
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
 
 
 def estimate_client_delay(

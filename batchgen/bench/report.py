@@ -48,7 +48,6 @@ class RunInfo:
     dataset: str
     dataset_notes: tuple[str, ...] = ()
     skipped_rows: int = 0
-    processes: int | str = 1  # a number, or "auto"
     goodput_ms: dict[str, float] | None = None
 
 
