@@ -65,7 +65,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import random
 import re
 import resource
@@ -86,7 +85,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from _provenance import source_hash  # benchmarks/, next to this script
+from _provenance import machine, source_hash  # benchmarks/, next to this script
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -1015,7 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "bench_autoscale",
             "started": started_at.isoformat(timespec="seconds"),
             "finished": dt.datetime.now().isoformat(timespec="seconds"),
-            "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "loadavg_at_end": os.getloadavg()},
+            "machine": machine(),
             "batchgen_source_sha256_16": {"start": source_at_start, "end": source_hash()},
             "settings": {"slots": SLOTS, "kv_tokens": kv, "step_ms": STEP_MS, "step_ms_per_request": STEP_MS_PER_REQUEST,
                          "prompt_words": WORDS, "max_tokens": MAX_TOKENS, "sweep": args.sweep, "seconds": args.seconds,

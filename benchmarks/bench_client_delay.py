@@ -39,7 +39,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -53,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _provenance import source_hash  # noqa: E402
+from _provenance import machine, source_hash  # noqa: E402
 from exact_server import ExactServer  # noqa: E402
 
 LIMIT = 0.10  # an error above this must be flagged (the detector itself flags from 7%)
@@ -348,8 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": [sys.executable, *sys.argv],
         "started": started_at.isoformat(timespec="seconds"),
         "finished": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
-                    "loadavg_at_start": loadavg_at_start, "loadavg_at_end": os.getloadavg()},
+        "machine": machine(python=sys.version.split()[0], loadavg_at_start=loadavg_at_start),
         "batchgen_source_sha256_16": {"start": source_at_start, "end": source_hash()},
         "settings": {"runs": args.runs, "concurrency": args.levels, "ttft_ms": args.ttft_ms, "itl_ms": args.itl_ms,
                      "tokens": args.tokens, "client_processes": args.client_processes, "plain": not args.no_plain,

@@ -31,7 +31,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import re
 import resource
 import shutil
@@ -50,7 +49,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from _provenance import source_hash  # benchmarks/, next to this script
+from _provenance import machine, source_hash  # benchmarks/, next to this script
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -378,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "bench_endpoints",
             "started": started_at.isoformat(timespec="seconds"),
             "finished": dt.datetime.now().isoformat(timespec="seconds"),
-            "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "loadavg_at_end": os.getloadavg()},
+            "machine": machine(),
             "batchgen_source_sha256_16": {"start": source_at_start, "end": source_hash()},
             "settings": {"seconds": args.seconds, "repeats": args.repeats, "concurrency": args.concurrency,
                          "latency_ms": latencies, "max_tokens": MAX_TOKENS},  # fmt: skip

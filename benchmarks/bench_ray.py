@@ -75,7 +75,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -94,7 +93,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from _provenance import source_hash  # benchmarks/, next to this script
+from _provenance import machine, source_hash  # benchmarks/, next to this script
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -1015,8 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "bench_ray",
             "started": started_at.isoformat(timespec="seconds"),
             "finished": dt.datetime.now().isoformat(timespec="seconds"),
-            "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "loadavg_at_end": os.getloadavg(),
-                        "memory_total_mb": round(os.sysconf("SC_PHYS_PAGES") * PAGE_MB)},  # fmt: skip
+            "machine": machine(memory_total_mb=round(os.sysconf("SC_PHYS_PAGES") * PAGE_MB)),
             "versions": _versions(args.python),
             "batchgen_source_sha256_16": {"start": source_at_start, "end": source_hash()},
             "settings": {"rows": args.rows, "repeats": args.repeats, "concurrency_total": args.concurrency,

@@ -37,7 +37,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -49,7 +48,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from _provenance import source_hash  # benchmarks/, next to this script
+from _provenance import machine, source_hash  # benchmarks/, next to this script
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -473,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "bench_run",
             "started": started_at.isoformat(timespec="seconds"),
             "finished": dt.datetime.now().isoformat(timespec="seconds"),
-            "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "loadavg_at_end": os.getloadavg()},
+            "machine": machine(),
             "versions": _versions(args.python),
             "batchgen_source_sha256_16": {"start": source_at_start, "end": source_hash()},
             "settings": {
