@@ -230,7 +230,7 @@ class Client:
         self._secrets = sorted(set(secrets), key=len, reverse=True)
         self._session: aiohttp.ClientSession | None = None
         self.retries_total = 0  # read by progress displays
-        # `batchgen bench`: note when each stream's request is handed to the socket (`Stream.write_s`).
+        # `batchgen bench`: note when each stream's request is handed to the socket (`Stream.written_at`).
         self.time_writes = False
         self.chat = Chat(self)
 
@@ -496,8 +496,8 @@ class Client:
         stream = Stream(
             response, attempts=attempt, started=started, max_bytes=self.max_response_bytes, scrub=self._scrub
         )
-        if isinstance(body, TimedBody) and body.written_at is not None:
-            stream.write_s = body.written_at - started
+        if isinstance(body, TimedBody):
+            stream.written_at = body.written_at
         return stream
 
     async def _stream_once(self, payload: bytes, read: Callable[[Any], T]) -> Reply[T]:

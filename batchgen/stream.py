@@ -90,7 +90,7 @@ class Stream:
         self._response: ChatCompletionResponse | None = None
         self.attempts = attempts
         self.ttft_s: float | None = None
-        self.write_s: float | None = None  # from the send to the request's write (`Client.time_writes`)
+        self.written_at: float | None = None  # perf_counter() of the request's write (`Client.time_writes`)
         self.latency_s: float | None = None
         self.request_id: str | None = http_response.headers.get("x-request-id")
         self.endpoint: str | None = None  # the server's base URL, when a `ClientPool` opened it

@@ -242,7 +242,7 @@ class _Shard:
         try:
             stream = await self.client.open_stream(body)
             endpoint = stream.endpoint or endpoint
-            written = stream.write_s
+            written = stream.written_at
             # Per network read, not per chunk: the chunks of one read arrived at the same time.
             async for now, events in stream.reads():
                 for event in events:
@@ -270,7 +270,6 @@ class _Shard:
                 if waited > _POOL_WAIT_S:
                     sent, queued = sent + waited, queued + waited
                     times = [t - waited for t in times]
-                    written = None if written is None else max(0.0, written - waited)
         except APIError as exc:
             error, error_type = str(exc), exc.error_type
             endpoint = exc.endpoint or endpoint  # a pool names the server that failed before the stream opened
@@ -293,7 +292,7 @@ class _Shard:
             error=error,
             error_type=error_type,
             endpoint=endpoint,
-            write_s=written,
+            write_s=None if written is None else max(0.0, written - sent),
         )
         self.records.append(record)
         return record
